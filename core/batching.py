@@ -1,0 +1,73 @@
+"""Micro-batching: calls made close together share one round trip to a backend.
+
+Each caller awaits its own result; the batch is flushed when it is full, or when the
+current event-loop iteration ends (linger 0), or after `linger` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+FlushFn = Callable[[list[T]], Awaitable[Sequence[R | BaseException]]]
+
+
+class Batcher(Generic[T, R]):
+    def __init__(self, flush: FlushFn[T, R], *, max_size: int, linger: float = 0.0) -> None:
+        self._flush = flush
+        self._max_size = max_size
+        self._linger = linger
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: T) -> R:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        self._pending.append((item, future))
+        if len(self._pending) >= self._max_size:
+            self._start_flush()
+        elif self._timer is None:
+            if self._linger > 0:
+                self._timer = loop.call_later(self._linger, self._start_flush)
+            else:
+                self._timer = loop.call_soon(self._start_flush)
+        return await future
+
+    def _start_flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            results = await self._flush([item for item, _ in batch])
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():  # the caller gave up (timeout, cancelled)
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def drain(self) -> None:
+        """Flush what is queued and wait for every batch in flight (for shutdown)."""
+        self._start_flush()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

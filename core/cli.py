@@ -1,0 +1,118 @@
+"""sessionctl: write tokens, sessions and push tokens in the Redis form of SPEC section 2,
+as the login side does (for demos, tests, and the login side to copy)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import sys
+import time
+
+from redis.asyncio import Redis
+from redis.typing import EncodableT, FieldT
+
+from core.keys import Keys
+from core.redis_client import connect_redis
+from core.settings import Settings, SettingsError, env_help
+
+
+async def create_token(redis: Redis, keys: Keys, user_id: str, token: str, ttl: int) -> None:
+    key = keys.token(token)
+    await redis.hset(key, mapping={"user_id": user_id})
+    await redis.expire(key, ttl)
+
+
+async def create_session(
+    redis: Redis,
+    keys: Keys,
+    user_id: str,
+    session_id: str,
+    *,
+    ttl: int,
+    os: str = "",
+    app_version: str = "",
+    device_id: str = "",
+    push_token: str = "",
+) -> None:
+    fields: dict[FieldT, EncodableT] = {"user_id": user_id, "created_at": int(time.time())}
+    fields |= {k: v for k, v in [("os", os), ("app_version", app_version)] if v}
+    if device_id:
+        fields["device_id"] = device_id
+    pipe = redis.pipeline(transaction=True)
+    pipe.hset(keys.session(session_id), mapping=fields)
+    pipe.expire(keys.session(session_id), ttl)
+    pipe.sadd(keys.user_sessions(user_id), session_id)
+    if push_token:
+        pipe.hset(keys.user_push(user_id), push_token, session_id)
+    await pipe.execute()
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
+    keys = Keys(settings.redis_key_prefix)
+    redis = connect_redis(settings)
+    try:
+        if args.command == "token":
+            token = args.token or secrets.token_urlsafe(32)
+            await create_token(redis, keys, args.user, token, args.ttl)
+            return {"userId": args.user, "token": token}
+        if args.command == "session":
+            sid = args.session or secrets.token_urlsafe(24)
+            await create_session(
+                redis,
+                keys,
+                args.user,
+                sid,
+                ttl=args.ttl,
+                os=args.os,
+                app_version=args.app_version,
+                device_id=args.device,
+                push_token=args.push_token,
+            )
+            return {"userId": args.user, "sessionId": sid}
+        sessions = sorted(await redis.smembers(keys.user_sessions(args.user)))
+        push = await redis.hgetall(keys.user_push(args.user))
+        # Push tokens are secrets: show how many each session holds, not the tokens.
+        return {
+            "userId": args.user,
+            "sessions": sessions,
+            "pushTokensBySession": {s: list(push.values()).count(s) for s in set(push.values())},
+        }
+    finally:
+        await redis.aclose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="sessionctl",
+        description="Write access tokens, sessions and push tokens into Redis the way the "
+        "login side does (SPEC section 2). Prints JSON.",
+        epilog=env_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    token = sub.add_parser("token", help="create an access token for a user")
+    token.add_argument("--user", required=True)
+    token.add_argument("--token", help="the token (default: a new random one)")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    session = sub.add_parser("session", help="open a session for a user")
+    session.add_argument("--user", required=True)
+    session.add_argument("--session", help="the session id (default: a new random one)")
+    session.add_argument("--ttl", type=int, default=86400, help="lifetime in seconds")
+    session.add_argument("--os", default="")
+    session.add_argument("--app-version", default="")
+    session.add_argument("--device", default="", help="device id")
+    session.add_argument("--push-token", default="", help="register this push token")
+    listing = sub.add_parser("sessions", help="list a user's open sessions")
+    listing.add_argument("--user", required=True)
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        sys.exit(f"sessionctl: {exc}")
+    print(json.dumps(asyncio.run(_run(args, settings))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The session.closed event: built from an outbox entry, sent as a CloudEvents 1.0
+structured-mode JSON message, and read back (and validated) by the workers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from marshmallow import Schema, fields, validate
+
+EVENT_TYPE = "session.closed"
+REASON = "user_logout"
+CONTENT_TYPE = "application/cloudevents+json"
+
+
+class MalformedEvent(ValueError):
+    """A message that is not a valid session.closed CloudEvent; never worth a retry."""
+
+
+class SessionClosedDataSchema(Schema):
+    sessionId = fields.String(required=True, validate=validate.Length(min=1))
+    userId = fields.String(required=True, validate=validate.Length(min=1))
+    closedAt = fields.AwareDateTime(required=True, format="iso")
+    reason = fields.String(required=True, validate=validate.Equal(REASON))
+    os = fields.String(required=True, allow_none=True)
+    appVersion = fields.String(required=True, allow_none=True)
+    requestId = fields.String(required=True, allow_none=True)
+
+
+class CloudEventSchema(Schema):
+    specversion = fields.String(required=True, validate=validate.Equal("1.0"))
+    id = fields.UUID(required=True)
+    source = fields.String(required=True, validate=validate.Length(min=1))
+    type = fields.String(required=True, validate=validate.Equal(EVENT_TYPE))
+    time = fields.AwareDateTime(required=True, format="iso")
+    subject = fields.String(required=True, validate=validate.Length(min=1))
+    datacontenttype = fields.String(required=True, validate=validate.Equal("application/json"))
+    data = fields.Nested(SessionClosedDataSchema, required=True)
+
+
+_schema = CloudEventSchema()
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClosed:
+    event_id: str
+    session_id: str
+    user_id: str
+    closed_at: str  # RFC 3339, UTC
+    os: str | None
+    app_version: str | None
+    request_id: str | None
+
+    @classmethod
+    def from_outbox(cls, entry: Mapping[str, str]) -> SessionClosed:
+        """An outbox stream entry, as close_session.lua wrote it."""
+        return cls(
+            event_id=entry["event_id"],
+            session_id=entry["session_id"],
+            user_id=entry["user_id"],
+            closed_at=entry["closed_at"],
+            os=entry.get("os") or None,
+            app_version=entry.get("app_version") or None,
+            request_id=entry.get("request_id") or None,
+        )
+
+    def to_cloudevent(self, source: str) -> dict[str, Any]:
+        return {
+            "specversion": "1.0",
+            "id": self.event_id,
+            "source": source,
+            "type": EVENT_TYPE,
+            "time": self.closed_at,
+            "subject": self.session_id,
+            "datacontenttype": "application/json",
+            "data": {
+                "sessionId": self.session_id,
+                "userId": self.user_id,
+                "closedAt": self.closed_at,
+                "reason": REASON,
+                "os": self.os,
+                "appVersion": self.app_version,
+                "requestId": self.request_id,
+            },
+        }
+
+    def encode(self, source: str) -> bytes:
+        return json.dumps(self.to_cloudevent(source), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, body: bytes) -> SessionClosed:
+        """Parse and validate a message body; raise MalformedEvent saying what is wrong."""
+        try:
+            raw = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MalformedEvent(f"not JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise MalformedEvent("not a JSON object")
+        errors = _schema.validate(raw)
+        if errors:
+            raise MalformedEvent(f"not a session.closed CloudEvent: {errors}")
+        data = raw["data"]
+        return cls(
+            event_id=raw["id"],
+            session_id=data["sessionId"],
+            user_id=data["userId"],
+            closed_at=data["closedAt"],
+            os=data["os"],
+            app_version=data["appVersion"],
+            request_id=data["requestId"],
+        )

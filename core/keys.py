@@ -1,0 +1,37 @@
+"""The Redis keys of SPEC section 2, shared with the login side. One place builds them."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+OUTBOX_GROUP = "relay"
+
+
+def token_digest(token: str) -> str:
+    """Tokens are never stored in clear: the login side keys them by SHA-256 hex."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = ""
+
+    def token(self, token: str) -> str:
+        return f"{self.prefix}auth:token:{token_digest(token)}"
+
+    def session(self, sid: str) -> str:
+        return f"{self.prefix}session:{sid}"
+
+    def user_sessions(self, uid: str) -> str:
+        return f"{self.prefix}user:{uid}:sessions"
+
+    def user_push(self, uid: str) -> str:
+        return f"{self.prefix}user:{uid}:push"
+
+    def tombstone(self, sid: str) -> str:
+        return f"{self.prefix}session:closed:{sid}"
+
+    @property
+    def outbox(self) -> str:
+        return f"{self.prefix}outbox:session.closed"

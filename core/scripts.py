@@ -1,0 +1,35 @@
+"""Redis Lua scripts, each kept in its own .lua file beside this module and loaded once."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
+
+
+class LuaScript:
+    def __init__(self, filename: str) -> None:
+        self.source = Path(__file__).with_name(filename).read_text()
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    async def load(self, redis: Redis) -> None:
+        await redis.script_load(self.source)
+
+    async def __call__(self, redis: Redis, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # Redis restarted (it keeps no scripts across a restart): load and run again.
+            await self.load(redis)
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
+
+    def queue(self, pipe: Pipeline, keys: list[str], args: list[Any]) -> None:
+        pipe.evalsha(self.sha, len(keys), *keys, *args)
+
+
+CLOSE_SESSION = LuaScript("close_session.lua")
+REMOVE_PUSH_TOKENS = LuaScript("remove_push_tokens.lua")

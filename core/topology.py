@@ -1,0 +1,69 @@
+"""The AMQP topology, declared identically by the API and by every worker.
+
+Exchange `<AMQP_EXCHANGE>` (topic) routes `session.closed` to one quorum queue per
+worker; a message a worker rejects goes through `<AMQP_EXCHANGE>.dlx` to that worker's
+`<queue>.dlq`. Declaring is idempotent as long as the arguments never differ, which is
+why this is the only place that names them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange
+from pamqp.common import FieldTable
+
+from core.events import EVENT_TYPE
+from core.settings import Settings
+
+ROUTING_KEY = EVENT_TYPE
+WORKERS = ("audit", "push-cleanup")
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    exchange: str
+    queue_prefix: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Topology:
+        return cls(exchange=settings.amqp_exchange, queue_prefix=settings.amqp_queue_prefix)
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.exchange}.dlx"
+
+    def queue(self, worker: str) -> str:
+        return f"{self.queue_prefix}{worker}"
+
+    def dead_letter_queue(self, worker: str) -> str:
+        return f"{self.queue(worker)}.dlq"
+
+    def queue_arguments(self, worker: str) -> FieldTable:
+        return {
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": self.dead_letter_exchange,
+            "x-dead-letter-routing-key": self.queue(worker),
+        }
+
+    async def declare(self, channel: AbstractChannel) -> AbstractExchange:
+        """Declare the exchange, every worker's queue and its dead-letter queue."""
+        exchange = await channel.declare_exchange(
+            self.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        dlx = await channel.declare_exchange(
+            self.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        for worker in WORKERS:
+            queue = await channel.declare_queue(
+                self.queue(worker), durable=True, arguments=self.queue_arguments(worker)
+            )
+            await queue.bind(exchange, ROUTING_KEY)
+            dlq = await channel.declare_queue(
+                self.dead_letter_queue(worker),
+                durable=True,
+                arguments={"x-queue-type": "quorum"},
+            )
+            await dlq.bind(dlx, self.queue(worker))
+        return exchange

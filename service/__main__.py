@@ -1,0 +1,66 @@
+"""`python -m service` runs the API (with its outbox relay unless RELAY_ENABLED=false);
+`python -m service relay` runs the outbox relay alone."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from aiohttp import web
+
+from core.logs import configure_logging
+from core.settings import Settings, SettingsError, env_help
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Session close API: POST /v1.0/session/close, /healthz, /readyz, "
+        "/metrics, /openapi.json; with the outbox relay publishing session.closed events.",
+        epilog=env_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=["api", "relay"],
+        default="api",
+        help="api (default): serve HTTP, relay included unless RELAY_ENABLED=false; "
+        "relay: only publish the outbox to RabbitMQ",
+    )
+    parser.add_argument("--no-relay", action="store_true", help="serve HTTP without the relay")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        sys.exit(f"python -m service: {exc}")
+    configure_logging(settings.log_level)
+    import uvloop
+
+    if args.command == "relay":
+        from core.outbox import run_standalone
+
+        uvloop.run(run_standalone(settings))
+        return
+
+    from service.app import create_app
+
+    if args.no_relay:
+        settings = dataclasses.replace(settings, relay_enabled=False)
+    web.run_app(
+        create_app(settings),
+        host=settings.http_host,
+        port=settings.http_port,
+        shutdown_timeout=settings.shutdown_timeout_seconds,
+        print=None,
+        loop=uvloop.new_event_loop(),
+    )
+
+
+if __name__ == "__main__":
+    main()

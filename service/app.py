@@ -1,0 +1,80 @@
+"""The application factory, used by `python -m service` and by the tests alike."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from core import amqp
+from core.keys import Keys
+from core.outbox import Relay, ensure_group
+from core.redis_client import connect_redis
+from core.scripts import CLOSE_SESSION
+from core.settings import Settings
+from service.appkeys import AMQP, CLOSER, REDIS, RELAY, SETTINGS
+from service.closer import SessionCloser
+from service.handlers import close_session
+from service.middlewares import info_replies
+from service.schemas import MAX_BODY_BYTES
+
+log = logging.getLogger(__name__)
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    redis = app[REDIS] = connect_redis(settings)
+    try:
+        await CLOSE_SESSION.load(redis)
+        await ensure_group(redis, Keys(settings.redis_key_prefix))
+    except (RedisError, OSError) as exc:
+        # Serve anyway: closes answer 503 until Redis is back, then work with no restart.
+        log.warning("Redis unreachable at start: %s", exc)
+    closer = app[CLOSER] = SessionCloser(redis, settings)
+    yield
+    await closer.drain()
+    await redis.aclose()
+
+
+async def amqp_ctx(app: web.Application) -> AsyncIterator[None]:
+    # Connecting waits for the broker in the background: while RabbitMQ is down the API
+    # still closes sessions, and their events wait in the outbox.
+    task = app[AMQP] = asyncio.create_task(amqp.connect_and_declare(app[SETTINGS]))
+    yield
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    elif not task.cancelled() and task.exception() is None:
+        await task.result().close()
+
+
+async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    relay = app[RELAY] = Relay(app[REDIS], settings)
+
+    async def run() -> None:
+        # shield: stopping the relay must not cancel the shared connect task
+        connection = await asyncio.shield(app[AMQP])
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(settings.amqp_exchange, ensure=False)
+        await relay.run(exchange)
+
+    task = asyncio.create_task(run(), name="outbox-relay")
+    yield
+    await relay.stop(task)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[info_replies])
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(amqp_ctx)
+    if settings.relay_enabled:
+        app.cleanup_ctx.append(relay_ctx)
+    app.router.add_post("/v1.0/session/close", close_session)
+    return app

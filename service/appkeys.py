@@ -1,0 +1,23 @@
+"""Every piece of typed application and request state, declared in one place."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aio_pika.abc import AbstractRobustConnection
+from aiohttp import web
+from redis.asyncio import Redis
+
+from core.outbox import Relay
+from core.settings import Settings
+from service.closer import SessionCloser
+
+SETTINGS = web.AppKey("settings", Settings)
+REDIS = web.AppKey("redis", Redis)
+CLOSER = web.AppKey("closer", SessionCloser)
+# Done once RabbitMQ was first reached and the topology declared; the API serves
+# closes (their events wait in the outbox) before that.
+AMQP = web.AppKey("amqp", asyncio.Task[AbstractRobustConnection])
+RELAY = web.AppKey("relay", Relay)
+
+REQUEST_ID = web.RequestKey("request_id", str)

@@ -1,0 +1,91 @@
+"""HTTP handlers: the close endpoint and the operational endpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+from marshmallow import Schema
+
+from core.logs import short_id
+from service.appkeys import CLOSER, REQUEST_ID
+from service.closer import CloseOutcome, CloseRequest
+from service.replies import Reply, info_reply
+from service.schemas import (
+    MAX_BODY_BYTES,
+    AuthorizationSchema,
+    CloseBodySchema,
+    CloseHeadersSchema,
+    header_values,
+)
+
+log = logging.getLogger(__name__)
+
+_authorization = AuthorizationSchema()
+_headers = CloseHeadersSchema()
+_body = CloseBodySchema()
+
+WWW_AUTHENTICATE = 'Basic realm="eliab", Bearer realm="eliab"'
+
+OUTCOME_REPLIES = {
+    CloseOutcome.CLOSED: Reply.CLOSED,
+    CloseOutcome.ALREADY_CLOSED: Reply.ALREADY_CLOSED,
+    CloseOutcome.SESSION_NOT_FOUND: Reply.SESSION_NOT_FOUND,
+    CloseOutcome.UNKNOWN_TOKEN: Reply.UNKNOWN_TOKEN,
+}
+
+
+def is_json(content_type: str | None) -> bool:
+    # The apps send "application/json; multipart/form-data;": any ;-part may say JSON.
+    return any(
+        part.strip().lower() == "application/json" for part in (content_type or "").split(";")
+    )
+
+
+def _errors(schema: Schema, data: object) -> dict[str, list[str]]:
+    errors: dict[str, list[str]] = schema.validate(data)  # type: ignore[arg-type]
+    return errors
+
+
+def _body_errors(body: bytes) -> dict[str, list[str]]:
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {"body": ["Must be a JSON object."]}
+    if not isinstance(data, dict):
+        return {"body": ["Must be a JSON object."]}
+    return {
+        name: msgs if isinstance(msgs, list) else [str(msgs)]
+        for name, msgs in _errors(_body, data).items()
+    }
+
+
+async def close_session(request: web.Request) -> web.Response:
+    """Checks run in the order of SPEC section 1; the first that fails answers."""
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        return info_reply(request, Reply.TOO_LARGE)
+    body = await request.read()  # raises 413 past client_max_size (chunked bodies)
+
+    if not is_json(request.headers.get("Content-Type")):
+        return info_reply(request, Reply.UNSUPPORTED_MEDIA_TYPE)
+
+    if _errors(_authorization, header_values(request.headers, _authorization)):
+        return info_reply(
+            request, Reply.UNAUTHORIZED, headers={"WWW-Authenticate": WWW_AUTHENTICATE}
+        )
+    token = request.headers["Authorization"].split(" ", 1)[1]
+
+    headers = header_values(request.headers, _headers)
+    errors = _errors(_headers, headers) | _body_errors(body)
+    if errors:
+        return info_reply(request, Reply.INVALID, errors=errors)
+
+    sid = headers["SessionID"]
+    outcome = await request.app[CLOSER].close(
+        CloseRequest.new(
+            token, sid, headers.get("OS"), headers.get("AppVersion"), request[REQUEST_ID]
+        )
+    )
+    log.debug("close %s: %s", short_id(sid), outcome.value)
+    return info_reply(request, OUTCOME_REPLIES[outcome])

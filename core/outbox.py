@@ -78,6 +78,9 @@ class Relay:
         self._batch_done = asyncio.Event()
         self._batch_done.set()
         self._stopping = False
+        # Block well inside the client's socket timeout, which applies to blocking reads
+        # too: blocking as long as the timeout made an idle relay time out every second.
+        self._block_ms = max(1, int(settings.redis_timeout_seconds * 500))
 
     async def run(self, exchange: AbstractExchange) -> None:
         self._exchange = exchange
@@ -152,7 +155,7 @@ class Relay:
             self._consumer,
             {self._keys.outbox: stream_id},
             count=count,
-            block=None if self._retry_own else 1000,
+            block=None if self._retry_own else self._block_ms,
         )
         entries = self._decode(reply[0][1]) if reply else []  # type: ignore[index,arg-type]
         if self._retry_own and not entries:

@@ -9,11 +9,12 @@ import asyncio
 import dataclasses
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import pytest
+from _pytest.terminal import TerminalReporter
 from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
@@ -125,3 +126,27 @@ def _local_services_only() -> None:
     for name in ("REDIS_URL", "AMQP_URL", "DATABASE_URL"):
         host = urlsplit(os.environ.get(name, "//localhost")).hostname
         assert host in (None, "localhost", "127.0.0.1", "::1"), f"{name} must point at this machine"
+
+
+@pytest.fixture
+def report_counts(record_property: Callable[[str, object], None]) -> Callable[..., None]:
+    """Fault tests report what they counted (sent, succeeded, delivered, duplicates,
+    rows); the counts are printed in a summary section at the end of the run."""
+
+    def report(**counts: int) -> None:
+        record_property("counts", counts)
+
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: TerminalReporter) -> None:
+    lines = []
+    for report in terminalreporter.getreports("passed") + terminalreporter.getreports("failed"):
+        for name, value in report.user_properties:
+            if name == "counts" and report.when == "call":
+                counted = " ".join(f"{k}={v}" for k, v in value.items())
+                lines.append(f"{report.nodeid} [{report.outcome}]: {counted}")
+    if lines:
+        terminalreporter.section("fault-test counts")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -1,0 +1,64 @@
+"""Processes a test starts itself (API, relay, workers) and can SIGKILL or SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+
+from core.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def settings_env(settings: Settings, **overrides: str) -> dict[str, str]:
+    """The process environment that makes a child process use these settings."""
+    env = dict(os.environ)
+    for f in fields(Settings):
+        value = getattr(settings, f.name)
+        if value is not None:
+            env[f.name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    env.update(overrides)
+    return env
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], deadline: float = 15.0) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited early with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port} after {deadline}s")
+
+
+@contextmanager
+def running(
+    args: list[str], env: Mapping[str, str], log: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `python -m <args>` (its output appended to `log`, if given); kill it on the
+    way out if the test did not stop it."""
+    with open(log or os.devnull, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *args], env=dict(env), stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)

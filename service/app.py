@@ -16,10 +16,11 @@ from core.outbox import Relay, ensure_group
 from core.redis_client import connect_redis
 from core.scripts import CLOSE_SESSION
 from core.settings import Settings
-from service.appkeys import AMQP, CLOSER, REDIS, RELAY, SETTINGS
+from service.appkeys import AMQP, CLOSER, METRICS, REDIS, RELAY, SETTINGS
 from service.closer import SessionCloser
 from service.handlers import close_session
 from service.middlewares import info_replies
+from service.ops import measure_requests, setup_ops
 from service.schemas import MAX_BODY_BYTES
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,13 @@ async def amqp_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    relay = app[RELAY] = Relay(app[REDIS], settings)
+    metrics = app[METRICS]
+    relay = app[RELAY] = Relay(
+        app[REDIS],
+        settings,
+        on_published=metrics.relay_published_n,
+        on_failed=metrics.relay_failed_n,
+    )
 
     async def run() -> None:
         # shield: stopping the relay must not cancel the shared connect task
@@ -70,11 +77,15 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[info_replies])
+    # measure_requests comes first so it sees the reply info_replies made of any failure.
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES, middlewares=[measure_requests, info_replies]
+    )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(amqp_ctx)
     if settings.relay_enabled:
         app.cleanup_ctx.append(relay_ctx)
     app.router.add_post("/v1.0/session/close", close_session)
+    setup_ops(app)
     return app

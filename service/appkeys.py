@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from core.outbox import Relay
 from core.settings import Settings
 from service.closer import SessionCloser
+from service.metrics import Metrics
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", Redis)
@@ -19,5 +20,7 @@ CLOSER = web.AppKey("closer", SessionCloser)
 # closes (their events wait in the outbox) before that.
 AMQP = web.AppKey("amqp", asyncio.Task[AbstractRobustConnection])
 RELAY = web.AppKey("relay", Relay)
+# Per app, not module-global: tests build many apps in one process.
+METRICS = web.AppKey("metrics", Metrics)
 
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -9,7 +9,7 @@ from aiohttp import web
 from marshmallow import Schema
 
 from core.logs import short_id
-from service.appkeys import CLOSER, REQUEST_ID
+from service.appkeys import CLOSER, METRICS, REQUEST_ID
 from service.closer import CloseOutcome, CloseRequest
 from service.replies import Reply, info_reply
 from service.schemas import (
@@ -87,5 +87,6 @@ async def close_session(request: web.Request) -> web.Response:
             token, sid, headers.get("OS"), headers.get("AppVersion"), request[REQUEST_ID]
         )
     )
+    request.app[METRICS].close_outcome(outcome)
     log.debug("close %s: %s", short_id(sid), outcome.value)
     return info_reply(request, OUTCOME_REPLIES[outcome])

@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.run(run_standalone(settings))
         return
 
+    from service.accesslog import ACCESS_LOGGER, JsonAccessLogger
     from service.app import create_app
 
     if args.no_relay:
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
         port=settings.http_port,
         shutdown_timeout=settings.shutdown_timeout_seconds,
         print=None,
+        access_log_class=JsonAccessLogger,
+        access_log=ACCESS_LOGGER,
         loop=uvloop.new_event_loop(),
     )
 

@@ -24,3 +24,6 @@ RELAY = web.AppKey("relay", Relay)
 METRICS = web.AppKey("metrics", Metrics)
 
 REQUEST_ID = web.RequestKey("request_id", str)
+# time.perf_counter() when the app got the request: uvloop's clock, which aiohttp hands
+# the access logger, counts whole milliseconds.
+REQUEST_STARTED = web.RequestKey("request_started", float)

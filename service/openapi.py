@@ -83,7 +83,7 @@ def _responses(replies: dict[int, list[Reply]]) -> dict[int, dict[str, Any]]:
     extra: dict[int, dict[str, dict[str, Any]]] = {
         401: {
             "WWW-Authenticate": {
-                "description": "Present when Authorization is missing or malformed.",
+                "description": "The authentication challenge (Basic and Bearer).",
                 "schema": {"type": "string"},
             }
         },

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from core import amqp
 from core.keys import Keys
 from core.outbox import backlog
-from service.appkeys import AMQP, METRICS, REDIS, SETTINGS
+from service.appkeys import AMQP, METRICS, REDIS, REQUEST_STARTED, SETTINGS
 from service.metrics import UNMATCHED, Metrics
 from service.openapi import spec_json
 from service.replies import Reply, info_reply
@@ -30,7 +30,7 @@ CLIENT_CLOSED = 499
 
 @web.middleware
 async def measure_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
-    start = time.perf_counter()
+    start = request[REQUEST_STARTED] = time.perf_counter()
     status = 500
     try:
         response = await handler(request)

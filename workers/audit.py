@@ -1,0 +1,154 @@
+"""The audit worker: one row per session.closed event in PostgreSQL table AUDIT_TABLE.
+
+Rows are keyed by event id and inserted with ON CONFLICT DO NOTHING, so a redelivered
+event (or one taken by a second copy of the worker) adds nothing. The messages in hand
+share one INSERT (core.batching.Batcher); each is acked only after that commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+
+import asyncpg
+
+from core.batching import Batcher
+from core.events import REASON, MalformedEvent, SessionClosed
+from core.logs import short_id
+from core.settings import Settings
+from workers.consumer import Effect, retry_until_ready
+
+log = logging.getLogger(__name__)
+
+# Bounds every connect and statement, so a PostgreSQL that hangs is a retried failure.
+DB_TIMEOUT_SECONDS = 5.0
+# Long enough for the deliveries of one burst to share an INSERT, short next to a commit.
+BATCH_LINGER_SECONDS = 0.005
+POOL_MAX_SIZE = 4
+
+TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+def create_table_sql(table: str) -> str:
+    # AUDIT_TABLE is validated as a plain lower-case identifier at start.
+    return f"""
+        CREATE TABLE IF NOT EXISTS "{table}" (
+            event_id    uuid PRIMARY KEY,
+            session_id  text NOT NULL,
+            user_id     text NOT NULL,
+            closed_at   timestamptz NOT NULL,
+            reason      text NOT NULL,
+            os          text,
+            app_version text,
+            request_id  text,
+            recorded_at timestamptz NOT NULL DEFAULT now()
+        )"""
+
+
+def insert_sql(table: str) -> str:
+    return f"""
+        INSERT INTO "{table}"
+            (event_id, session_id, user_id, closed_at, reason, os, app_version, request_id)
+        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[],
+                             $5::text[], $6::text[], $7::text[], $8::text[])
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING event_id"""
+
+
+async def ensure_table(pool: asyncpg.Pool, table: str) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        # Two workers starting together would otherwise race on CREATE TABLE IF NOT
+        # EXISTS and one would fail on the catalog's unique index.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", table)
+        await conn.execute(create_table_sql(table))
+
+
+class AuditTrail:
+    transient = TRANSIENT
+
+    def __init__(self, pool: asyncpg.Pool, table: str, *, max_batch: int) -> None:
+        self._pool = pool
+        self._insert = insert_sql(table)
+        self.batcher: Batcher[SessionClosed, bool] = Batcher(
+            self._write, max_size=max_batch, linger=BATCH_LINGER_SECONDS
+        )
+
+    async def apply(self, event: SessionClosed) -> None:
+        _check_storable(event)
+        inserted = await self.batcher.submit(event)
+        log.info(
+            "session close audited" if inserted else "session close already audited",
+            extra={
+                "session_id": short_id(event.session_id),
+                "user_id": event.user_id,
+                "closed_at": event.closed_at,
+                "os": event.os,
+                "app_version": event.app_version,
+                "duplicate": not inserted,
+            },
+        )
+
+    async def _write(self, events: list[SessionClosed]) -> Sequence[bool]:
+        """One INSERT for the batch; per event, whether its row is new."""
+        rows = await self._pool.fetch(
+            self._insert,
+            [uuid.UUID(e.event_id) for e in events],
+            [e.session_id for e in events],
+            [e.user_id for e in events],
+            [datetime.fromisoformat(e.closed_at) for e in events],
+            [REASON for _ in events],
+            [e.os for e in events],
+            [e.app_version for e in events],
+            [e.request_id for e in events],
+            timeout=DB_TIMEOUT_SECONDS,
+        )
+        new = {row["event_id"] for row in rows}
+        return [uuid.UUID(e.event_id) in new for e in events]
+
+
+def _check_storable(event: SessionClosed) -> None:
+    # PostgreSQL text cannot hold NUL: such an event would fail its whole batch forever.
+    for value in (event.session_id, event.user_id, event.os, event.app_version, event.request_id):
+        if value is not None and "\x00" in value:
+            raise MalformedEvent("a field contains a NUL character")
+
+
+@asynccontextmanager
+async def open_audit(settings: Settings) -> AsyncIterator[Effect]:
+    async def start() -> asyncpg.Pool:
+        pool = await asyncpg.create_pool(
+            settings.database_url,
+            min_size=1,
+            max_size=POOL_MAX_SIZE,
+            timeout=DB_TIMEOUT_SECONDS,
+            command_timeout=DB_TIMEOUT_SECONDS,
+        )
+        try:
+            await ensure_table(pool, settings.audit_table)
+        except BaseException:
+            pool.terminate()
+            raise
+        return pool
+
+    pool = await retry_until_ready("connecting to PostgreSQL", start)
+    trail = AuditTrail(pool, settings.audit_table, max_batch=settings.worker_concurrency)
+    try:
+        yield trail
+    finally:
+        await trail.batcher.drain()
+        try:
+            async with asyncio.timeout(DB_TIMEOUT_SECONDS):
+                await pool.close()
+        except Exception:
+            pool.terminate()

@@ -1,0 +1,58 @@
+"""The push-cleanup worker: removes from user:<uid>:push every push token still mapped
+to the closed session.
+
+The compare-and-delete runs in Redis (core/remove_push_tokens.lua), so a token that a
+newer session on the same device re-registered, mapping it to the new session id, is
+kept even when this event arrives late or twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from core.events import SessionClosed
+from core.keys import Keys
+from core.logs import short_id
+from core.redis_client import connect_redis
+from core.scripts import REMOVE_PUSH_TOKENS
+from core.settings import Settings
+from workers.consumer import Effect
+
+log = logging.getLogger(__name__)
+
+
+class PushCleanup:
+    transient: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+
+    async def apply(self, event: SessionClosed) -> None:
+        removed = await REMOVE_PUSH_TOKENS(
+            self._redis, [self._keys.user_push(event.user_id)], [event.session_id]
+        )
+        log.info(
+            "push tokens of a closed session removed",
+            extra={
+                "session_id": short_id(event.session_id),
+                "user_id": event.user_id,
+                "removed": int(removed),
+            },
+        )
+
+
+@asynccontextmanager
+async def open_push_cleanup(settings: Settings) -> AsyncIterator[Effect]:
+    # No start-up check: a Redis that is down is retried per message like any outage.
+    redis = connect_redis(settings)
+    try:
+        yield PushCleanup(redis, Keys(settings.redis_key_prefix))
+    finally:
+        await redis.aclose()

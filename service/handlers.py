@@ -89,4 +89,7 @@ async def close_session(request: web.Request) -> web.Response:
     )
     request.app[METRICS].close_outcome(outcome)
     log.debug("close %s: %s", short_id(sid), outcome.value)
-    return info_reply(request, OUTCOME_REPLIES[outcome])
+    reply = OUTCOME_REPLIES[outcome]
+    # RFC 9110: every 401 carries the challenge, an unknown token's included.
+    challenge = {"WWW-Authenticate": WWW_AUTHENTICATE} if reply.status == 401 else None
+    return info_reply(request, reply, headers=challenge)

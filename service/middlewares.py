@@ -9,7 +9,7 @@ import uuid
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from redis.exceptions import RedisError
+from redis import exceptions as redis_errors
 
 from service.appkeys import REQUEST_ID
 from service.replies import Reply, info_reply
@@ -17,6 +17,19 @@ from service.replies import Reply, info_reply
 log = logging.getLogger(__name__)
 
 _REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
+
+# Redis down, timing out or briefly unable to serve: worth a retry, so 503. Any other
+# Redis error (a key of the wrong type, a script error) is a 500 like any other bug.
+REDIS_UNAVAILABLE = (
+    redis_errors.ConnectionError,  # BusyLoadingError included
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,
+    redis_errors.TryAgainError,
+    redis_errors.ClusterDownError,
+    redis_errors.OutOfMemoryError,
+    TimeoutError,
+    ConnectionError,
+)
 
 _HTTP_REPLIES = {
     404: Reply.NOT_FOUND,
@@ -45,7 +58,7 @@ async def info_replies(request: web.Request, handler: Handler) -> web.StreamResp
             raise
         keep = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
         response = info_reply(request, reply, headers=keep)
-    except (RedisError, TimeoutError, ConnectionError) as exc:
+    except REDIS_UNAVAILABLE as exc:
         log.warning("Redis unavailable: %r", exc)
         response = info_reply(request, Reply.UNAVAILABLE, headers={"Retry-After": "1"})
     except Exception:

@@ -78,10 +78,12 @@ async def amqp_cleanup(settings: Settings) -> AsyncIterator[None]:
 
 @pytest.fixture
 async def client(
-    aiohttp_client: AiohttpClient, settings: Settings, redis: Redis, amqp_cleanup: None
+    settings: Settings, redis: Redis, amqp_cleanup: None, aiohttp_client: AiohttpClient
 ) -> TestClient[web.Request, web.Application]:
     """The real app (create_app), relay included, on this test's prefix and names;
     returned once RabbitMQ is connected and the topology declared."""
+    # aiohttp_client comes last so that it is torn down first: the app (and its relay)
+    # stops before the redis fixture deletes the test's keys, not after.
     test_client = await aiohttp_client(create_app(settings))
     await asyncio.wait_for(asyncio.shield(test_client.app[AMQP]), 10)
     return test_client

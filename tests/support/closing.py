@@ -1,0 +1,86 @@
+"""Helpers for tests of the close endpoint: the apps' request, sessions written the way
+the login side writes them, and a snapshot of a test's Redis keys."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aio_pika
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from core.cli import create_session, create_token
+from core.keys import Keys
+
+CLOSE_PATH = "/v1.0/session/close"
+# What the mobile apps send today, literally (SPEC section 1).
+APP_CONTENT_TYPE = "application/json; multipart/form-data;"
+BODY = b'{ "requestContent": { } }'
+
+Client = TestClient[web.Request, web.Application]
+
+
+def app_headers(token: str, session_id: str, **extra: str) -> dict[str, str]:
+    headers = {
+        "Content-Type": APP_CONTENT_TYPE,
+        "Sessionid": session_id,
+        "OS": "Android",
+        "AppVersion": "1.0.10",
+        "Authorization": f"Basic {token}",
+    }
+    headers.update(extra)
+    return headers
+
+
+async def open_session(
+    redis: Redis, keys: Keys, user_id: str, session_id: str, token: str, **fields: str
+) -> None:
+    await create_token(redis, keys, user_id, token, 600)
+    await create_session(redis, keys, user_id, session_id, ttl=600, **fields)
+
+
+async def snapshot(redis: Redis, prefix: str) -> dict[str, Any]:
+    """Every key of the test's prefix with its type and content (for a stream, its last id)."""
+    state: dict[str, Any] = {}
+    async for key in redis.scan_iter(match=f"{prefix}*", count=1000):
+        kind = await redis.type(key)
+        value: Any
+        if kind == "hash":
+            value = await redis.hgetall(key)
+        elif kind == "set":
+            value = sorted(await redis.smembers(key))
+        elif kind == "string":
+            value = await redis.get(key)
+        elif kind == "stream":
+            # The relay deletes entries as it publishes them; the last id still tells
+            # whether anything was ever appended.
+            value = (await redis.xinfo_stream(key))["last-generated-id"]
+        else:
+            value = kind
+        state[key] = (kind, value)
+    return state
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]], within: float, what: str, step: float = 0.05
+) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `within` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(step)
+
+
+async def queue_depth(amqp_url: str, queue: str) -> int:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        count = declared.declaration_result.message_count
+        assert count is not None
+        return int(count)

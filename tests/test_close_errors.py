@@ -437,11 +437,11 @@ async def test_longest_token_and_session_id_are_accepted(
 
 @pytest.fixture
 async def proxied_client(
-    aiohttp_client: AiohttpClient,
     settings: Settings,
     redis: Redis,
     redis_proxy: TcpProxy,
     amqp_cleanup: None,
+    aiohttp_client: AiohttpClient,
 ) -> Client:
     """The real app, its Redis link through redis_proxy."""
     proxied = dataclasses.replace(settings, redis_url=through(settings.redis_url, redis_proxy))

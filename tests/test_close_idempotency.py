@@ -1,0 +1,123 @@
+"""Closing is atomic and idempotent (SPEC section 1): of any number of concurrent or
+repeated closes of one session exactly one succeeds and exactly one event exists."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+
+from redis.asyncio import Redis
+
+from core.keys import Keys
+from core.scripts import CLOSE_SESSION
+from core.settings import Settings
+from core.topology import Topology
+from tests.support.closing import (
+    BODY,
+    CLOSE_PATH,
+    Client,
+    app_headers,
+    open_session,
+    queue_depth,
+    snapshot,
+    wait_until,
+)
+
+USER, SID, TOKEN = "user-1", "session-0001", "token-of-user-1"
+
+
+async def outbox_appended(redis: Redis, keys: Keys) -> int:
+    """How many entries were ever added to the outbox (the relay deletes published ones)."""
+    info = await redis.xinfo_stream(keys.outbox)
+    return int(info["entries-added"])
+
+
+async def published(redis: Redis, keys: Keys, settings: Settings, expected: int) -> int:
+    """Wait until the relay has published everything, then count the audit queue."""
+    queue = Topology.from_settings(settings).queue("audit")
+
+    async def drained() -> bool:
+        return await redis.xlen(keys.outbox) == 0 and (
+            await queue_depth(settings.amqp_url, queue) >= expected
+        )
+
+    await wait_until(drained, 10, "the outbox to drain")
+    return await queue_depth(settings.amqp_url, queue)
+
+
+async def test_fifty_concurrent_closes_give_one_success_and_one_event(
+    client: Client, redis: Redis, keys: Keys, settings: Settings
+) -> None:
+    await open_session(redis, keys, USER, SID, TOKEN)
+    replies = await asyncio.gather(
+        *(client.post(CLOSE_PATH, headers=app_headers(TOKEN, SID), data=BODY) for _ in range(50))
+    )
+    outcomes = Counter([(r.status, (await r.json())["info"]["type"]) for r in replies])
+    assert outcomes == {(200, "success"): 1, (200, "info"): 49}
+    assert await outbox_appended(redis, keys) == 1
+    assert await published(redis, keys, settings, expected=1) == 1
+
+
+async def test_a_repeat_after_success_is_case_8_and_adds_no_event(
+    client: Client, redis: Redis, keys: Keys, settings: Settings
+) -> None:
+    await open_session(redis, keys, USER, SID, TOKEN)
+    first = await client.post(CLOSE_PATH, headers=app_headers(TOKEN, SID), data=BODY)
+    assert (await first.json())["info"]["type"] == "success"
+    assert await published(redis, keys, settings, expected=1) == 1
+    for _ in range(3):
+        again = await client.post(CLOSE_PATH, headers=app_headers(TOKEN, SID), data=BODY)
+        assert again.status == 200
+        assert (await again.json())["info"]["type"] == "info"
+    assert await outbox_appended(redis, keys) == 1
+    assert await published(redis, keys, settings, expected=1) == 1
+
+
+def script_call(keys: Keys, event_id: str) -> tuple[list[str], list[object]]:
+    return (
+        [keys.token(TOKEN), keys.session(SID), keys.tombstone(SID), keys.outbox],
+        [keys.prefix, SID, event_id, 600, "2026-01-01T00:00:00.000Z", "Android", "1.0.10", "r1"],
+    )
+
+
+async def test_a_retried_script_call_with_the_same_event_id_succeeds_without_a_second_event(
+    redis: Redis, keys: Keys
+) -> None:
+    """What a client library's retry after a timeout does: the very same call again."""
+    await open_session(redis, keys, USER, SID, TOKEN)
+    call = script_call(keys, str(uuid.uuid4()))
+    assert await CLOSE_SESSION(redis, *call) == "closed"
+    assert await CLOSE_SESSION(redis, *call) == "closed"
+    assert await redis.xlen(keys.outbox) == 1
+    # A different request (a new event id) is a repeat: case 8.
+    assert await CLOSE_SESSION(redis, *script_call(keys, str(uuid.uuid4()))) == "already"
+    assert await redis.xlen(keys.outbox) == 1
+
+
+async def test_a_session_owned_by_another_user_is_404_and_left_alone(
+    client: Client, redis: Redis, keys: Keys
+) -> None:
+    await open_session(redis, keys, USER, SID, TOKEN)
+    await open_session(redis, keys, "user-2", "session-0002", "token-of-user-2")
+    before = await snapshot(redis, keys.prefix)
+    resp = await client.post(CLOSE_PATH, headers=app_headers(TOKEN, "session-0002"), data=BODY)
+    assert resp.status == 404
+    assert (await resp.json())["info"]["type"] == "error"
+    assert await snapshot(redis, keys.prefix) == before
+
+
+async def test_a_session_closed_by_another_user_is_404_not_case_8(
+    client: Client, redis: Redis, keys: Keys
+) -> None:
+    await open_session(redis, keys, "user-2", "session-0002", "token-of-user-2")
+    await open_session(redis, keys, USER, SID, TOKEN)
+    closed = await client.post(
+        CLOSE_PATH, headers=app_headers("token-of-user-2", "session-0002"), data=BODY
+    )
+    assert (await closed.json())["info"]["type"] == "success"
+    before = await snapshot(redis, keys.prefix)
+    resp = await client.post(CLOSE_PATH, headers=app_headers(TOKEN, "session-0002"), data=BODY)
+    assert resp.status == 404
+    assert (await resp.json())["info"]["type"] == "error"
+    assert await snapshot(redis, keys.prefix) == before

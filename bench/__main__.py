@@ -1,0 +1,97 @@
+"""`python -m bench [load|sustained|soak]`: see the README section "Benchmarks"."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from core.settings import Settings, SettingsError, env_help
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmarks of POST /v1.0/session/close on 127.0.0.1, each run on its own "
+        "Redis prefix, exchange, queues and audit table, all removed at the end. "
+        "load: wrk at N connections against the API (relay in-process) and a bare aiohttp "
+        "endpoint, then the relay's drain rate. sustained: a fixed rate with the relay and "
+        "both workers, end-to-end latency to the audit row and exactly-once checks. "
+        "soak: many closes in rounds, RSS and outbox length per round.",
+        epilog=env_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("mode", choices=["load", "sustained", "soak"], nargs="?", default="load")
+    parser.add_argument("--seconds", type=float, help="load: per endpoint (10); sustained (30)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
+    parser.add_argument("--relay-entries", type=int, default=50_000, help="load: outbox fill")
+    parser.add_argument("--rate", type=float, default=1000.0, help="sustained: closes/s")
+    parser.add_argument("--closes", type=int, default=200_000, help="soak: total closes")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
+    return parser.parse_args(argv)
+
+
+async def main_async(args: argparse.Namespace, settings: Settings, workdir: Path) -> str:
+    from bench.stack import Stack
+
+    stack = Stack(settings, workdir)
+    try:
+        if args.mode == "load":
+            from bench import load
+
+            result = await load.run(
+                stack,
+                seconds=args.seconds or 10.0,
+                connections=args.connections,
+                relay_entries=args.relay_entries,
+            )
+            return load.render(result, args.connections)
+        if args.mode == "sustained":
+            from bench import sustained
+
+            sresult = await sustained.run(stack, rate=args.rate, seconds=args.seconds or 30.0)
+            return sustained.render(sresult)
+        from bench import soak
+
+        rounds = await soak.run(stack, closes=args.closes, connections=args.connections)
+        return soak.render(rounds)
+    finally:
+        await stack.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="bench: %(message)s")
+    for noisy in ("aio_pika", "aiormq"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        sys.exit(f"python -m bench: {exc}")
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds through Stack.close()
+
+    signal.signal(signal.SIGTERM, terminate)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    started = time.monotonic()
+    ok = False
+    try:
+        import uvloop
+
+        print(uvloop.run(main_async(args, settings, workdir)))
+        ok = True
+    finally:
+        logging.info("%s done in %.0fs; logs in %s", args.mode, time.monotonic() - started, workdir)
+        if ok and not args.keep_logs:
+            for path in workdir.iterdir():
+                path.unlink()
+            workdir.rmdir()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The load run: the close endpoint (relay publishing in the same process) and the bare
+endpoint, each driven by wrk at the same concurrency; then the relay's drain rate."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+from bench.client import close_one
+from bench.report import table, verdict
+from bench.seed import seed_sessions, seed_tokens
+from bench.stack import Process, Stack, cpu_seconds, memory_kib, wait_until
+from bench.wrk import WrkResult, run_wrk
+
+log = logging.getLogger(__name__)
+
+WARMUP_SECONDS = 2.0
+WARMUP_SESSIONS = 30_000
+# Seed this many times the warm-up rate, so the measured run never runs out of sessions.
+SEED_MARGIN = 1.6
+DRAIN_TIMEOUT_SECONDS = 120.0
+
+PROBE = 0  # session index used to check the relay is publishing before measuring
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    bare: WrkResult
+    close: WrkResult
+    seeded: int
+    api_peak_rss_mib: float
+    api_cpu_share: float  # API CPU seconds per wall second during the run
+    backlog_at_end: int
+    drain_seconds: float
+    tombstones: int
+    events_queued: dict[str, int]
+    relay_entries: int
+    relay_seconds: float
+
+    @property
+    def ratio(self) -> float:
+        return self.close.rate / self.bare.rate
+
+    @property
+    def relay_rate(self) -> float:
+        return self.relay_entries / self.relay_seconds
+
+    @property
+    def events_lost(self) -> int:
+        return max(self.tombstones - n for n in self.events_queued.values())
+
+
+async def wait_relay_live(stack: Stack, http: aiohttp.ClientSession) -> None:
+    """Close one session and wait until its event left the outbox."""
+    await seed_sessions(stack.redis, stack.keys, stack.run_id, PROBE, 1)
+    kind = await close_one(http, stack.url, stack.run_id, PROBE)
+    if kind != "success":
+        raise RuntimeError(f"probe close answered {kind!r}; see {stack.workdir}/api.log")
+    await wait_until("relay publishing the probe event", stack.outbox_empty, 60)
+
+
+async def measure_bare(stack: Stack, seconds: float, connections: int) -> WrkResult:
+    bare, url = await stack.start_bare()
+    try:
+        await run_wrk(url, seconds=1, connections=connections, run_id="x", first=0, count=10**9)
+        return await run_wrk(
+            url, seconds=seconds, connections=connections, run_id="x", first=0, count=10**9
+        )
+    finally:
+        stack.stop(bare)
+
+
+async def measure_close(
+    stack: Stack, api: Process, seconds: float, connections: int
+) -> tuple[WrkResult, int, float]:
+    """wrk over freshly seeded sessions; returns the result, the sessions seeded for it,
+    and the API's CPU share during it."""
+    first = PROBE + 1
+    await seed_sessions(stack.redis, stack.keys, stack.run_id, first, WARMUP_SESSIONS)
+    warm = await run_wrk(
+        stack.url,
+        seconds=WARMUP_SECONDS,
+        connections=connections,
+        run_id=stack.run_id,
+        first=first,
+        count=WARMUP_SESSIONS,
+    )
+    first += WARMUP_SESSIONS
+    count = math.ceil(warm.rate * seconds * SEED_MARGIN) + 5000
+    await seed_sessions(stack.redis, stack.keys, stack.run_id, first, count)
+    # The warm-up's events should be out before the measured run starts.
+    await wait_until("outbox drained after warm-up", stack.outbox_empty, DRAIN_TIMEOUT_SECONDS)
+    cpu0, t0 = cpu_seconds(api.pid), time.monotonic()
+    result = await run_wrk(
+        stack.url,
+        seconds=seconds,
+        connections=connections,
+        run_id=stack.run_id,
+        first=first,
+        count=count,
+    )
+    cpu_share = (cpu_seconds(api.pid) - cpu0) / (time.monotonic() - t0)
+    if result.sent > count:
+        log.warning("wrk ran past the %d seeded sessions; raise SEED_MARGIN", count)
+    return result, WARMUP_SESSIONS + count + 1, cpu_share
+
+
+async def fill_outbox(stack: Stack, entries: int) -> None:
+    """Outbox entries exactly as close_session.lua writes them."""
+    closed_at = "2024-01-01T00:00:00.000Z"
+    for start in range(0, entries, 2000):
+        pipe = stack.redis.pipeline(transaction=False)
+        for i in range(start, min(start + 2000, entries)):
+            pipe.xadd(
+                stack.keys.outbox,
+                {
+                    "event_id": f"00000000-0000-4000-8000-{i:012d}",
+                    "session_id": f"relay-{stack.run_id}-{i}",
+                    "user_id": "bu0",
+                    "closed_at": closed_at,
+                    "os": "Android",
+                    "app_version": "1.0.10",
+                    "request_id": f"relay-{i}",
+                },
+            )
+        await pipe.execute()
+
+
+async def measure_relay(stack: Stack, entries: int) -> float:
+    """Seconds the in-process relay of the (idle) API takes to publish `entries` events
+    appended to the outbox as fast as Redis takes them."""
+    start = time.monotonic()
+    await fill_outbox(stack, entries)
+    await wait_until("relay drained the filled outbox", stack.outbox_empty, DRAIN_TIMEOUT_SECONDS)
+    return time.monotonic() - start
+
+
+async def run(stack: Stack, *, seconds: float, connections: int, relay_entries: int) -> LoadResult:
+    await seed_tokens(stack.redis, stack.keys, stack.run_id)
+    bare = await measure_bare(stack, seconds, connections)
+    api = await stack.start_api()
+    async with aiohttp.ClientSession() as http:
+        await wait_relay_live(stack, http)
+    close, seeded, cpu_share = await measure_close(stack, api, seconds, connections)
+    backlog_at_end = await stack.outbox_length()
+    drain_seconds = await wait_until(
+        "outbox drained after the run", stack.outbox_empty, DRAIN_TIMEOUT_SECONDS
+    )
+    api.check_alive()
+    peak_rss = memory_kib(api.pid, "VmHWM") / 1024
+    tombstones = await stack.count_keys("session:closed:*")
+    queued = await stack.queue_depths(purge=True)
+    relay_seconds = await measure_relay(stack, relay_entries)
+    await stack.queue_depths(purge=True)
+    api.check_alive()
+    return LoadResult(
+        bare=bare,
+        close=close,
+        seeded=seeded,
+        api_peak_rss_mib=peak_rss,
+        api_cpu_share=cpu_share,
+        backlog_at_end=backlog_at_end,
+        drain_seconds=drain_seconds,
+        tombstones=tombstones,
+        events_queued=queued,
+        relay_entries=relay_entries,
+        relay_seconds=relay_seconds,
+    )
+
+
+def render(r: LoadResult, connections: int) -> str:
+    rows: list[list[object]] = []
+    for name, w in (("bare aiohttp (ceiling)", r.bare), ("close + relay", r.close)):
+        rows.append([name, w.requests, w.rate, w.p50_ms, w.p99_ms, w.non_2xx + w.socket_errors])
+    first = table(["endpoint", "requests", "req/s", "p50 ms", "p99 ms", "non-2xx"], rows)
+    checks: list[list[object]] = [
+        ["close / bare throughput", f"{r.ratio:.2f}", ">= 0.40", verdict(r.ratio >= 0.40)],
+        ["close p99 (ms)", f"{r.close.p99_ms:.2f}", "<= 10", verdict(r.close.p99_ms <= 10)],
+        [
+            "close non-2xx + socket errors",
+            r.close.non_2xx + r.close.socket_errors,
+            "0",
+            verdict(r.close.non_2xx + r.close.socket_errors == 0),
+        ],
+        [
+            "API peak RSS (MiB, VmHWM)",
+            f"{r.api_peak_rss_mib:.1f}",
+            "<= 120",
+            verdict(r.api_peak_rss_mib <= 120),
+        ],
+        [
+            "relay drain rate (events/s)",
+            f"{r.relay_rate:,.0f}",
+            ">= 5,000",
+            verdict(r.relay_rate >= 5000),
+        ],
+        [
+            "events lost (closed - queued)",
+            r.events_lost,
+            "0",
+            verdict(r.events_lost == 0),
+        ],
+    ]
+    second = table(["measure", "value", "target", ""], checks)
+    notes = (
+        f"{connections} connections, one wrk thread; API CPU {r.api_cpu_share:.0%} of a core "
+        f"during the run; outbox {r.backlog_at_end:,} entries when wrk stopped, drained in "
+        f"{r.drain_seconds:.1f}s; {r.tombstones:,} sessions closed, events queued per worker "
+        f"queue {r.events_queued}; relay: {r.relay_entries:,} entries in {r.relay_seconds:.2f}s"
+    )
+    return f"{first}\n\n{second}\n\n{notes}"

@@ -1,0 +1,112 @@
+"""Driving an endpoint with wrk (one thread, one process) and bench/close.lua."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.seed import USERS
+
+log = logging.getLogger(__name__)
+
+SCRIPT = Path(__file__).with_name("close.lua")
+
+
+def ensure_wrk() -> str:
+    """The wrk binary, installed from the Debian package when missing."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    log.info("wrk is missing; installing the Debian package")
+    apt = ["apt-get", "install", "-y", "-q", "wrk"]
+    if shutil.which("sudo") and os.geteuid() != 0:
+        apt.insert(0, "sudo")
+    if subprocess.run(apt, check=False, timeout=300).returncode != 0:
+        subprocess.run([*apt[: apt.index("install")], "update", "-q"], check=True, timeout=300)
+        subprocess.run(apt, check=True, timeout=300)
+    found = shutil.which("wrk")
+    if not found:
+        raise RuntimeError("wrk could not be installed (apt-get install wrk)")
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class WrkResult:
+    sent: int
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    non_2xx: int
+    socket_errors: int
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+
+async def run_wrk(
+    url: str,
+    *,
+    seconds: float,
+    connections: int,
+    run_id: str,
+    first: int,
+    count: int,
+) -> WrkResult:
+    """Sessions first..first+count-1 are closed in order, one per request."""
+    args = [
+        ensure_wrk(),
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds:g}s",
+        "--timeout",
+        "5s",
+        "-s",
+        str(SCRIPT),
+        url,
+        "--",
+        run_id,
+        str(USERS),
+        str(first),
+        str(count),
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), seconds + 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = out.decode(errors="replace")
+    line = next((ln for ln in text.splitlines() if ln.startswith("BENCH ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({proc.returncode}):\n{text}")
+    raw = json.loads(line.removeprefix("BENCH "))
+    non_2xx = raw["status_errors"]
+    for ln in text.splitlines():
+        # wrk counts 3xx here too; its Lua summary only counts >= 400
+        if "Non-2xx or 3xx responses:" in ln:
+            non_2xx = max(non_2xx, int(ln.rsplit(":", 1)[1]))
+    return WrkResult(
+        sent=raw["sent"],
+        requests=raw["requests"],
+        seconds=raw["duration_us"] / 1e6,
+        p50_ms=raw["p50_us"] / 1000,
+        p99_ms=raw["p99_us"] / 1000,
+        max_ms=raw["max_us"] / 1000,
+        non_2xx=non_2xx,
+        socket_errors=raw["connect_errors"]
+        + raw["read_errors"]
+        + raw["write_errors"]
+        + raw["timeouts"],
+    )

@@ -1,0 +1,254 @@
+"""Fixtures and helpers for the worker tests: publish events to the test's exchange,
+look at its queues and audit table, run a worker in this process or as a subprocess
+with the test's environment. A test module imports the `*_fixture` functions it uses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+
+from core.events import CONTENT_TYPE, SessionClosed
+from core.settings import Settings
+from core.topology import ROUTING_KEY, Topology
+from workers.consumer import EffectFactory, Worker
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]],
+    what: str,
+    timeout: float = 15.0,  # noqa: ASYNC109
+) -> None:
+    """Poll `condition` until it holds; fail the test naming `what` at the deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await condition():
+        if loop.time() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)  # a poll interval, not a wait for the condition
+
+
+def make_event(n: int = 0, *, session_id: str | None = None, user_id: str = "u1") -> SessionClosed:
+    return SessionClosed(
+        event_id=str(uuid.uuid4()),
+        session_id=session_id or f"session-{n:05d}-{uuid.uuid4().hex[:8]}",
+        user_id=user_id,
+        closed_at="2026-01-02T03:04:05.123456+00:00",
+        os="Android",
+        app_version="1.0.10",
+        request_id=f"req-{uuid.uuid4().hex[:12]}",
+    )
+
+
+class Broker:
+    """The test's exchange and queues, seen from a connection of its own."""
+
+    def __init__(self, settings: Settings, connection: AbstractRobustConnection) -> None:
+        self.settings = settings
+        self.topology = Topology.from_settings(settings)
+        self._connection = connection
+        self._channel: AbstractChannel | None = None
+
+    async def channel(self) -> AbstractChannel:
+        if self._channel is None:
+            self._channel = await self._connection.channel(publisher_confirms=True)
+            await self.topology.declare(self._channel)
+        return self._channel
+
+    async def publish(self, *events: SessionClosed) -> None:
+        await asyncio.gather(
+            *(self.publish_raw(e.encode(self.settings.event_source), e.event_id) for e in events)
+        )
+
+    async def publish_raw(
+        self, body: bytes, message_id: str | None = None, *, to_dead_letters: str | None = None
+    ) -> None:
+        """Publish to the test's exchange, or (to_dead_letters=worker) the way the broker
+        dead-letters: through the dead-letter exchange to that worker's DLQ."""
+        channel = await self.channel()
+        message = aio_pika.Message(
+            body,
+            content_type=CONTENT_TYPE,
+            message_id=message_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers={"x-test": "kept"},
+        )
+        if to_dead_letters is None:
+            exchange = await channel.get_exchange(self.topology.exchange, ensure=False)
+            await exchange.publish(message, ROUTING_KEY)
+        else:
+            dlx = await channel.get_exchange(self.topology.dead_letter_exchange, ensure=False)
+            await dlx.publish(message, self.topology.queue(to_dead_letters))
+
+    async def depth(self, queue: str) -> tuple[int, int]:
+        """(ready messages, consumers) of a queue."""
+        channel = await self._connection.channel()
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+            result = declared.declaration_result
+            return result.message_count or 0, result.consumer_count or 0
+        finally:
+            await channel.close()
+
+
+@pytest.fixture(name="broker")
+async def broker_fixture(settings: Settings, amqp_cleanup: None) -> AsyncIterator[Broker]:
+    """Topology declared (as the API does) before any worker starts."""
+    connection = await aio_pika.connect_robust(settings.amqp_url)
+    broker = Broker(settings, connection)
+    await broker.channel()
+    yield broker
+    await connection.close()
+
+
+class AuditTable:
+    def __init__(self, conn: asyncpg.Connection, table: str) -> None:
+        self._conn = conn
+        self.table = table
+
+    async def exists(self) -> bool:
+        return bool(await self._conn.fetchval("SELECT to_regclass($1) IS NOT NULL", self.table))
+
+    async def count(self) -> int:
+        if not await self.exists():
+            return 0
+        return int(await self._conn.fetchval(f'SELECT count(*) FROM "{self.table}"'))
+
+    async def event_ids(self) -> list[str]:
+        rows = await self._conn.fetch(f'SELECT event_id FROM "{self.table}"')
+        return [str(row["event_id"]) for row in rows]
+
+    async def row(self, event_id: str) -> dict[str, Any]:
+        found = await self._conn.fetchrow(
+            f'SELECT * FROM "{self.table}" WHERE event_id = $1', uuid.UUID(event_id)
+        )
+        assert found is not None, f"no audit row for {event_id}"
+        return dict(found)
+
+
+@pytest.fixture(name="audit_table")
+async def audit_table_fixture(settings: Settings) -> AsyncIterator[AuditTable]:
+    """The test's audit table (created by the worker), dropped afterwards."""
+    conn = await asyncpg.connect(settings.database_url)
+    yield AuditTable(conn, settings.audit_table)
+    await conn.execute(f'DROP TABLE IF EXISTS "{settings.audit_table}"')
+    await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def running(worker: Worker) -> AsyncIterator[Worker]:
+    """A worker in this process, consuming until the block ends."""
+    task = asyncio.create_task(worker.run())
+    consuming = asyncio.create_task(worker.consuming.wait())
+    await asyncio.wait({task, consuming}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+    if not consuming.done():
+        consuming.cancel()
+        if task.done():
+            task.result()  # raises what stopped the worker
+        task.cancel()
+        pytest.fail("worker did not start consuming within 15s")
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 20)
+
+
+def in_process(
+    settings: Settings, name: str, open_effect: EffectFactory, **overrides: Any
+) -> Worker:
+    return Worker(dataclasses.replace(settings, **overrides), name, open_effect, max_backoff=0.5)
+
+
+def environment(settings: Settings) -> dict[str, str]:
+    """The environment variables that make a subprocess use these settings."""
+    env = dict(os.environ)
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if value is None:
+            env.pop(field.name.upper(), None)
+        else:
+            env[field.name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+class WorkerProcess:
+    """`python -m workers <args>` as a subprocess; its JSON log lines are collected."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.lines: list[dict[str, Any]] = []
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, settings: Settings, *args: str) -> WorkerProcess:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "workers",
+            *args,
+            cwd=ROOT,
+            env=environment(settings),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        return cls(process)
+
+    async def _read(self) -> None:
+        assert self.process.stdout is not None
+        async for raw in self.process.stdout:
+            try:
+                self.lines.append(json.loads(raw))
+            except ValueError:
+                self.lines.append({"event": raw.decode(errors="replace").rstrip()})
+
+    def logged(self, fragment: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines if fragment in str(line.get("event", ""))]
+
+    async def wait_logged(self, fragment: str, timeout: float = 15.0) -> None:  # noqa: ASYNC109
+        async def seen() -> bool:
+            if self.process.returncode is not None:
+                pytest.fail(f"worker exited {self.process.returncode}: {self.lines[-5:]}")
+            return bool(self.logged(fragment))
+
+        await wait_until(seen, f"the worker to log {fragment!r}", timeout)
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.process.send_signal(sig)
+
+    async def wait(self, timeout: float) -> int:  # noqa: ASYNC109
+        code = await asyncio.wait_for(self.process.wait(), timeout)
+        await asyncio.wait_for(self._reader, 5)
+        return code
+
+    async def close(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+        await self.process.wait()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+@pytest.fixture(name="worker_processes")
+async def worker_processes_fixture() -> AsyncIterator[list[WorkerProcess]]:
+    """Append started WorkerProcess objects here; any still running are killed after."""
+    started: list[WorkerProcess] = []
+    yield started
+    for process in started:
+        await process.close()

@@ -1,0 +1,150 @@
+"""The audit worker against the real RabbitMQ and PostgreSQL: one row per event, whatever
+is redelivered, killed, scaled out or cut off."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import pytest
+
+from core.settings import Settings
+from tests.conftest import through
+from tests.support.proxy import TcpProxy
+from tests.support.workers import (
+    AuditTable,
+    Broker,
+    WorkerProcess,
+    audit_table_fixture,  # noqa: F401 (fixture)
+    broker_fixture,  # noqa: F401 (fixture)
+    in_process,
+    make_event,
+    running,
+    wait_until,
+    worker_processes_fixture,  # noqa: F401 (fixture)
+)
+from workers.audit import open_audit
+
+
+def rows_reach(table: AuditTable, n: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await table.count() >= n
+
+    return check
+
+
+async def test_each_event_gets_one_row_and_a_redelivery_adds_nothing(
+    settings: Settings, broker: Broker, audit_table: AuditTable
+) -> None:
+    events = [make_event(n) for n in range(20)]
+    worker = in_process(settings, "audit", open_audit)
+    async with running(worker):
+        await broker.publish(*events)
+        await broker.publish(events[0], events[1])  # the relay re-published these two
+
+        async def all_settled() -> bool:
+            return worker.metrics.count("acked") >= 22
+
+        await wait_until(all_settled, "22 messages acked")
+    assert await audit_table.count() == 20
+    assert sorted(await audit_table.event_ids()) == sorted(e.event_id for e in events)
+    row = await audit_table.row(events[3].event_id)
+    assert row["session_id"] == events[3].session_id
+    assert row["user_id"] == "u1"
+    assert row["closed_at"] == datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
+    assert row["reason"] == "user_logout"
+    assert (row["os"], row["app_version"]) == ("Android", "1.0.10")
+    assert row["request_id"] == events[3].request_id
+    assert row["recorded_at"] is not None
+
+
+@pytest.mark.fault
+async def test_a_worker_killed_mid_batch_leaves_exactly_one_row_per_event_after_redelivery(
+    settings: Settings,
+    broker: Broker,
+    audit_table: AuditTable,
+    worker_processes: list[WorkerProcess],
+) -> None:
+    events = [make_event(n) for n in range(600)]
+    await broker.publish(*events)
+    doomed = await WorkerProcess.start(settings, "audit", "--prefetch", "50", "--concurrency", "20")
+    worker_processes.append(doomed)
+    await wait_until(rows_reach(audit_table, 40), "the first rows", timeout=20)
+    doomed.signal(signal.SIGKILL)
+    await doomed.wait(5)
+    at_kill = await audit_table.count()
+    assert at_kill < len(events), "the worker finished before the kill; nothing was tested"
+
+    # The messages it held unacked (some with rows already committed) come back.
+    successor = in_process(settings, "audit", open_audit)
+    async with running(successor):
+        await wait_until(rows_reach(audit_table, len(events)), "every row", timeout=30)
+
+        async def queue_empty() -> bool:
+            ready, _ = await broker.depth(broker.topology.queue("audit"))
+            return ready == 0 and successor.metrics.count("acked") >= len(events) - at_kill
+
+        await wait_until(queue_empty, "the queue drained")
+    ids = await audit_table.event_ids()
+    assert len(ids) == len(events)
+    assert set(ids) == {e.event_id for e in events}
+
+
+async def test_two_audit_workers_split_the_load_and_write_each_event_once(
+    settings: Settings, broker: Broker, audit_table: AuditTable
+) -> None:
+    events = [make_event(n) for n in range(300)]
+    # A small prefetch so that neither worker can take the whole burst at once.
+    first = in_process(settings, "audit", open_audit, worker_prefetch=5, worker_concurrency=5)
+    second = in_process(settings, "audit", open_audit, worker_prefetch=5, worker_concurrency=5)
+    async with running(first), running(second):
+        await broker.publish(*events)
+        await wait_until(rows_reach(audit_table, len(events)), "every row", timeout=30)
+
+        async def all_acked() -> bool:
+            total = first.metrics.count("acked") + second.metrics.count("acked")
+            return total >= len(events)
+
+        await wait_until(all_acked, "every message acked")
+    assert first.metrics.count("acked") > 0
+    assert second.metrics.count("acked") > 0
+    assert first.metrics.count("acked") + second.metrics.count("acked") == len(events)
+    ids = await audit_table.event_ids()
+    assert sorted(ids) == sorted(e.event_id for e in events)
+
+
+@pytest.mark.fault
+async def test_postgres_cut_dead_letters_nothing_and_every_row_lands_after_restore(
+    settings: Settings,
+    broker: Broker,
+    audit_table: AuditTable,
+    postgres_proxy: TcpProxy,
+) -> None:
+    worker = in_process(
+        settings, "audit", open_audit, database_url=through(settings.database_url, postgres_proxy)
+    )
+    events = [make_event(n) for n in range(30)]
+    async with running(worker):
+        postgres_proxy.cut("reset")
+        await broker.publish(*events)
+
+        async def retrying() -> bool:
+            return worker.metrics.retry_count() >= 5
+
+        await wait_until(retrying, "the worker to retry against the cut database")
+        ready, _ = await broker.depth(broker.topology.dead_letter_queue("audit"))
+        assert ready == 0
+        assert await audit_table.count() == 0
+
+        postgres_proxy.restore()
+        await wait_until(rows_reach(audit_table, len(events)), "every row after restore")
+
+        async def all_acked() -> bool:
+            return worker.metrics.count("acked") + worker.metrics.count("retried") >= len(events)
+
+        await wait_until(all_acked, "every message acked")
+    assert worker.metrics.count("dead_lettered") == 0
+    ready, _ = await broker.depth(broker.topology.dead_letter_queue("audit"))
+    assert ready == 0
+    assert sorted(await audit_table.event_ids()) == sorted(e.event_id for e in events)

@@ -85,7 +85,9 @@ class Relay:
     async def run(self, exchange: AbstractExchange) -> None:
         self._exchange = exchange
         backoff = 0.1
-        await ensure_group(self._redis, self._keys)
+        # Quietly: Redis may be down as the relay starts; the loop below retries until
+        # it is back (a missing group fails XREADGROUP, which recreates it).
+        await self._ensure_group_quietly()
         while not self._stopping:
             try:
                 entries = await self._next_entries()

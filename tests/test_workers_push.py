@@ -1,0 +1,85 @@
+"""The push-cleanup worker against the real RabbitMQ and Redis."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from core.keys import Keys
+from core.settings import Settings
+from tests.conftest import through
+from tests.support.proxy import TcpProxy
+from tests.support.workers import (
+    Broker,
+    broker_fixture,  # noqa: F401 (fixture)
+    in_process,
+    make_event,
+    running,
+    wait_until,
+)
+from workers.push_cleanup import open_push_cleanup
+
+
+async def test_a_token_reregistered_by_a_newer_session_survives_a_late_or_repeated_event(
+    settings: Settings, broker: Broker, redis: Redis, keys: Keys
+) -> None:
+    push = keys.user_push("u1")
+    await redis.hset(
+        push,
+        mapping={
+            "token-old-phone": "s-old",  # only ever the closed session's
+            "token-tablet": "s-tablet",  # another device, another session
+            "token-phone": "s-new",  # the same phone, re-registered after a new login
+        },
+    )
+    closed = make_event(session_id="s-old", user_id="u1")
+    worker = in_process(settings, "push-cleanup", open_push_cleanup)
+    async with running(worker):
+        await broker.publish(closed)
+
+        async def acked(n: int) -> bool:
+            return worker.metrics.count("acked") == n
+
+        await wait_until(lambda: acked(1), "the event handled")
+        assert await redis.hgetall(push) == {"token-tablet": "s-tablet", "token-phone": "s-new"}
+
+        # The old phone logs in again and re-registers its token before the event for its
+        # previous session is redelivered: the late repeat must not remove it.
+        await redis.hset(push, "token-old-phone", "s-relogin")
+        await broker.publish(closed)
+        await wait_until(lambda: acked(2), "the repeated event handled")
+    assert await redis.hgetall(push) == {
+        "token-tablet": "s-tablet",
+        "token-phone": "s-new",
+        "token-old-phone": "s-relogin",
+    }
+    assert worker.metrics.count("dead_lettered") == 0
+
+
+async def test_push_cleanup_retries_while_redis_is_cut_and_cleans_up_after_restore(
+    settings: Settings, broker: Broker, redis: Redis, keys: Keys, redis_proxy: TcpProxy
+) -> None:
+    push = keys.user_push("u2")
+    await redis.hset(push, mapping={"token-a": "s-closed", "token-b": "s-open"})
+    worker = in_process(
+        settings,
+        "push-cleanup",
+        open_push_cleanup,
+        redis_url=through(settings.redis_url, redis_proxy),
+    )
+    async with running(worker):
+        redis_proxy.cut("reset")
+        await broker.publish(make_event(session_id="s-closed", user_id="u2"))
+
+        async def retrying() -> bool:
+            return worker.metrics.retry_count() >= 3
+
+        await wait_until(retrying, "retries against the cut Redis")
+        assert await redis.hgetall(push) == {"token-a": "s-closed", "token-b": "s-open"}
+        redis_proxy.restore()
+
+        async def settled() -> bool:
+            return worker.metrics.count("retried") == 1
+
+        await wait_until(settled, "the event handled after restore")
+    assert await redis.hgetall(push) == {"token-b": "s-open"}
+    assert (await broker.depth(broker.topology.dead_letter_queue("push-cleanup")))[0] == 0

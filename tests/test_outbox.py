@@ -1,0 +1,242 @@
+"""The outbox relay (SPEC section 3): closes succeed while RabbitMQ is down and their
+events follow when it returns; a publish never hangs on a broker that is gone; entries
+a dead relay left behind are published by another."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+from aiohttp.pytest_plugin import AiohttpClient
+from redis.asyncio import Redis
+
+from core.keys import OUTBOX_GROUP, Keys
+from core.outbox import Relay
+from core.scripts import CLOSE_SESSION
+from core.settings import Settings
+from core.topology import Topology
+from service.app import create_app
+from service.appkeys import AMQP
+from tests.conftest import through
+from tests.support.closing import (
+    BODY,
+    CLOSE_PATH,
+    Client,
+    app_headers,
+    open_session,
+    queue_depth,
+    wait_until,
+)
+from tests.support.proxy import Mode, TcpProxy
+
+pytestmark = pytest.mark.fault
+
+USER, TOKEN = "user-1", "token-of-user-1"
+
+
+async def message_ids(amqp_url: str, queue: str) -> list[str]:
+    """Take every message off the queue; their message ids, in order."""
+    ids = []
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.get_queue(queue)
+        while (message := await declared.get(fail=False, no_ack=True)) is not None:
+            ids.append(str(message.message_id))
+    return ids
+
+
+async def write_outbox(redis: Redis, keys: Keys, count: int) -> list[str]:
+    """Close `count` sessions the way the API does (one script run each), all in one
+    transaction so that a waiting relay reads them together; their event ids."""
+    sids = [f"session-{n:04d}" for n in range(count)]
+    event_ids = [str(uuid.uuid4()) for _ in sids]
+    for sid in sids:
+        await open_session(redis, keys, USER, sid, TOKEN)
+    await CLOSE_SESSION.load(redis)
+    pipe = redis.pipeline(transaction=True)
+    for sid, event_id in zip(sids, event_ids, strict=True):
+        CLOSE_SESSION.queue(
+            pipe,
+            [keys.token(TOKEN), keys.session(sid), keys.tombstone(sid), keys.outbox],
+            [keys.prefix, sid, event_id, 600, "2026-01-01T00:00:00.000Z", "", "", "r"],
+        )
+    assert await pipe.execute() == ["closed"] * count
+    return event_ids
+
+
+@pytest.fixture
+async def proxied_client(
+    settings: Settings,
+    redis: Redis,
+    amqp_cleanup: None,
+    amqp_proxy: TcpProxy,
+    aiohttp_client: AiohttpClient,
+) -> Client:
+    """The real app, its RabbitMQ link through amqp_proxy."""
+    proxied = dataclasses.replace(settings, amqp_url=through(settings.amqp_url, amqp_proxy))
+    test_client: Client = await aiohttp_client(create_app(proxied))
+    await asyncio.wait_for(asyncio.shield(test_client.app[AMQP]), 10)
+    return test_client
+
+
+@pytest.mark.parametrize("mode", ["reset", "blackhole"])
+async def test_closes_succeed_while_rabbitmq_is_down_and_the_backlog_drains_after(
+    proxied_client: Client,
+    redis: Redis,
+    keys: Keys,
+    settings: Settings,
+    amqp_proxy: TcpProxy,
+    mode: Mode,
+) -> None:
+    queue = Topology.from_settings(settings).queue("audit")
+    await open_session(redis, keys, USER, "session-first", TOKEN)
+    await proxied_client.post(CLOSE_PATH, headers=app_headers(TOKEN, "session-first"), data=BODY)
+
+    async def first_published() -> bool:
+        return await queue_depth(settings.amqp_url, queue) == 1
+
+    await wait_until(first_published, 10, "the first event")
+
+    amqp_proxy.cut(mode)
+    for n in range(20):
+        sid = f"session-{n:04d}"
+        await open_session(redis, keys, USER, sid, TOKEN)
+        started = time.monotonic()
+        resp = await proxied_client.post(CLOSE_PATH, headers=app_headers(TOKEN, sid), data=BODY)
+        assert resp.status == 200
+        assert (await resp.json())["info"]["type"] == "success"
+        assert time.monotonic() - started < 0.5
+    assert await redis.xlen(keys.outbox) == 20
+    assert await queue_depth(settings.amqp_url, queue) == 1
+
+    amqp_proxy.restore()
+
+    async def drained() -> bool:
+        return await redis.xlen(keys.outbox) == 0
+
+    await wait_until(drained, 30, "the backlog to drain after RabbitMQ returned")
+    ids = await message_ids(settings.amqp_url, queue)
+    assert len(ids) == len(set(ids)) == 21
+
+
+@pytest.fixture
+async def proxied_exchange(
+    settings: Settings, amqp_cleanup: None, amqp_proxy: TcpProxy
+) -> AsyncIterator[tuple[AbstractRobustConnection, aio_pika.abc.AbstractExchange]]:
+    connection = await aio_pika.connect_robust(through(settings.amqp_url, amqp_proxy))
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await Topology.from_settings(settings).declare(channel)
+        yield connection, exchange
+
+
+async def test_publish_gives_up_on_a_silent_broker_within_the_publish_timeout(
+    redis: Redis,
+    keys: Keys,
+    settings: Settings,
+    amqp_proxy: TcpProxy,
+    proxied_exchange: tuple[AbstractRobustConnection, aio_pika.abc.AbstractExchange],
+) -> None:
+    failures: list[tuple[float, int]] = []
+    relay = Relay(redis, settings, on_failed=lambda n: failures.append((time.monotonic(), n)))
+    amqp_proxy.cut("blackhole")
+    event_ids = await write_outbox(redis, keys, 5)
+    started = time.monotonic()
+    task = asyncio.create_task(relay.run(proxied_exchange[1]))
+    try:
+
+        async def gave_up() -> bool:
+            return bool(failures)
+
+        await wait_until(gave_up, settings.publish_timeout_seconds + 3, "publish to give up")
+        assert failures[0][0] - started < settings.publish_timeout_seconds + 1
+        assert failures[0][1] == 5
+        assert await redis.xlen(keys.outbox) == 5  # kept for a later attempt
+    finally:
+        stopping = time.monotonic()
+        await relay.stop(task)
+        assert time.monotonic() - stopping < settings.publish_timeout_seconds + 2
+    queue = Topology.from_settings(settings).queue("audit")
+    assert await message_ids(settings.amqp_url, queue) == []
+    assert len(event_ids) == 5
+
+
+async def pending_by_consumer(redis: Redis, keys: Keys) -> dict[str, int]:
+    summary = await redis.xpending(keys.outbox, OUTBOX_GROUP)
+    return {c["name"]: int(c["pending"]) for c in summary["consumers"]}
+
+
+async def test_entries_of_a_killed_relay_are_published_by_another(
+    redis: Redis,
+    keys: Keys,
+    settings: Settings,
+    amqp_cleanup: None,
+    amqp_proxy: TcpProxy,
+) -> None:
+    env = os.environ | {
+        "REDIS_URL": settings.redis_url,
+        "REDIS_KEY_PREFIX": settings.redis_key_prefix,
+        "AMQP_URL": through(settings.amqp_url, amqp_proxy),
+        "AMQP_EXCHANGE": settings.amqp_exchange,
+        "AMQP_QUEUE_PREFIX": settings.amqp_queue_prefix,
+        "RELAY_CLAIM_IDLE_SECONDS": "1",
+        "PUBLISH_TIMEOUT_SECONDS": "1",
+        "LOG_LEVEL": "WARNING",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "relay", env=env
+    )
+    try:
+
+        async def relay_reading() -> bool:
+            with contextlib.suppress(Exception):
+                return bool(await redis.xinfo_consumers(keys.outbox, OUTBOX_GROUP))
+            return False
+
+        await wait_until(relay_reading, 20, "the relay process to start reading")
+        # The broker goes silent: the relay reads the entries and can never get confirms.
+        amqp_proxy.cut("blackhole")
+        event_ids = await write_outbox(redis, keys, 10)
+
+        async def all_in_flight() -> bool:
+            return sum((await pending_by_consumer(redis, keys)).values()) == 10
+
+        await wait_until(all_in_flight, 10, "the relay process to take the entries")
+        (dead_consumer,) = (await pending_by_consumer(redis, keys)).keys()
+        process.send_signal(signal.SIGKILL)
+        assert await asyncio.wait_for(process.wait(), 10) == -signal.SIGKILL
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    amqp_proxy.restore()
+    assert await redis.xlen(keys.outbox) == 10
+
+    connection = await aio_pika.connect_robust(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(settings.amqp_exchange)
+        relay = Relay(redis, settings)
+        task = asyncio.create_task(relay.run(exchange))
+        try:
+
+            async def drained() -> bool:
+                return await redis.xlen(keys.outbox) == 0
+
+            await wait_until(drained, 15, "another relay to publish the dead relay's entries")
+        finally:
+            await relay.stop(task)
+    assert dead_consumer not in await pending_by_consumer(redis, keys)
+    queue = Topology.from_settings(settings).queue("audit")
+    assert sorted(await message_ids(settings.amqp_url, queue)) == sorted(event_ids)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -240,3 +241,29 @@ async def test_entries_of_a_killed_relay_are_published_by_another(
     assert dead_consumer not in await pending_by_consumer(redis, keys)
     queue = Topology.from_settings(settings).queue("audit")
     assert sorted(await message_ids(settings.amqp_url, queue)) == sorted(event_ids)
+
+
+async def test_an_idle_relay_does_not_time_out_on_redis(
+    redis: Redis,
+    keys: Keys,
+    settings: Settings,
+    amqp_cleanup: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its blocking read must end inside the client's socket timeout; it used not to."""
+    from core.redis_client import connect_redis
+
+    caplog.set_level(logging.WARNING, logger="core.outbox")
+    relay_redis = connect_redis(settings)
+    connection = await aio_pika.connect_robust(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await Topology.from_settings(settings).declare(channel)
+        relay = Relay(relay_redis, settings)
+        task = asyncio.create_task(relay.run(exchange))
+        # Idle for a few of the client's socket timeouts: nothing may go wrong meanwhile.
+        done, _ = await asyncio.wait([task], timeout=3 * settings.redis_timeout_seconds)
+        assert not done
+        await relay.stop(task)
+    await relay_redis.aclose()
+    assert [r.getMessage() for r in caplog.records if r.name == "core.outbox"] == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, cast
@@ -95,11 +96,16 @@ class Settings:
         except ValidationError as exc:
             messages = cast(dict[str, list[str]], exc.messages)
             problems = "; ".join(
-                f"{name}={raw.get(name, '')!r}: {' '.join(map(str, msgs))}"
+                f"{name}={_shown(raw.get(name, ''))!r}: {' '.join(map(str, msgs))}"
                 for name, msgs in sorted(messages.items())
             )
             raise SettingsError(f"invalid configuration: {problems}") from None
         return settings
+
+
+def _shown(value: str) -> str:
+    # The error goes to stderr and the orchestrator's logs: keep URL passwords out.
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", value)
 
 
 def env_help() -> str:

@@ -1,0 +1,149 @@
+"""Configuration (SPEC section 5): environment variables only, validated at start with
+an error naming the bad variable, and `--help` on the entry point."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from core.settings import Settings, SettingsError
+
+SPEC_DEFAULTS = {
+    "HTTP_HOST": "0.0.0.0",
+    "HTTP_PORT": 8080,
+    "REDIS_URL": "redis://localhost:6379/0",
+    "REDIS_KEY_PREFIX": "",
+    "AMQP_URL": "amqp://guest:guest@localhost:5672/",
+    "AMQP_EXCHANGE": "sessions",
+    "AMQP_QUEUE_PREFIX": "sessions.",
+    "DATABASE_URL": "postgresql://postgres@localhost:5432/postgres",
+    "AUDIT_TABLE": "session_audit",
+    "TOMBSTONE_TTL_SECONDS": 86400,
+    "EVENT_SOURCE": "/eliab/session-service",
+    "LOG_LEVEL": "INFO",
+}
+
+# One valid, non-default value for every variable, and what it must become.
+VALID = {
+    "HTTP_HOST": ("127.0.0.1", "127.0.0.1"),
+    "HTTP_PORT": ("9090", 9090),
+    "REDIS_URL": ("redis://127.0.0.1:6380/2", "redis://127.0.0.1:6380/2"),
+    "REDIS_KEY_PREFIX": ("eliab:", "eliab:"),
+    "REDIS_TIMEOUT_SECONDS": ("0.25", 0.25),
+    "AMQP_URL": ("amqp://u:p@127.0.0.1:5673/vh", "amqp://u:p@127.0.0.1:5673/vh"),
+    "AMQP_EXCHANGE": ("other", "other"),
+    "AMQP_QUEUE_PREFIX": ("q.", "q."),
+    "DATABASE_URL": ("postgresql://a@127.0.0.1/db", "postgresql://a@127.0.0.1/db"),
+    "AUDIT_TABLE": ("audit_log", "audit_log"),
+    "TOMBSTONE_TTL_SECONDS": ("60", 60),
+    "EVENT_SOURCE": ("/elsewhere", "/elsewhere"),
+    "LOG_LEVEL": ("DEBUG", "DEBUG"),
+    "RELAY_ENABLED": ("false", False),
+    "RELAY_BATCH_SIZE": ("10", 10),
+    "RELAY_CLAIM_IDLE_SECONDS": ("2.5", 2.5),
+    "PUBLISH_TIMEOUT_SECONDS": ("3", 3.0),
+    "READY_MAX_BACKLOG": ("50", 50),
+    "WORKER_PREFETCH": ("7", 7),
+    "WORKER_CONCURRENCY": ("3", 3),
+    "WORKER_METRICS_PORT": ("9100", 9100),
+    "SHUTDOWN_TIMEOUT_SECONDS": ("4", 4.0),
+}
+
+INVALID = [
+    ("HTTP_PORT", "http"),
+    ("HTTP_PORT", "70000"),
+    ("HTTP_PORT", ""),
+    ("HTTP_HOST", ""),
+    ("REDIS_URL", "localhost:6379"),
+    ("REDIS_TIMEOUT_SECONDS", "0"),
+    ("AMQP_URL", "http://localhost:5672/"),
+    ("AMQP_EXCHANGE", ""),
+    ("DATABASE_URL", "mysql://localhost/db"),
+    ("AUDIT_TABLE", "audit; drop table x"),
+    ("TOMBSTONE_TTL_SECONDS", "0"),
+    ("TOMBSTONE_TTL_SECONDS", "1d"),
+    ("EVENT_SOURCE", ""),
+    ("LOG_LEVEL", "LOUD"),
+    ("RELAY_ENABLED", "perhaps"),
+    ("RELAY_BATCH_SIZE", "0"),
+    ("PUBLISH_TIMEOUT_SECONDS", "-1"),
+    ("WORKER_PREFETCH", "many"),
+]
+
+
+def test_defaults_are_the_spec_table() -> None:
+    settings = Settings.from_env({})
+    assert settings == Settings()
+    for name, default in SPEC_DEFAULTS.items():
+        assert getattr(settings, name.lower()) == default, name
+
+
+def test_every_setting_is_read_from_its_variable() -> None:
+    assert {f.name.upper() for f in dataclasses.fields(Settings)} == set(VALID)
+    settings = Settings.from_env({name: raw for name, (raw, _) in VALID.items()})
+    for name, (_, value) in VALID.items():
+        assert getattr(settings, name.lower()) == value, name
+
+
+def test_unrelated_variables_are_ignored() -> None:
+    assert Settings.from_env({"PATH": "/bin", "HOME": "/root"}) == Settings()
+
+
+@pytest.mark.parametrize(("name", "value"), INVALID)
+def test_a_bad_variable_fails_naming_it(name: str, value: str) -> None:
+    with pytest.raises(SettingsError) as failure:
+        Settings.from_env({name: value})
+    message = str(failure.value)
+    assert name in message
+    others = {n for n in VALID if n != name and n not in name}
+    assert [n for n in others if n in message] == []
+
+
+def test_every_bad_variable_is_named_at_once() -> None:
+    with pytest.raises(SettingsError) as failure:
+        Settings.from_env({"HTTP_PORT": "x", "LOG_LEVEL": "LOUD"})
+    assert "HTTP_PORT" in str(failure.value)
+    assert "LOG_LEVEL" in str(failure.value)
+
+
+def test_a_bad_url_error_does_not_print_its_password() -> None:
+    with pytest.raises(SettingsError) as failure:
+        Settings.from_env({"AMQP_URL": "http://guest:s3cret@localhost:5672/"})
+    assert "AMQP_URL" in str(failure.value)
+    assert "s3cret" not in str(failure.value)
+
+
+def run_service(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_the_service_refuses_to_start_with_a_bad_variable_and_names_it() -> None:
+    result = run_service(TOMBSTONE_TTL_SECONDS="forever")
+    assert result.returncode != 0
+    assert "TOMBSTONE_TTL_SECONDS" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_service_help_lists_the_commands_and_every_variable() -> None:
+    result = run_service("--help")
+    assert result.returncode == 0, result.stderr
+    assert "relay" in result.stdout
+    for field in dataclasses.fields(Settings):
+        assert field.name.upper() in result.stdout
+
+
+def test_service_help_works_even_with_a_bad_variable() -> None:
+    result = run_service("--help", HTTP_PORT="x")
+    assert result.returncode == 0, result.stderr
+    assert "HTTP_PORT" in result.stdout

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
+import socket
 
+import aiohttp
 import pytest
 
 from core.settings import Settings
@@ -107,9 +109,16 @@ async def test_sigterm_finishes_the_messages_in_hand_and_logs_each_with_its_requ
 ) -> None:
     events = {e.event_id: e for e in (make_event(n) for n in range(400))}
     await broker.publish(*events.values())
-    worker = await WorkerProcess.start(settings, "audit", "--prefetch", "100")
+    port = _free_port()
+    worker = await WorkerProcess.start(
+        settings, "audit", "--prefetch", "100", "--concurrency", "7", "--metrics-port", str(port)
+    )
     worker_processes.append(worker)
+    await worker.wait_logged("(prefetch 100, concurrency 7)")
     await wait_until(lambda: _at_least(audit_table, 1), "the first rows")
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/") as resp:
+        exposition = await resp.text()
+    assert 'worker_messages_total{outcome="acked",worker="audit"}' in exposition
     worker.signal(signal.SIGTERM)
     assert await worker.wait(settings.shutdown_timeout_seconds + 5) == 0
 
@@ -122,6 +131,12 @@ async def test_sigterm_finishes_the_messages_in_hand_and_logs_each_with_its_requ
     for line in audited:
         assert line["request_id"] == events[line["event_id"]].request_id
         assert line["session_id"].endswith("…"), "session ids are shortened in logs"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 async def _at_least(table: AuditTable, n: int) -> bool:

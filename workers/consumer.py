@@ -28,6 +28,7 @@ from typing import Protocol, TypeVar
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.exceptions import ChannelInvalidStateError
 
 from core.amqp import connect
 from core.events import MalformedEvent, SessionClosed
@@ -215,6 +216,11 @@ class Worker:
                 )
                 if await self._stopped_within(delay):
                     return await self._settle(message, requeue=True)
+                if _channel_closed(message):
+                    # The broker has already given it to another consumer (or to us again
+                    # after the reconnect): working on this copy too would only race it.
+                    log.warning("worker %s dropped a held message: its channel closed", self.name)
+                    return "requeued"
                 backoff = min(backoff * 2, self._max_backoff)
                 continue
             outcome = await self._settle(message, requeue=None)
@@ -253,6 +259,13 @@ class Worker:
             # being idempotent, the second pass changes nothing.
             log.warning("worker %s lost the settle of a message (%r)", self.name, exc)
             return "requeued"
+
+
+def _channel_closed(message: AbstractIncomingMessage) -> bool:
+    try:
+        return message.channel.is_closed
+    except ChannelInvalidStateError:
+        return True
 
 
 async def run_worker(settings: Settings, name: str, open_effect: EffectFactory) -> None:

@@ -67,8 +67,16 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     async def run() -> None:
         # shield: stopping the relay must not cancel the shared connect task
         connection = await asyncio.shield(app[AMQP])
-        channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(settings.amqp_exchange, ensure=False)
+        while True:
+            try:
+                channel = await connection.channel(publisher_confirms=True)
+                exchange = await channel.get_exchange(settings.amqp_exchange, ensure=False)
+                break
+            except Exception as exc:  # aiormq raises RuntimeError on a closed link too
+                # The broker went away between connecting and this: without the retry
+                # the relay would be gone for the life of the process.
+                log.warning("outbox relay cannot open its channel (%r); retrying", exc)
+                await asyncio.sleep(1)
         await relay.run(exchange)
 
     task = asyncio.create_task(run(), name="outbox-relay")

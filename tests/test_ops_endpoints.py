@@ -1,0 +1,296 @@
+"""/healthz, /readyz and /metrics on the real app (create_app), against the real Redis and
+RabbitMQ, with faults injected through the TCP proxies."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.pytest_plugin import AiohttpClient
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
+
+from core.cli import create_session, create_token
+from core.keys import Keys
+from core.settings import Settings
+from service.app import create_app
+from service.appkeys import AMQP, METRICS
+from tests.conftest import through
+from tests.support.proxy import TcpProxy
+
+Client = TestClient[web.Request, web.Application]
+
+CLOSE = "/v1.0/session/close"
+
+
+def close_headers(token: str, session_id: str) -> dict[str, str]:
+    return {
+        "Content-Type": "application/json",
+        "SessionID": session_id,
+        "Authorization": f"Basic {token}",
+    }
+
+
+async def started(aiohttp_client: AiohttpClient, settings: Settings) -> Client:
+    client = await aiohttp_client(create_app(settings))
+    await asyncio.wait_for(asyncio.shield(client.app[AMQP]), 10)
+    return client
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[bool]], deadline: float = 15.0, interval: float = 0.05
+) -> None:
+    end = time.monotonic() + deadline
+    while not await probe():
+        assert time.monotonic() < end, "condition not met before the deadline"
+        await asyncio.sleep(interval)  # polling interval, not a wait for a result
+
+
+async def samples(client: Client) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(await resp.text())
+        for s in family.samples
+    }
+
+
+def sample(
+    values: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float | None:
+    return values.get((name, frozenset(labels.items())))
+
+
+async def test_healthz_says_alive(client: Client) -> None:
+    resp = await client.get("/healthz")
+    assert resp.status == 200
+    assert (await resp.json())["info"] == {
+        "type": "success",
+        "title": "Alive",
+        "message": "The process is running.",
+        "sessionId": "",
+    }
+    assert resp.headers["X-Request-ID"]
+
+
+async def test_readyz_ready_when_redis_and_rabbitmq_reachable(client: Client) -> None:
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    info = (await resp.json())["info"]
+    assert (info["type"], info["title"]) == ("success", "Ready")
+
+
+async def test_readyz_503_when_redis_is_cut_and_ready_again_after(
+    aiohttp_client: AiohttpClient,
+    settings: Settings,
+    redis: Redis,
+    amqp_cleanup: None,
+    redis_proxy: TcpProxy,
+) -> None:
+    client = await started(
+        aiohttp_client,
+        dataclasses.replace(settings, redis_url=through(settings.redis_url, redis_proxy)),
+    )
+    assert (await client.get("/readyz")).status == 200
+
+    redis_proxy.cut("reset")
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    info = (await resp.json())["info"]
+    assert (info["type"], info["title"]) == ("error", "Not ready")
+    assert resp.headers["Content-Type"].startswith("application/json")
+
+    redis_proxy.restore()
+
+    async def ready() -> bool:
+        return (await client.get("/readyz")).status == 200
+
+    await eventually(ready)
+
+
+async def test_readyz_503_when_redis_hangs(
+    aiohttp_client: AiohttpClient,
+    settings: Settings,
+    redis: Redis,
+    amqp_cleanup: None,
+    redis_proxy: TcpProxy,
+) -> None:
+    client = await started(
+        aiohttp_client,
+        dataclasses.replace(
+            settings,
+            redis_url=through(settings.redis_url, redis_proxy),
+            redis_timeout_seconds=0.3,
+        ),
+    )
+    redis_proxy.cut("blackhole")
+    try:
+        begun = time.monotonic()
+        resp = await client.get("/readyz")
+        assert resp.status == 503
+        # bounded by REDIS_TIMEOUT_SECONDS (and one reconnect), not by the probe's timeout
+        assert time.monotonic() - begun < 2.0
+    finally:
+        redis_proxy.restore()
+
+
+async def test_readyz_503_when_rabbitmq_is_unreachable(
+    aiohttp_client: AiohttpClient,
+    settings: Settings,
+    redis: Redis,
+    amqp_proxy: TcpProxy,
+) -> None:
+    amqp_proxy.cut("reset")
+    app = create_app(dataclasses.replace(settings, amqp_url=through(settings.amqp_url, amqp_proxy)))
+    client = await aiohttp_client(app)
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert (await resp.json())["info"]["title"] == "Not ready"
+    assert (await client.get("/healthz")).status == 200  # alive all the same
+
+
+async def test_readyz_503_when_outbox_backlog_over_threshold(
+    aiohttp_client: AiohttpClient,
+    settings: Settings,
+    redis: Redis,
+    keys: Keys,
+    amqp_cleanup: None,
+) -> None:
+    # No relay, so nothing drains the outbox while the test fills it.
+    client = await started(
+        aiohttp_client, dataclasses.replace(settings, ready_max_backlog=3, relay_enabled=False)
+    )
+    for n in range(3):
+        await redis.xadd(keys.outbox, {"n": str(n)})
+    assert (await client.get("/readyz")).status == 200  # at the threshold: still ready
+
+    await redis.xadd(keys.outbox, {"n": "3"})
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert (await resp.json())["info"]["type"] == "error"
+    assert sample(await samples(client), "outbox_backlog") == 4
+
+
+async def test_metrics_count_requests_by_route_and_status_and_closes_by_outcome(
+    aiohttp_client: AiohttpClient,
+    settings: Settings,
+    redis: Redis,
+    keys: Keys,
+    amqp_cleanup: None,
+) -> None:
+    client = await started(aiohttp_client, dataclasses.replace(settings, relay_enabled=False))
+    await create_token(redis, keys, "u1", "token-ops-1", 60)
+    await create_session(redis, keys, "u1", "session-ops-1", ttl=60)
+
+    ok = await client.post(CLOSE, headers=close_headers("token-ops-1", "session-ops-1"), data="{}")
+    assert ok.status == 400  # no requestContent
+    for _ in range(2):
+        resp = await client.post(
+            CLOSE,
+            headers=close_headers("token-ops-1", "session-ops-1"),
+            json={"requestContent": {}},
+        )
+        assert resp.status == 200
+    unknown = await client.post(
+        CLOSE, headers=close_headers("no-such-token", "session-ops-1"), json={"requestContent": {}}
+    )
+    assert unknown.status == 401
+    assert (await client.get("/no/such/path")).status == 404
+    assert (await client.get("/healthz")).status == 200
+
+    values = await samples(client)
+    post = {"route": CLOSE, "method": "POST"}
+    assert sample(values, "http_requests_total", **post, status="200") == 2
+    assert sample(values, "http_requests_total", **post, status="400") == 1
+    assert sample(values, "http_requests_total", **post, status="401") == 1
+    assert sample(values, "http_requests_total", route="unmatched", method="GET", status="404") == 1
+    assert sample(values, "http_requests_total", route="/healthz", method="GET", status="200") == 1
+    assert sample(values, "http_request_duration_seconds_count", **post) == 4
+    seconds = sample(values, "http_request_duration_seconds_sum", **post)
+    assert seconds is not None
+    assert 0 < seconds < 4
+    assert sample(values, "session_closes_total", outcome="closed") == 1
+    assert sample(values, "session_closes_total", outcome="already") == 1
+    assert sample(values, "session_closes_total", outcome="token") == 1
+    assert sample(values, "session_closes_total", outcome="missing") == 0
+    # the one successful close left its event in the outbox (no relay here)
+    assert sample(values, "outbox_backlog") == 1
+    assert sample(values, "outbox_relay_publish_failures_total") == 0
+
+
+async def test_metrics_count_relay_publishes(client: Client, redis: Redis, keys: Keys) -> None:
+    await create_token(redis, keys, "u2", "token-ops-2", 60)
+    await create_session(redis, keys, "u2", "session-ops-2", ttl=60)
+    resp = await client.post(
+        CLOSE, headers=close_headers("token-ops-2", "session-ops-2"), json={"requestContent": {}}
+    )
+    assert resp.status == 200
+
+    async def published() -> bool:
+        values = await samples(client)
+        return sample(values, "outbox_relay_published_total") == 1 and (
+            sample(values, "outbox_backlog") == 0
+        )
+
+    await eventually(published)
+
+
+async def test_metrics_count_relay_publish_failures(
+    aiohttp_client: AiohttpClient,
+    settings: Settings,
+    redis: Redis,
+    keys: Keys,
+    amqp_cleanup: None,
+    amqp_proxy: TcpProxy,
+) -> None:
+    client = await started(
+        aiohttp_client,
+        dataclasses.replace(settings, amqp_url=through(settings.amqp_url, amqp_proxy)),
+    )
+    await create_token(redis, keys, "u3", "token-ops-3", 60)
+    for sid in ("session-ops-3a", "session-ops-3b"):
+        await create_session(redis, keys, "u3", sid, ttl=60)
+
+    async def close(sid: str) -> None:
+        resp = await client.post(
+            CLOSE, headers=close_headers("token-ops-3", sid), json={"requestContent": {}}
+        )
+        assert resp.status == 200
+
+    async def published() -> bool:
+        return sample(await samples(client), "outbox_relay_published_total") == 1
+
+    # First the relay is up and publishing...
+    await close("session-ops-3a")
+    await eventually(published)
+    # ...then the broker drops the link and hangs: no publish can be confirmed.
+    amqp_proxy.cut("blackhole")
+    try:
+        await close("session-ops-3b")
+
+        async def failed() -> bool:
+            failures = sample(await samples(client), "outbox_relay_publish_failures_total")
+            return failures is not None and failures >= 1
+
+        await eventually(failed)
+        assert sample(await samples(client), "outbox_backlog") == 1  # kept for a retry
+    finally:
+        amqp_proxy.restore()
+
+
+async def test_each_app_has_its_own_metrics(settings: Settings) -> None:
+    first, second = create_app(settings), create_app(settings)
+    assert first[METRICS].registry is not second[METRICS].registry
+    first[METRICS].observe_request("/healthz", "GET", 200, 0.001)
+    assert (
+        second[METRICS].registry.get_sample_value(
+            "http_requests_total", {"route": "/healthz", "method": "GET", "status": "200"}
+        )
+        is None
+    )

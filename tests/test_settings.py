@@ -7,6 +7,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +148,26 @@ def test_service_help_works_even_with_a_bad_variable() -> None:
     result = run_service("--help", HTTP_PORT="x")
     assert result.returncode == 0, result.stderr
     assert "HTTP_PORT" in result.stdout
+
+
+def test_the_readme_configuration_table_lists_every_variable_with_its_default() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = {
+        cells[0].strip("` "): cells[1].strip()
+        for line in section.splitlines()
+        if line.startswith("| `")
+        for cells in [line.strip("|").split("|")]
+    }
+    defaults = Settings()
+    expected = {}
+    for field in dataclasses.fields(Settings):
+        value = getattr(defaults, field.name)
+        if value is None:
+            expected[field.name.upper()] = "(unset)"
+        elif value == "":
+            expected[field.name.upper()] = "(empty)"
+        else:
+            shown = str(value).lower() if isinstance(value, bool) else str(value)
+            expected[field.name.upper()] = f"`{shown}`"
+    assert rows == expected

@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup services run test lint bench clean
+.PHONY: setup services run test lint bench bench-sustained bench-soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,17 @@ test: setup services
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+# Benchmarks (README "Benchmarks and fault tests"): each starts its own API, workers and
+# wrk on 127.0.0.1 with names of its own, prints a table, and removes what it wrote.
+bench: setup services
+	$(BIN)/python -m bench load
+
+bench-sustained: setup services
+	$(BIN)/python -m bench sustained
+
+bench-soak: setup services
+	$(BIN)/python -m bench soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

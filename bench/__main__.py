@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -31,6 +32,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--relay-entries", type=int, default=50_000, help="load: outbox fill")
     parser.add_argument("--rate", type=float, default=1000.0, help="sustained: closes/s")
     parser.add_argument("--closes", type=int, default=200_000, help="soak: total closes")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="load: sample the API with py-spy during the measured run into this file "
+        "(folded stacks; flamegraph.pl or speedscope read it)",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
     return parser.parse_args(argv)
 
@@ -48,6 +55,7 @@ async def main_async(args: argparse.Namespace, settings: Settings, workdir: Path
                 seconds=args.seconds or 10.0,
                 connections=args.connections,
                 relay_entries=args.relay_entries,
+                profile=args.profile,
             )
             return load.render(result, args.connections)
         if args.mode == "sustained":
@@ -78,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, terminate)
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    # The numbers are only as good as the machine is quiet; say how quiet it was.
+    logging.info("load average before the run: %.2f %.2f %.2f", *os.getloadavg())
     started = time.monotonic()
     ok = False
     try:

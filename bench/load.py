@@ -3,10 +3,13 @@ endpoint, each driven by wrk at the same concurrency; then the relay's drain rat
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 
@@ -75,7 +78,7 @@ async def measure_bare(stack: Stack, seconds: float, connections: int) -> WrkRes
 
 
 async def measure_close(
-    stack: Stack, api: Process, seconds: float, connections: int
+    stack: Stack, api: Process, seconds: float, connections: int, profile: Path | None
 ) -> tuple[WrkResult, int, float]:
     """wrk over freshly seeded sessions; returns the result, the sessions seeded for it,
     and the API's CPU share during it."""
@@ -94,6 +97,7 @@ async def measure_close(
     await seed_sessions(stack.redis, stack.keys, stack.run_id, first, count)
     # The warm-up's events should be out before the measured run starts.
     await wait_until("outbox drained after warm-up", stack.outbox_empty, DRAIN_TIMEOUT_SECONDS)
+    spy = await _py_spy(api, seconds, profile) if profile else None
     cpu0, t0 = cpu_seconds(api.pid), time.monotonic()
     result = await run_wrk(
         stack.url,
@@ -103,10 +107,36 @@ async def measure_close(
         first=first,
         count=count,
     )
+    if spy is not None:
+        await asyncio.wait_for(spy.wait(), 30)
     cpu_share = (cpu_seconds(api.pid) - cpu0) / (time.monotonic() - t0)
     if result.sent > count:
         log.warning("wrk ran past the %d seeded sessions; raise SEED_MARGIN", count)
     return result, WARMUP_SESSIONS + count + 1, cpu_share
+
+
+async def _py_spy(api: Process, seconds: float, out: Path) -> asyncio.subprocess.Process:
+    """py-spy sampling the API during the measured run; folded stacks (flamegraph input)."""
+    py_spy = Path(sys.executable).with_name("py-spy")
+    if not py_spy.exists():
+        raise RuntimeError("--profile needs py-spy: .venv/bin/pip install -e '.[dev]'")
+    return await asyncio.create_subprocess_exec(
+        str(py_spy),
+        "record",
+        "--pid",
+        str(api.pid),
+        "--duration",
+        str(max(1, int(seconds))),
+        "--rate",
+        "250",
+        "--nonblocking",
+        "--format",
+        "raw",
+        "--output",
+        str(out),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
 
 
 async def fill_outbox(stack: Stack, entries: int) -> None:
@@ -139,13 +169,15 @@ async def measure_relay(stack: Stack, entries: int) -> float:
     return time.monotonic() - start
 
 
-async def run(stack: Stack, *, seconds: float, connections: int, relay_entries: int) -> LoadResult:
+async def run(
+    stack: Stack, *, seconds: float, connections: int, relay_entries: int, profile: Path | None
+) -> LoadResult:
     await seed_tokens(stack.redis, stack.keys, stack.run_id)
     bare = await measure_bare(stack, seconds, connections)
     api = await stack.start_api()
     async with aiohttp.ClientSession() as http:
         await wait_relay_live(stack, http)
-    close, seeded, cpu_share = await measure_close(stack, api, seconds, connections)
+    close, seeded, cpu_share = await measure_close(stack, api, seconds, connections, profile)
     backlog_at_end = await stack.outbox_length()
     drain_seconds = await wait_until(
         "outbox drained after the run", stack.outbox_empty, DRAIN_TIMEOUT_SECONDS
@@ -206,10 +238,16 @@ def render(r: LoadResult, connections: int) -> str:
         ],
     ]
     second = table(["measure", "value", "target", ""], checks)
-    notes = (
-        f"{connections} connections, one wrk thread; API CPU {r.api_cpu_share:.0%} of a core "
-        f"during the run; outbox {r.backlog_at_end:,} entries when wrk stopped, drained in "
-        f"{r.drain_seconds:.1f}s; {r.tombstones:,} sessions closed, events queued per worker "
-        f"queue {r.events_queued}; relay: {r.relay_entries:,} entries in {r.relay_seconds:.2f}s"
+    us_per_close = r.api_cpu_share / r.close.rate * 1e6
+    notes = "\n".join(
+        [
+            f"{connections} connections, one wrk thread. API CPU during the run: "
+            f"{r.api_cpu_share:.0%} of a core, {us_per_close:.0f} us per close.",
+            f"Outbox: {r.backlog_at_end:,} entries when wrk stopped, drained in "
+            f"{r.drain_seconds:.1f}s. Sessions closed {r.tombstones:,}; events queued per "
+            f"worker queue {r.events_queued}.",
+            f"Relay: {r.relay_entries:,} entries appended to the outbox of the idle API, "
+            f"published in {r.relay_seconds:.2f}s.",
+        ]
     )
     return f"{first}\n\n{second}\n\n{notes}"

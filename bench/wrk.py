@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -66,7 +67,7 @@ async def run_wrk(
         ensure_wrk(),
         "-t1",
         f"-c{connections}",
-        f"-d{seconds:g}s",
+        f"-d{max(1, math.ceil(seconds))}s",  # wrk takes whole seconds only
         "--timeout",
         "5s",
         "-s",

@@ -42,6 +42,12 @@ class TcpProxy:
     def restore(self) -> None:
         self._call(self._restore())
 
+    @property
+    def open_connections(self) -> int:
+        """Connections the proxy holds now, both sides counted: how a test sees that the
+        code under test reached a blackholed peer."""
+        return len(self._writers)
+
     def _call(self, coro: object) -> None:
         asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)  # type: ignore[arg-type]
 

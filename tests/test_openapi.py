@@ -1,0 +1,228 @@
+"""/openapi.json: a valid OpenAPI 3 document made from the schemas that validate, and a
+bounded schemathesis run against the live API that finds no 5xx and no reply outside it."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import hypothesis
+import pytest
+import schemathesis
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from hypothesis import HealthCheck, Phase
+from marshmallow import Schema
+from openapi_spec_validator import validate
+from redis.asyncio import Redis
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from schemathesis.core.result import Ok
+from schemathesis.generation import GenerationMode
+
+from core.cli import create_session, create_token
+from core.keys import Keys
+from core.settings import Settings
+from service.openapi import CLOSE_PATH, build_spec
+from service.schemas import (
+    AuthorizationSchema,
+    CloseBodySchema,
+    CloseHeadersSchema,
+    InfoSchema,
+)
+from tests.support.processes import free_port, running, settings_env, wait_for_port
+
+Client = TestClient[web.Request, web.Application]
+
+# SPEC section 1's table: every status the close endpoint answers with.
+SPEC_STATUSES = {200, 400, 401, 404, 405, 413, 415, 500, 503}
+
+
+@pytest.fixture
+def document() -> dict[str, Any]:
+    return build_spec()
+
+
+def close_parameters(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    post = document["paths"][CLOSE_PATH]["post"]
+    return {p["name"]: p for p in post["parameters"] if p["in"] == "header"}
+
+
+def test_document_is_valid_openapi_3(document: dict[str, Any]) -> None:
+    validate(document)  # raises on any violation
+    assert document["openapi"].startswith("3.")
+
+
+def test_header_parameters_come_from_the_validating_schemas(document: dict[str, Any]) -> None:
+    parameters = close_parameters(document)
+    schema: Schema
+    for schema in (AuthorizationSchema(), CloseHeadersSchema()):
+        for name, field in schema.fields.items():
+            assert parameters[name]["required"] is field.required, name
+    assert {"Content-Type", "Accept-Language", "X-Request-ID"} <= parameters.keys()
+    assert parameters["OS"]["schema"]["maxLength"] == 64
+
+
+def test_body_and_info_schemas_come_from_the_validating_schemas(
+    document: dict[str, Any],
+) -> None:
+    schemas = document["components"]["schemas"]
+    body = document["paths"][CLOSE_PATH]["post"]["requestBody"]
+    assert body["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/CloseBody"
+    }
+    assert schemas["CloseBody"]["properties"].keys() == CloseBodySchema().fields.keys()
+    assert schemas["CloseBody"]["required"] == ["requestContent"]
+    assert schemas["Info"]["properties"].keys() == InfoSchema().fields.keys()
+    assert set(schemas["Info"]["required"]) == {"type", "title", "message", "sessionId"}
+    assert schemas["Info"]["properties"]["type"]["enum"] == ["success", "warning", "error", "info"]
+
+
+def test_every_reply_status_of_the_spec_is_documented_with_the_info_object(
+    document: dict[str, Any],
+) -> None:
+    responses = document["paths"][CLOSE_PATH]["post"]["responses"]
+    assert {int(status) for status in responses} == SPEC_STATUSES
+    for status, response in responses.items():
+        schema = response["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/InfoReply"}, status
+        assert response["headers"]["X-Request-ID"]["required"] is True
+    assert "WWW-Authenticate" in responses["401"]["headers"]
+    assert "Retry-After" in responses["503"]["headers"]
+    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+        assert "200" in document["paths"][path]["get"]["responses"], path
+    assert {"200", "503"} <= document["paths"]["/readyz"]["get"]["responses"].keys()
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        ("SessionID", "abcdefgh"),
+        ("SessionID", "a.b_c-d.0123456789"),
+        ("SessionID", "short"),
+        ("SessionID", "!!!!abcdefgh"),
+        ("SessionID", "abcdefgh!!!!"),
+        ("SessionID", "abcdefgh\n"),
+        ("SessionID", "Zabcdefgh"),
+        ("Authorization", "Basic tok"),
+        ("Authorization", "bEaReR tok"),
+        ("Authorization", "Basic"),
+        ("Authorization", "Token tok"),
+        ("Authorization", "xBasic tok"),
+        ("AppVersion", "1.0.10"),
+        ("AppVersion", "2.0.0-rc.1+build.5"),
+        ("AppVersion", "1.0"),
+        ("AppVersion", "v1.0.0"),
+        ("AppVersion", "01.0.0"),
+    ],
+)
+def test_documented_patterns_accept_exactly_what_the_server_accepts(
+    document: dict[str, Any], header: str, value: str
+) -> None:
+    # JSON Schema patterns search anywhere (ECMA 262 dialect); the document must anchor
+    # them as marshmallow does. Python's `re` reads these translated patterns the same way.
+    pattern = close_parameters(document)[header]["schema"]["pattern"]
+    documented = re.search(pattern.replace("$", r"\Z"), value) is not None
+    schema = AuthorizationSchema() if header == "Authorization" else CloseHeadersSchema()
+    accepted = header not in schema.validate({header: value})
+    assert documented is accepted
+
+
+async def test_openapi_json_is_served(client: Client, document: dict[str, Any]) -> None:
+    resp = await client.get("/openapi.json")
+    assert resp.status == 200
+    assert resp.content_type == "application/json"
+    assert await resp.json() == document
+
+
+TOKEN = "schemathesis-token"
+SESSION_ID = "schemathesis-session-1"
+
+
+@pytest.fixture
+async def known_session(redis: Redis, keys: Keys) -> None:
+    await create_token(redis, keys, "u-schemathesis", TOKEN, 300)
+    await create_session(redis, keys, "u-schemathesis", SESSION_ID, ttl=300)
+
+
+@pytest.fixture
+def live_api(
+    settings: Settings, redis: Redis, amqp_cleanup: None, known_session: None
+) -> Iterator[str]:
+    """`python -m service` on a free port of 127.0.0.1 (schemathesis calls it with a
+    blocking HTTP client, which would stall an in-process server on this loop)."""
+    port = free_port()
+    env = settings_env(settings, HTTP_HOST="127.0.0.1", HTTP_PORT=str(port), LOG_LEVEL="ERROR")
+    with running(["service"], env) as proc:
+        wait_for_port(port, proc)
+        yield f"http://127.0.0.1:{port}"
+        proc.terminate()
+        proc.wait(15)
+
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+
+
+def test_schemathesis_finds_no_server_error_and_no_reply_outside_the_document(
+    live_api: str,
+) -> None:
+    with urllib.request.urlopen(f"{live_api}/openapi.json", timeout=5) as resp:
+        assert resp.status == 200
+    schema = schemathesis.openapi.from_url(f"{live_api}/openapi.json")
+    schema.config.generation.update(max_examples=50)
+    begun = time.monotonic()
+    operations = [r.ok() for r in schema.get_all_operations() if isinstance(r, Ok)]
+    # schemathesis leaves out the document's own URL
+    assert {op.path for op in operations} == {CLOSE_PATH, "/healthz", "/readyz", "/metrics"}
+    # The close endpoint also runs with a known token (deeper: 404 for unknown sessions)
+    # and with a known token and open session (200 success, then 200 info on repeats).
+    known = [
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": f"Basic {TOKEN}", "SessionID": SESSION_ID},
+    ]
+    passes: list[tuple[Any, GenerationMode, dict[str, str] | None]] = []
+    for operation in operations:
+        passes.append((operation, GenerationMode.POSITIVE, None))
+        if operation.path == CLOSE_PATH:
+            # the operational GETs take no input, so there is nothing to make invalid
+            passes.append((operation, GenerationMode.NEGATIVE, None))
+            passes += [(operation, GenerationMode.POSITIVE, headers) for headers in known]
+    statuses: Counter[int] = Counter()
+
+    def fuzz(operation: Any, mode: GenerationMode, headers: dict[str, str] | None) -> None:
+        @hypothesis.settings(
+            max_examples=50,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
+        @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+        def run(case: Any) -> None:
+            response = case.call_and_validate(base_url=live_api, headers=headers, checks=CHECKS)
+            statuses[response.status_code] += 1
+
+        run()
+
+    for operation, mode, headers in passes:
+        fuzz(operation, mode, headers)
+    # the run reached every kind of reply the close endpoint gives to a client
+    assert {200, 400, 401, 404, 415} <= statuses.keys(), statuses
+    assert statuses.total() >= 150
+    assert time.monotonic() - begun < 50

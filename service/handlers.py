@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from aiohttp import web
 from marshmallow import Schema
@@ -13,7 +14,10 @@ from service.appkeys import CLOSER, METRICS, REQUEST_ID
 from service.closer import CloseOutcome, CloseRequest
 from service.replies import Reply, info_reply
 from service.schemas import (
+    AUTHORIZATION_RE,
     MAX_BODY_BYTES,
+    SEMVER_RE,
+    SESSION_ID_RE,
     AuthorizationSchema,
     CloseBodySchema,
     CloseHeadersSchema,
@@ -51,7 +55,8 @@ def _errors(schema: Schema, data: object) -> dict[str, list[str]]:
 def _body_errors(body: bytes) -> dict[str, list[str]]:
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        # RecursionError: 16 KiB of "[" nests deeper than the parser goes; still a 400.
         return {"body": ["Must be a JSON object."]}
     if not isinstance(data, dict):
         return {"body": ["Must be a JSON object."]}
@@ -59,6 +64,33 @@ def _body_errors(body: bytes) -> dict[str, list[str]]:
         name: msgs if isinstance(msgs, list) else [str(msgs)]
         for name, msgs in _errors(_body, data).items()
     }
+
+
+# The usual, well-formed request is checked here with the schemas' own patterns, without
+# marshmallow's per-call cost (about 20 us of a close's CPU). These accept only what the
+# schemas accept; anything else goes to the schemas, which decide and word the errors.
+_AUTHORIZATION = re.compile(AUTHORIZATION_RE)
+_SESSION_ID = re.compile(SESSION_ID_RE.pattern + r"\Z")
+_SEMVER = re.compile(SEMVER_RE)
+
+
+def _plain_authorization(value: str | None) -> bool:
+    return value is not None and _AUTHORIZATION.match(value) is not None
+
+
+def _plain_request(headers: dict[str, str], body: bytes) -> bool:
+    sid, os_name, version = headers.get("SessionID"), headers.get("OS"), headers.get("AppVersion")
+    if sid is None or _SESSION_ID.match(sid) is None:
+        return False
+    if os_name is not None and not (1 <= len(os_name) <= 64 and os_name.isprintable()):
+        return False
+    if version is not None and (len(version) > 256 or _SEMVER.match(version) is None):
+        return False
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # ValueError: JSONDecodeError, UnicodeDecodeError
+        return False
+    return isinstance(data, dict) and isinstance(data.get("requestContent"), dict)
 
 
 async def close_session(request: web.Request) -> web.Response:
@@ -70,16 +102,19 @@ async def close_session(request: web.Request) -> web.Response:
     if not is_json(request.headers.get("Content-Type")):
         return info_reply(request, Reply.UNSUPPORTED_MEDIA_TYPE)
 
-    if _errors(_authorization, header_values(request.headers, _authorization)):
+    if not _plain_authorization(request.headers.get("Authorization")) and _errors(
+        _authorization, header_values(request.headers, _authorization)
+    ):
         return info_reply(
             request, Reply.UNAUTHORIZED, headers={"WWW-Authenticate": WWW_AUTHENTICATE}
         )
     token = request.headers["Authorization"].split(" ", 1)[1]
 
     headers = header_values(request.headers, _headers)
-    errors = _errors(_headers, headers) | _body_errors(body)
-    if errors:
-        return info_reply(request, Reply.INVALID, errors=errors)
+    if not _plain_request(headers, body):
+        errors = _errors(_headers, headers) | _body_errors(body)
+        if errors:
+            return info_reply(request, Reply.INVALID, errors=errors)
 
     sid = headers["SessionID"]
     outcome = await request.app[CLOSER].close(

@@ -1,0 +1,365 @@
+"""deploy/ cannot be run here (no Docker engine, no cluster), so this reads every file in
+it and checks that it agrees with the code: variable names and values the settings
+accept, commands that are real entry points, ports and probe paths the app serves, and
+KEDA queue names the topology declares."""
+
+from __future__ import annotations
+
+import functools
+import shlex
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from core.settings import Settings, SettingsSchema
+from core.topology import WORKERS, Topology
+from service.app import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+SETTING_NAMES = frozenset(SettingsSchema().fields)
+IMAGE = "eliab-session-close"
+
+Manifest = dict[str, Any]
+
+
+def test_every_file_under_deploy_is_checked_here() -> None:
+    known = {
+        DEPLOY / "Dockerfile",
+        DEPLOY / "Dockerfile.dockerignore",
+        DEPLOY / "compose.yaml",
+        *K8S.glob("*.yaml"),
+    }
+    assert {p for p in DEPLOY.rglob("*") if p.is_file()} == known
+
+
+# --- what the code offers -----------------------------------------------------------
+
+
+@functools.cache
+def console_scripts() -> dict[str, str]:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        scripts: dict[str, str] = tomllib.load(f)["project"]["scripts"]
+    return scripts
+
+
+@functools.cache
+def accepts(argv: tuple[str, ...]) -> bool:
+    """The command exists and takes these arguments: `<command> --help` exits 0."""
+    if argv[0] in console_scripts():
+        module = console_scripts()[argv[0]].split(":")[0].removesuffix(".__main__")
+        argv = ("python", "-m", module, *argv[1:])
+    if argv[:2] != ("python", "-m"):
+        return False
+    done = subprocess.run(
+        [sys.executable, *argv[1:], "--help"], cwd=ROOT, capture_output=True, timeout=30
+    )
+    return done.returncode == 0
+
+
+def assert_entry_point(argv: list[str]) -> None:
+    assert argv[:2] == ["python", "-m"] or argv[0] in console_scripts(), argv
+    if argv[0] == "python":
+        assert argv[2] in ("service", "workers"), argv
+    assert accepts(tuple(argv)), f"not an entry point: {shlex.join(argv)}"
+
+
+def worker_of(argv: list[str]) -> str | None:
+    return argv[3] if argv[:3] == ["python", "-m", "workers"] and len(argv) > 3 else None
+
+
+@functools.cache
+def get_routes() -> frozenset[str]:
+    app = create_app(Settings())
+    return frozenset(
+        resource.canonical
+        for resource in app.router.resources()
+        if any(route.method == "GET" for route in resource)
+    )
+
+
+def assert_valid_settings(env: Mapping[str, str]) -> Settings:
+    unknown = set(env) - SETTING_NAMES
+    assert not unknown, f"not settings: {sorted(unknown)}"
+    return Settings.from_env(env)  # raises SettingsError naming a bad value
+
+
+def test_the_checks_themselves_reject_what_is_wrong() -> None:
+    assert not accepts(("python", "-m", "workers", "no-such-worker"))
+    assert not accepts(("python", "-m", "service", "no-such-command"))
+    assert not accepts(("python", "-m", "no_such_module"))
+    assert accepts(("session-workers", "push-cleanup"))
+    assert "/readyz" in get_routes()
+    assert "/nope" not in get_routes()
+
+
+# --- Dockerfile ---------------------------------------------------------------------
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments), continuation lines joined, comments dropped."""
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
+        for line in lines
+        if line and not line.startswith("#")
+    ]
+
+
+def test_dockerfile_is_multi_stage_and_runs_as_non_root() -> None:
+    steps = dockerfile()
+    stages = [args for op, args in steps if op == "FROM"]
+    assert len(stages) >= 2
+    assert any(op == "COPY" and args.startswith("--from=") for op, args in steps)
+    final = steps[max(i for i, (op, _) in enumerate(steps) if op == "FROM") :]
+    users = [args for op, args in final if op == "USER"]
+    assert users, "the runtime stage sets no USER"
+    assert users[-1].split(":")[0] not in ("root", "0")
+
+
+def test_dockerfile_command_port_and_env_match_the_code() -> None:
+    steps = dockerfile()
+    cmd = yaml.safe_load([args for op, args in steps if op == "CMD"][-1])
+    assert_entry_point(cmd)
+    env: dict[str, str] = {}
+    for op, args in steps:
+        if op == "ENV":
+            env |= dict(pair.split("=", 1) for pair in shlex.split(args))
+    ours = {k: v for k, v in env.items() if not k.startswith(("PATH", "PYTHON", "PIP_"))}
+    settings = assert_valid_settings(ours)
+    exposed = [int(args.split("/")[0]) for op, args in steps if op == "EXPOSE"]
+    assert exposed == [settings.http_port]
+    for op, args in steps:
+        if op == "COPY" and not args.startswith("--from="):
+            for source in args.split()[:-1]:
+                assert (ROOT / source).exists(), source
+
+
+# --- compose ------------------------------------------------------------------------
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    return data
+
+
+def our_services() -> dict[str, dict[str, Any]]:
+    return {
+        name: service
+        for name, service in compose()["services"].items()
+        if str(service.get("image", "")).startswith(IMAGE)
+    }
+
+
+def test_compose_has_the_whole_stack() -> None:
+    services = compose()["services"]
+    assert {"redis", "rabbitmq", "postgres"} <= services.keys()
+    assert "management" in services["rabbitmq"]["image"]
+    commands = {name: s["command"] for name, s in our_services().items()}
+    assert sorted(commands.values()) == sorted(
+        [["python", "-m", "service"]] + [["python", "-m", "workers", w] for w in WORKERS]
+    )
+    for name, service in our_services().items():
+        assert service["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert (DEPLOY / service["build"]["context"] / "deploy" / "Dockerfile").exists()
+        assert service["deploy"]["replicas"] >= 1, name
+        assert set(service["depends_on"]) <= services.keys()
+
+
+def test_compose_commands_env_ports_and_healthcheck_match_the_code() -> None:
+    services = compose()["services"]
+    for name, service in our_services().items():
+        assert_entry_point(service["command"])
+        settings = assert_valid_settings(service["environment"])
+        for url in (settings.redis_url, settings.amqp_url, settings.database_url):
+            assert urlsplit(url).hostname in services, f"{name}: {url}"
+        if service["command"] == ["python", "-m", "service"]:
+            published = [p.split(":") for p in service["ports"]]
+            assert [int(container) for _, container in published] == [settings.http_port]
+            check = service["healthcheck"]["test"][-1]
+            assert f"127.0.0.1:{settings.http_port}/readyz" in check
+            assert "/readyz" in get_routes()
+        else:
+            assert settings.worker_metrics_port is not None, name
+
+
+# --- Kubernetes ---------------------------------------------------------------------
+
+
+def kustomization() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    return data
+
+
+def manifests() -> list[Manifest]:
+    return [
+        doc
+        for name in kustomization()["resources"]
+        for doc in yaml.safe_load_all((K8S / name).read_text())
+        if doc
+    ]
+
+
+def of_kind(kind: str) -> dict[str, Manifest]:
+    return {m["metadata"]["name"]: m for m in manifests() if m["kind"] == kind}
+
+
+def containers() -> Iterator[tuple[Manifest, dict[str, Any]]]:
+    for deployment in of_kind("Deployment").values():
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            yield deployment, container
+
+
+def cluster_env() -> dict[str, str]:
+    """What envFrom gives every container: the ConfigMap and the Secret together."""
+    env: dict[str, str] = {}
+    for config in of_kind("ConfigMap").values():
+        env |= config["data"]
+    for secret in of_kind("Secret").values():
+        env |= secret["stringData"]
+    return env
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    listed = set(kustomization()["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert [i["name"] for i in kustomization()["images"]] == [IMAGE]
+
+
+def test_configmap_and_secret_hold_valid_settings_only() -> None:
+    configs, secrets = of_kind("ConfigMap"), of_kind("Secret")
+    assert len(configs) == 1
+    assert len(secrets) == 1
+    secret_names = set(next(iter(secrets.values()))["stringData"])
+    # credentials live in the Secret only
+    assert {"REDIS_URL", "AMQP_URL", "DATABASE_URL"} == secret_names
+    assert not secret_names & set(next(iter(configs.values()))["data"])
+    assert_valid_settings(cluster_env())
+
+
+def test_deployments_run_entry_points_with_probes_resources_and_env() -> None:
+    workers_seen = set()
+    for deployment, container in containers():
+        name = deployment["metadata"]["name"]
+        pod = deployment["spec"]["template"]
+        assert container["image"] == IMAGE
+        assert_entry_point(container["command"] + container.get("args", []))
+        assert set(pod["metadata"]["labels"].items()) >= set(
+            deployment["spec"]["selector"]["matchLabels"].items()
+        )
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        refs = {
+            next(iter(ref.values()))["name"] for ref in container["envFrom"]
+        }  # configMapRef / secretRef
+        assert refs == set(of_kind("ConfigMap")) | set(of_kind("Secret")), name
+        for var in container.get("env", []):
+            assert var["name"] in SETTING_NAMES, var["name"]
+        resources = container["resources"]
+        assert {"cpu", "memory"} <= resources["requests"].keys(), name
+        assert "memory" in resources["limits"], name
+        assert {"livenessProbe", "readinessProbe"} <= container.keys(), name
+        if (worker := worker_of(container["command"])) is not None:
+            workers_seen.add(worker)
+    assert workers_seen == set(WORKERS)
+
+
+def probe_port(container: dict[str, Any], probe: dict[str, Any]) -> int:
+    port = probe["httpGet"]["port"]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    return int(named[port] if isinstance(port, str) else port)
+
+
+def test_api_ports_and_probe_paths_match_the_app() -> None:
+    settings = assert_valid_settings(cluster_env())
+    api = [(d, c) for d, c in containers() if c["command"] == ["python", "-m", "service"]]
+    assert len(api) == 1
+    deployment, container = api[0]
+    assert [p["containerPort"] for p in container["ports"]] == [settings.http_port]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] in get_routes()
+        assert probe_port(container, container[probe]) == settings.http_port
+    # SIGTERM must have time for the requests in flight and the relay's last confirms
+    pod = deployment["spec"]["template"]["spec"]
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    needed = int(pre_stop[1]) + settings.shutdown_timeout_seconds + settings.publish_timeout_seconds
+    assert pod["terminationGracePeriodSeconds"] > needed
+    service = of_kind("Service")[deployment["metadata"]["name"]]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+
+
+def test_worker_probes_use_their_metrics_port() -> None:
+    settings = assert_valid_settings(cluster_env())
+    for _, container in containers():
+        if worker_of(container["command"]) is None:
+            continue
+        assert [p["containerPort"] for p in container["ports"]] == [settings.worker_metrics_port]
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"]["path"] == "/metrics"
+            assert probe_port(container, container[probe]) == settings.worker_metrics_port
+
+
+def test_pod_disruption_budgets_cover_every_deployment() -> None:
+    budgets = of_kind("PodDisruptionBudget")
+    covered = set()
+    for budget in budgets.values():
+        selector = budget["spec"]["selector"]["matchLabels"]
+        matches = [
+            name
+            for name, d in of_kind("Deployment").items()
+            if d["spec"]["template"]["metadata"]["labels"].items() >= selector.items()
+        ]
+        assert len(matches) == 1, budget["metadata"]["name"]
+        covered.update(matches)
+    assert covered == set(of_kind("Deployment"))
+
+
+def test_hpa_scales_the_api_on_cpu() -> None:
+    (hpa,) = of_kind("HorizontalPodAutoscaler").values()
+    target = of_kind("Deployment")[hpa["spec"]["scaleTargetRef"]["name"]]
+    command = target["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command == ["python", "-m", "service"]
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+
+
+def test_keda_scales_each_worker_on_its_own_queue() -> None:
+    settings = assert_valid_settings(cluster_env())
+    topology = Topology.from_settings(settings)
+    auths = of_kind("TriggerAuthentication")
+    secret = next(iter(of_kind("Secret").values()))
+    scaled = {}
+    for obj in of_kind("ScaledObject").values():
+        deployment = of_kind("Deployment")[obj["spec"]["scaleTargetRef"]["name"]]
+        worker = worker_of(deployment["spec"]["template"]["spec"]["containers"][0]["command"])
+        assert worker is not None
+        (trigger,) = obj["spec"]["triggers"]
+        assert trigger["type"] == "rabbitmq"
+        assert trigger["metadata"]["mode"] == "QueueLength"
+        assert trigger["metadata"]["queueName"] == topology.queue(worker)
+        auth = auths[trigger["authenticationRef"]["name"]]
+        for ref in auth["spec"]["secretTargetRef"]:
+            assert ref["name"] == secret["metadata"]["name"]
+            assert ref["key"] in secret["stringData"]
+        scaled[worker] = obj
+    assert scaled.keys() == set(WORKERS)
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in K8S.glob("*.yaml")))
+def test_every_manifest_names_its_api_and_kind(path: str) -> None:
+    for doc in yaml.safe_load_all((K8S / path).read_text()):
+        assert {"apiVersion", "kind"} <= doc.keys()
+        if doc["kind"] != "Kustomization":
+            assert doc["metadata"]["name"]

@@ -8,6 +8,7 @@ Once connected, aio-pika's robust connection restores channels and consumers its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import aio_pika
@@ -37,11 +38,31 @@ def is_open(connection: AbstractRobustConnection | None) -> bool:
     return connection is not None and not connection.is_closed and connection.connected.is_set()
 
 
-async def connect_and_declare(settings: Settings) -> AbstractRobustConnection:
-    """Connect (waiting for the broker) and declare the whole topology once."""
+async def connect_and_declare(
+    settings: Settings, *, max_backoff: float = 5.0
+) -> AbstractRobustConnection:
+    """Connect (waiting for the broker) and declare the whole topology once.
+
+    A declaration that fails (the broker lost halfway through, or an exchange or queue
+    declared elsewhere with other arguments) is retried on a new connection: giving up
+    would leave the relay, which waits for this, dead until the process restarts.
+    """
     from core.topology import Topology
 
-    connection = await connect(settings)
-    async with connection.channel() as channel:
-        await Topology.from_settings(settings).declare(channel)
-    return connection
+    topology = Topology.from_settings(settings)
+    backoff = 0.2
+    while True:
+        connection = await connect(settings, max_backoff=max_backoff)
+        try:
+            # A robust channel waits forever for a broker that went silent.
+            async with asyncio.timeout(max(settings.publish_timeout_seconds, 1.0) * 2):
+                async with connection.channel() as channel:
+                    await topology.declare(channel)
+        except Exception as exc:
+            log.warning("declaring the AMQP topology failed (%r); retrying in %.1fs", exc, backoff)
+            with contextlib.suppress(Exception):
+                await connection.close()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, max_backoff)
+            continue
+        return connection

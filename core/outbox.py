@@ -231,8 +231,15 @@ async def run_standalone(settings: Settings) -> None:
         await redis.aclose()
         return
     connection = connect.result()
-    channel = await connection.channel(publisher_confirms=True)
-    exchange = await channel.get_exchange(settings.amqp_exchange, ensure=False)
+    while True:
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(settings.amqp_exchange, ensure=False)
+            break
+        except Exception as exc:  # aiormq raises RuntimeError on a closed link too
+            # The broker went away between declaring and this: retry rather than exit.
+            log.warning("outbox relay cannot open its channel (%r); retrying", exc)
+            await asyncio.sleep(1)
     relay = Relay(redis, settings)
     task = asyncio.create_task(relay.run(exchange))
     log.info("outbox relay running")

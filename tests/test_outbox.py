@@ -267,3 +267,67 @@ async def test_an_idle_relay_does_not_time_out_on_redis(
         await relay.stop(task)
     await relay_redis.aclose()
     assert [r.getMessage() for r in caplog.records if r.name == "core.outbox"] == []
+
+
+@pytest.mark.parametrize("mode", ["reset", "blackhole"])
+async def test_the_relay_starts_even_when_the_broker_drops_right_after_the_topology(
+    proxied_client: Client,
+    redis: Redis,
+    keys: Keys,
+    settings: Settings,
+    amqp_proxy: TcpProxy,
+    mode: Mode,
+) -> None:
+    # The relay opens its channel just after the API declared the topology: cut there.
+    amqp_proxy.cut(mode)
+    for n in range(5):
+        sid = f"session-{n:04d}"
+        await open_session(redis, keys, USER, sid, TOKEN)
+        resp = await proxied_client.post(CLOSE_PATH, headers=app_headers(TOKEN, sid), data=BODY)
+        assert (await resp.json())["info"]["type"] == "success"
+    amqp_proxy.restore()
+
+    async def drained() -> bool:
+        return await redis.xlen(keys.outbox) == 0
+
+    await wait_until(drained, 30, "the backlog to drain after RabbitMQ returned")
+    queue = Topology.from_settings(settings).queue("audit")
+    assert len(await message_ids(settings.amqp_url, queue)) == 5
+
+
+async def test_the_api_keeps_declaring_the_topology_until_it_succeeds(
+    settings: Settings,
+    redis: Redis,
+    keys: Keys,
+    amqp_cleanup: None,
+    aiohttp_client: AiohttpClient,
+) -> None:
+    """A declaration that fails (here an exchange someone declared with another type; in
+    production, the broker dropping halfway through) is retried, not given up for good."""
+    topology = Topology.from_settings(settings)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_exchange(topology.exchange, aio_pika.ExchangeType.DIRECT)
+        test_client = await aiohttp_client(create_app(settings))
+
+        async def serving() -> bool:
+            return await redis.exists(keys.outbox) == 1  # the app is up and serving
+
+        await wait_until(serving, 10, "the app to start")
+        await open_session(redis, keys, USER, "session-0001", TOKEN)
+        resp = await test_client.post(
+            CLOSE_PATH, headers=app_headers(TOKEN, "session-0001"), data=BODY
+        )
+        assert (await resp.json())["info"]["type"] == "success"
+        assert not test_client.app[AMQP].done()  # still trying, not given up
+        channel = await connection.channel()
+        await channel.exchange_delete(topology.exchange)
+
+    await asyncio.wait_for(asyncio.shield(test_client.app[AMQP]), 15)
+
+    async def drained() -> bool:
+        return await redis.xlen(keys.outbox) == 0
+
+    await wait_until(drained, 15, "the event once the topology could be declared")
+    assert len(await message_ids(settings.amqp_url, topology.queue("audit"))) == 1

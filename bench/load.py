@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.client import close_one
+from bench.cpu import CpuMeter
 from bench.report import table, verdict
 from bench.seed import seed_sessions, seed_tokens
 from bench.stack import Process, Stack, cpu_seconds, memory_kib, wait_until
@@ -34,6 +35,7 @@ PROBE = 0  # session index used to check the relay is publishing before measurin
 class LoadResult:
     bare: WrkResult
     close: WrkResult
+    no_relay: WrkResult
     seeded: int
     api_peak_rss_mib: float
     api_cpu_share: float  # API CPU seconds per wall second during the run
@@ -78,11 +80,17 @@ async def measure_bare(stack: Stack, seconds: float, connections: int) -> WrkRes
 
 
 async def measure_close(
-    stack: Stack, api: Process, seconds: float, connections: int, profile: Path | None
+    stack: Stack,
+    api: Process,
+    seconds: float,
+    connections: int,
+    profile: Path | None,
+    first: int,
+    *,
+    relay: bool = True,
 ) -> tuple[WrkResult, int, float]:
-    """wrk over freshly seeded sessions; returns the result, the sessions seeded for it,
-    and the API's CPU share during it."""
-    first = PROBE + 1
+    """wrk over sessions first.. (seeded here); returns the result, the next unused
+    session index, and the API's CPU share during the run."""
     await seed_sessions(stack.redis, stack.keys, stack.run_id, first, WARMUP_SESSIONS)
     warm = await run_wrk(
         stack.url,
@@ -95,9 +103,11 @@ async def measure_close(
     first += WARMUP_SESSIONS
     count = math.ceil(warm.rate * seconds * SEED_MARGIN) + 5000
     await seed_sessions(stack.redis, stack.keys, stack.run_id, first, count)
-    # The warm-up's events should be out before the measured run starts.
-    await wait_until("outbox drained after warm-up", stack.outbox_empty, DRAIN_TIMEOUT_SECONDS)
+    if relay:  # the warm-up's events should be out before the measured run starts
+        await wait_until("outbox drained after warm-up", stack.outbox_empty, DRAIN_TIMEOUT_SECONDS)
     spy = await _py_spy(api, seconds, profile) if profile else None
+    meter = CpuMeter({"api": api.pid})
+    meter.start()
     cpu0, t0 = cpu_seconds(api.pid), time.monotonic()
     result = await run_wrk(
         stack.url,
@@ -110,9 +120,10 @@ async def measure_close(
     if spy is not None:
         await asyncio.wait_for(spy.wait(), 30)
     cpu_share = (cpu_seconds(api.pid) - cpu0) / (time.monotonic() - t0)
+    log.info("close run: %s", meter.stop())
     if result.sent > count:
         log.warning("wrk ran past the %d seeded sessions; raise SEED_MARGIN", count)
-    return result, WARMUP_SESSIONS + count + 1, cpu_share
+    return result, first + count, cpu_share
 
 
 async def _py_spy(api: Process, seconds: float, out: Path) -> asyncio.subprocess.Process:
@@ -177,7 +188,9 @@ async def run(
     api = await stack.start_api()
     async with aiohttp.ClientSession() as http:
         await wait_relay_live(stack, http)
-    close, seeded, cpu_share = await measure_close(stack, api, seconds, connections, profile)
+    close, seeded, cpu_share = await measure_close(
+        stack, api, seconds, connections, profile, PROBE + 1
+    )
     backlog_at_end = await stack.outbox_length()
     drain_seconds = await wait_until(
         "outbox drained after the run", stack.outbox_empty, DRAIN_TIMEOUT_SECONDS
@@ -189,9 +202,16 @@ async def run(
     relay_seconds = await measure_relay(stack, relay_entries)
     await stack.queue_depths(purge=True)
     api.check_alive()
+    # The same run with the relay off shows what publishing costs the request path.
+    stack.stop(api)
+    api = await stack.start_api(relay=False)
+    no_relay, seeded, _ = await measure_close(
+        stack, api, seconds, connections, None, seeded, relay=False
+    )
     return LoadResult(
         bare=bare,
         close=close,
+        no_relay=no_relay,
         seeded=seeded,
         api_peak_rss_mib=peak_rss,
         api_cpu_share=cpu_share,
@@ -206,9 +226,14 @@ async def run(
 
 def render(r: LoadResult, connections: int) -> str:
     rows: list[list[object]] = []
-    for name, w in (("bare aiohttp (ceiling)", r.bare), ("close + relay", r.close)):
-        rows.append([name, w.requests, w.rate, w.p50_ms, w.p99_ms, w.non_2xx + w.socket_errors])
-    first = table(["endpoint", "requests", "req/s", "p50 ms", "p99 ms", "non-2xx"], rows)
+    for name, w in (
+        ("bare aiohttp (ceiling)", r.bare),
+        ("close + relay", r.close),
+        ("close, relay off", r.no_relay),
+    ):
+        errors = w.non_2xx + w.socket_errors
+        rows.append([name, w.requests, w.rate, w.p50_ms, w.p99_ms, errors, w.rate / r.bare.rate])
+    first = table(["endpoint", "requests", "req/s", "p50 ms", "p99 ms", "non-2xx", "x bare"], rows)
     checks: list[list[object]] = [
         ["close / bare throughput", f"{r.ratio:.2f}", ">= 0.40", verdict(r.ratio >= 0.40)],
         ["close p99 (ms)", f"{r.close.p99_ms:.2f}", "<= 10", verdict(r.close.p99_ms <= 10)],

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 
 import aiohttp
 import asyncpg
 
 from bench.client import PacedResult, close_one, paced, percentile
+from bench.cpu import CpuMeter
 from bench.report import table, verdict
 from bench.seed import USERS, seed_sessions, seed_tokens, session_id
 from bench.stack import Stack, memory_kib, wait_until
@@ -34,6 +36,7 @@ class SustainedResult:
     push_tokens_left: int
     backlog_max: int
     api_peak_rss_mib: float
+    cpu: str
 
     @property
     def succeeded(self) -> int:
@@ -65,8 +68,8 @@ async def run(stack: Stack, *, rate: float, seconds: float) -> SustainedResult:
     await seed_tokens(stack.redis, stack.keys, stack.run_id)
     await seed_sessions(stack.redis, stack.keys, stack.run_id, 0, total + 1, push=True)
     api = await stack.start_api()
-    stack.start_worker("audit")
-    stack.start_worker("push-cleanup")
+    audit = stack.start_worker("audit")
+    push = stack.start_worker("push-cleanup")
     db = await asyncpg.connect(stack.settings.database_url, timeout=10)
     try:
         # End to end once before measuring: relay, exchange, audit table all in place.
@@ -99,11 +102,16 @@ async def run(stack: Stack, *, rate: float, seconds: float) -> SustainedResult:
                 await asyncio.sleep(0.2)
 
         sampling = asyncio.create_task(sampler())
+        meter = CpuMeter(
+            {"api": api.pid, "audit": audit.pid, "push-cleanup": push.pid, "sender": os.getpid()}
+        )
+        meter.start()
         try:
             load = await paced(stack.url, stack.run_id, 0, rate=rate, seconds=seconds)
         finally:
             stop.set()
             await sampling
+        cpu = meter.stop()
 
         async def settled() -> bool:
             for process in stack.processes:
@@ -158,6 +166,7 @@ async def run(stack: Stack, *, rate: float, seconds: float) -> SustainedResult:
             push_tokens_left=push_left,
             backlog_max=backlog_max,
             api_peak_rss_mib=memory_kib(api.pid, "VmHWM") / 1024,
+            cpu=cpu,
         )
     finally:
         await db.close()
@@ -218,4 +227,5 @@ def render(r: SustainedResult) -> str:
     )
     if load.other:
         notes += f"; other replies: {load.other}"
+    notes += f".\n{r.cpu}"
     return f"{first}\n\n{table(['measure', 'value', 'target', ''], checks)}\n\n{notes}"

@@ -1,0 +1,80 @@
+"""Who used the CPU during a measured stretch: the run's own processes and the shared
+services (by process name), and the whole machine, from /proc."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+SERVICES = ("redis-server", "beam.smp", "postgres")
+
+
+def _ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _pids_named(name: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == name:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _machine_busy() -> tuple[int, int]:
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+class CpuMeter:
+    """CPU share (1.0 = one core) of each named group of processes between start() and
+    stop(); processes gone meanwhile count for what they used until the last sample."""
+
+    def __init__(self, own: dict[str, int]) -> None:
+        self._groups = {name: [pid] for name, pid in own.items()}
+        for service in SERVICES:
+            pids = _pids_named(service)
+            if pids:
+                self._groups[service] = pids
+        self._start: dict[str, int] = {}
+        self._t0 = 0.0
+        self._machine0 = (0, 0)
+
+    def _sample(self) -> dict[str, int]:
+        out = {}
+        for name, pids in self._groups.items():
+            total = 0
+            for pid in pids:
+                try:
+                    total += _ticks(pid)
+                except OSError:
+                    continue
+            out[name] = total
+        return out
+
+    def start(self) -> None:
+        self._start = self._sample()
+        self._t0 = time.monotonic()
+        self._machine0 = _machine_busy()
+
+    def stop(self) -> str:
+        end = self._sample()
+        seconds = time.monotonic() - self._t0
+        hz = os.sysconf("SC_CLK_TCK")
+        busy1, total1 = _machine_busy()
+        busy = (busy1 - self._machine0[0]) / max(1, total1 - self._machine0[1])
+        shares = [
+            f"{name} {(end[name] - self._start.get(name, 0)) / hz / seconds:.0%}"
+            for name in self._groups
+        ]
+        cores = os.cpu_count()
+        return (
+            f"CPU (100% = one core): {', '.join(shares)}; machine {busy:.0%} busy of {cores} cores"
+        )

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, cast
 
-from marshmallow import Schema, ValidationError, post_load, validate
+from marshmallow import Schema, ValidationError, post_load, pre_load, validate
 from marshmallow import fields as mf
 
 
@@ -54,6 +54,12 @@ class SettingsSchema(Schema):
     WORKER_CONCURRENCY = mf.Integer(validate=validate.Range(min=1, max=10000))
     WORKER_METRICS_PORT = mf.Integer(validate=validate.Range(min=0, max=65535))
     SHUTDOWN_TIMEOUT_SECONDS = mf.Float(validate=_positive)
+
+    @pre_load
+    def level_in_any_case(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        if isinstance(data.get("LOG_LEVEL"), str):
+            data = {**data, "LOG_LEVEL": data["LOG_LEVEL"].upper()}
+        return data
 
     @post_load
     def make(self, data: dict[str, Any], **_: Any) -> Settings:

@@ -171,3 +171,7 @@ def test_the_readme_configuration_table_lists_every_variable_with_its_default() 
             shown = str(value).lower() if isinstance(value, bool) else str(value)
             expected[field.name.upper()] = f"`{shown}`"
     assert rows == expected
+
+
+def test_log_level_is_accepted_in_any_case() -> None:
+    assert Settings.from_env({"LOG_LEVEL": "debug"}).log_level == "DEBUG"

@@ -135,8 +135,8 @@ def report_counts(record_property: Callable[[str, object], None]) -> Callable[..
     """Fault tests report what they counted (sent, succeeded, delivered, duplicates,
     rows); the counts are printed in a summary section at the end of the run."""
 
-    def report(**counts: int) -> None:
-        record_property("counts", counts)
+    def report(**counts: float) -> None:
+        record_property("counts", {k: int(v) if v == int(v) else v for k, v in counts.items()})
 
     return report
 

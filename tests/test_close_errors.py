@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -461,6 +461,7 @@ async def test_redis_unreachable_is_503_with_retry_after_and_recovers_without_re
     settings: Settings,
     redis_proxy: TcpProxy,
     mode: Mode,
+    report_counts: Callable[..., None],
 ) -> None:
     await open_session(redis, keys, USER, SID, TOKEN)
     await open_session(redis, keys, USER, "session-0002", TOKEN)
@@ -468,12 +469,14 @@ async def test_redis_unreachable_is_503_with_retry_after_and_recovers_without_re
     await info_of(resp, 200, "success")
 
     redis_proxy.cut(mode)
+    slowest = 0.0
     for _ in range(2):
         started = time.monotonic()
         resp = await proxied_client.post(
             CLOSE_PATH, headers=app_headers(TOKEN, "session-0002"), data=BODY
         )
         elapsed = time.monotonic() - started
+        slowest = max(slowest, elapsed)
         info = await info_of(resp, 503, "error")
         assert int(resp.headers["Retry-After"]) >= 1
         assert elapsed < settings.redis_timeout_seconds + 0.5
@@ -486,6 +489,7 @@ async def test_redis_unreachable_is_503_with_retry_after_and_recovers_without_re
         CLOSE_PATH, headers=app_headers(TOKEN, "session-0003"), data=BODY
     )
     await info_of(resp, 200, "success")
+    report_counts(sent_while_cut=2, unavailable_503=2, slowest_503_ms=round(slowest * 1000))
 
 
 # Anything unexpected

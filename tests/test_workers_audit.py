@@ -65,6 +65,7 @@ async def test_a_worker_killed_mid_batch_leaves_exactly_one_row_per_event_after_
     broker: Broker,
     audit_table: AuditTable,
     worker_processes: list[WorkerProcess],
+    report_counts: Callable[..., None],
 ) -> None:
     events = [make_event(n) for n in range(600)]
     await broker.publish(*events)
@@ -87,6 +88,13 @@ async def test_a_worker_killed_mid_batch_leaves_exactly_one_row_per_event_after_
 
         await wait_until(queue_empty, "the queue drained")
     ids = await audit_table.event_ids()
+    report_counts(
+        sent=len(events),
+        rows_at_kill=at_kill,
+        rows=len(ids),
+        duplicates=len(ids) - len(set(ids)),
+        acked_by_successor=successor.metrics.count("acked"),
+    )
     assert len(ids) == len(events)
     assert set(ids) == {e.event_id for e in events}
 
@@ -120,6 +128,7 @@ async def test_postgres_cut_dead_letters_nothing_and_every_row_lands_after_resto
     broker: Broker,
     audit_table: AuditTable,
     postgres_proxy: TcpProxy,
+    report_counts: Callable[..., None],
 ) -> None:
     worker = in_process(
         settings, "audit", open_audit, database_url=through(settings.database_url, postgres_proxy)
@@ -144,7 +153,15 @@ async def test_postgres_cut_dead_letters_nothing_and_every_row_lands_after_resto
             return worker.metrics.count("acked") + worker.metrics.count("retried") >= len(events)
 
         await wait_until(all_acked, "every message acked")
-    assert worker.metrics.count("dead_lettered") == 0
     ready, _ = await broker.depth(broker.topology.dead_letter_queue("audit"))
+    rows = await audit_table.count()
+    report_counts(
+        sent=len(events),
+        retries=worker.metrics.retry_count(),
+        dead_lettered=worker.metrics.count("dead_lettered"),
+        dlq_depth=ready,
+        rows=rows,
+    )
+    assert worker.metrics.count("dead_lettered") == 0
     assert ready == 0
     assert sorted(await audit_table.event_ids()) == sorted(e.event_id for e in events)

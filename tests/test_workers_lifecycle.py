@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import signal
 import socket
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -34,7 +35,11 @@ async def _rows(table: AuditTable, n: int) -> bool:
 
 @pytest.mark.fault
 async def test_consumption_resumes_after_the_broker_connection_is_killed(
-    settings: Settings, broker: Broker, audit_table: AuditTable, amqp_proxy: TcpProxy
+    settings: Settings,
+    broker: Broker,
+    audit_table: AuditTable,
+    amqp_proxy: TcpProxy,
+    report_counts: Callable[..., None],
 ) -> None:
     queue = broker.topology.queue("audit")
     worker = in_process(
@@ -60,6 +65,8 @@ async def test_consumption_resumes_after_the_broker_connection_is_killed(
         await wait_until(consumer_back, "the consumer re-registered", timeout=30)
         await broker.publish(*[make_event(n) for n in range(10, 15)])
         await wait_until(lambda: _rows(audit_table, 15), "every row after the reconnect")
+    ids = await audit_table.event_ids()
+    report_counts(sent=15, rows=len(ids), duplicates=len(ids) - len(set(ids)))
 
 
 @pytest.mark.fault

@@ -61,7 +61,9 @@ async def main_async(args: argparse.Namespace, settings: Settings, workdir: Path
         if args.mode == "sustained":
             from bench import sustained
 
-            sresult = await sustained.run(stack, rate=args.rate, seconds=args.seconds or 30.0)
+            sresult = await sustained.run(
+                stack, rate=args.rate, seconds=args.seconds or 30.0, connections=args.connections
+            )
             return sustained.render(sresult)
         from bench import soak
 

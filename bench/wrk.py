@@ -17,6 +17,7 @@ from bench.seed import USERS
 log = logging.getLogger(__name__)
 
 SCRIPT = Path(__file__).with_name("close.lua")
+PACED_SCRIPT = Path(__file__).with_name("paced.lua")
 
 
 def ensure_wrk() -> str:
@@ -61,8 +62,10 @@ async def run_wrk(
     run_id: str,
     first: int,
     count: int,
+    rate: float | None = None,
 ) -> WrkResult:
-    """Sessions first..first+count-1 are closed in order, one per request."""
+    """Sessions first..first+count-1 are closed in order, one per request; as fast as
+    the connections go, or at `rate` requests/s in total."""
     args = [
         ensure_wrk(),
         "-t1",
@@ -71,13 +74,14 @@ async def run_wrk(
         "--timeout",
         "5s",
         "-s",
-        str(SCRIPT),
+        str(SCRIPT if rate is None else PACED_SCRIPT),
         url,
         "--",
         run_id,
         str(USERS),
         str(first),
         str(count),
+        *([] if rate is None else [str(rate)]),
     ]
     proc = await asyncio.create_subprocess_exec(
         *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT

@@ -23,7 +23,7 @@ from typing import Any, cast
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractExchange
+from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from aiormq.exceptions import ChannelInvalidStateError
 from pamqp.commands import Basic
 from redis.asyncio import Redis
@@ -224,18 +224,37 @@ class Relay:
                 if exchange_channel.is_closed:
                     raise ChannelInvalidStateError(f"{exchange_channel!r} closed")
                 channel = cast(aiormq.Channel, await exchange_channel.get_underlay_channel())
-                await channel.basic_publish(
+                confirmation = await channel.basic_publish(
                     event.encode(self._settings.event_source),
                     exchange=exchange.name,
                     routing_key=ROUTING_KEY,
                     properties=properties,
-                    mandatory=True,  # as Exchange.publish
+                    mandatory=True,
                     wait=False,
                 )
         except Exception as exc:
             log.warning("publish of event %s failed: %r", event.event_id, exc)
             return False
+        if not isinstance(confirmation, Basic.Ack):
+            # Returned as unroutable (no queue bound): deleting the entry would lose it.
+            log.warning("event %s was not routed to any queue; kept", event.event_id)
+            return False
         return True
+
+
+async def open_exchange(
+    connection: AbstractRobustConnection, settings: Settings
+) -> AbstractExchange:
+    """The exchange on a channel of its own with publisher confirms, for a relay."""
+    while True:
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            return await channel.get_exchange(settings.amqp_exchange, ensure=False)
+        except Exception as exc:  # aiormq raises RuntimeError on a closed link too
+            # The broker went away between connecting and this: without the retry the
+            # relay would be gone for the life of the process.
+            log.warning("outbox relay cannot open its channel (%r); retrying", exc)
+            await asyncio.sleep(1)
 
 
 async def run_standalone(settings: Settings) -> None:
@@ -255,15 +274,7 @@ async def run_standalone(settings: Settings) -> None:
         await redis.aclose()
         return
     connection = connect.result()
-    while True:
-        try:
-            channel = await connection.channel(publisher_confirms=True)
-            exchange = await channel.get_exchange(settings.amqp_exchange, ensure=False)
-            break
-        except Exception as exc:  # aiormq raises RuntimeError on a closed link too
-            # The broker went away between declaring and this: retry rather than exit.
-            log.warning("outbox relay cannot open its channel (%r); retrying", exc)
-            await asyncio.sleep(1)
+    exchange = await open_exchange(connection, settings)
     relay = Relay(redis, settings)
     task = asyncio.create_task(relay.run(exchange))
     log.info("outbox relay running")

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from core import amqp
 from core.keys import Keys
-from core.outbox import Relay, ensure_group
+from core.outbox import Relay, ensure_group, open_exchange
 from core.redis_client import connect_redis
 from core.scripts import CLOSE_SESSION
 from core.settings import Settings
@@ -67,17 +67,7 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     async def run() -> None:
         # shield: stopping the relay must not cancel the shared connect task
         connection = await asyncio.shield(app[AMQP])
-        while True:
-            try:
-                channel = await connection.channel(publisher_confirms=True)
-                exchange = await channel.get_exchange(settings.amqp_exchange, ensure=False)
-                break
-            except Exception as exc:  # aiormq raises RuntimeError on a closed link too
-                # The broker went away between connecting and this: without the retry
-                # the relay would be gone for the life of the process.
-                log.warning("outbox relay cannot open its channel (%r); retrying", exc)
-                await asyncio.sleep(1)
-        await relay.run(exchange)
+        await relay.run(await open_exchange(connection, settings))
 
     task = asyncio.create_task(run(), name="outbox-relay")
     yield

@@ -331,3 +331,30 @@ async def test_the_api_keeps_declaring_the_topology_until_it_succeeds(
 
     await wait_until(drained, 15, "the event once the topology could be declared")
     assert len(await message_ids(settings.amqp_url, topology.queue("audit"))) == 1
+
+
+async def test_an_event_no_queue_takes_stays_in_the_outbox(
+    redis: Redis, keys: Keys, settings: Settings, amqp_cleanup: None
+) -> None:
+    """A publish the broker returns as unroutable is confirmed all the same; the relay
+    must keep the entry rather than delete an event that reached no queue."""
+    await write_outbox(redis, keys, 3)
+    failures: list[int] = []
+    connection = await aio_pika.connect_robust(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        # The exchange alone: no worker queue is bound to it.
+        exchange = await channel.declare_exchange(
+            settings.amqp_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        relay = Relay(redis, settings, on_failed=failures.append)
+        task = asyncio.create_task(relay.run(exchange))
+        try:
+
+            async def tried() -> bool:
+                return sum(failures) >= 3
+
+            await wait_until(tried, 10, "the relay to try the entries")
+        finally:
+            await relay.stop(task)
+    assert await redis.xlen(keys.outbox) == 3

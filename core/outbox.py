@@ -157,6 +157,7 @@ class Relay:
             if claimed[1]:
                 log.info("outbox relay took over %d entries of a stalled relay", len(claimed[1]))
                 return self._decode(claimed[1])
+            await self._forget_dead_relays()
         stream_id = "0" if self._retry_own else ">"
         reply = await self._redis.xreadgroup(
             OUTBOX_GROUP,
@@ -169,6 +170,22 @@ class Relay:
         if self._retry_own and not entries:
             self._retry_own = False
         return entries
+
+    async def _forget_dead_relays(self) -> None:
+        """Every relay process joins the group under a name of its own, so without this
+        the group would grow by one consumer per restart. A live relay touches the group
+        at least every PUBLISH_TIMEOUT_SECONDS + 5 s; one idle for twice the claim time
+        with nothing pending (its entries were claimed) is gone."""
+        idle_ms = 2 * self._settings.relay_claim_idle_seconds * 1000
+        for consumer in await self._redis.xinfo_consumers(self._keys.outbox, OUTBOX_GROUP):
+            if (
+                consumer["pending"] == 0
+                and consumer["idle"] > idle_ms
+                and consumer["name"] != self._consumer
+            ):
+                await self._redis.xgroup_delconsumer(
+                    self._keys.outbox, OUTBOX_GROUP, consumer["name"]
+                )
 
     @staticmethod
     def _decode(raw: list[Any]) -> list[Entry]:

@@ -22,7 +22,7 @@ from aiohttp.pytest_plugin import AiohttpClient
 from redis.asyncio import Redis
 
 from core.keys import OUTBOX_GROUP, Keys
-from core.outbox import Relay
+from core.outbox import Relay, ensure_group
 from core.scripts import CLOSE_SESSION
 from core.settings import Settings
 from core.topology import Topology
@@ -358,3 +358,33 @@ async def test_an_event_no_queue_takes_stays_in_the_outbox(
         finally:
             await relay.stop(task)
     assert await redis.xlen(keys.outbox) == 3
+
+
+async def test_a_dead_relays_name_leaves_the_group_once_its_entries_are_taken_over(
+    redis: Redis, keys: Keys, settings: Settings, amqp_cleanup: None
+) -> None:
+    await ensure_group(redis, keys)
+    await write_outbox(redis, keys, 2)
+    # A relay that read both entries, then died: its name holds them, pending.
+    await redis.xreadgroup(OUTBOX_GROUP, "dead-relay", {keys.outbox: ">"}, count=10)
+    connection = await aio_pika.connect_robust(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await Topology.from_settings(settings).declare(channel)
+        relay = Relay(redis, settings)
+        task = asyncio.create_task(relay.run(exchange))
+        try:
+
+            async def dead_relay_forgotten() -> bool:
+                return "dead-relay" not in await pending_by_consumer(redis, keys) and not any(
+                    c["name"] == "dead-relay"
+                    for c in await redis.xinfo_consumers(keys.outbox, OUTBOX_GROUP)
+                )
+
+            await wait_until(dead_relay_forgotten, 15, "the dead relay's name to be removed")
+        finally:
+            await relay.stop(task)
+    assert await redis.xlen(keys.outbox) == 0
+    names = [c["name"] for c in await redis.xinfo_consumers(keys.outbox, OUTBOX_GROUP)]
+    assert len(names) == 1
+    assert names[0] != "dead-relay"

@@ -39,5 +39,8 @@ bench-sustained: setup services
 bench-soak: setup services
 	$(BIN)/python -m bench soak
 
+fault: setup services
+	$(BIN)/pytest -m fault
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

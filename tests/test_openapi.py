@@ -7,7 +7,7 @@ import re
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import hypothesis
@@ -178,8 +178,9 @@ CHECKS = [
 ]
 
 
+@pytest.mark.fault
 def test_schemathesis_finds_no_server_error_and_no_reply_outside_the_document(
-    live_api: str,
+    live_api: str, report_counts: Callable[..., None]
 ) -> None:
     with urllib.request.urlopen(f"{live_api}/openapi.json", timeout=5) as resp:
         assert resp.status == 200
@@ -221,6 +222,11 @@ def test_schemathesis_finds_no_server_error_and_no_reply_outside_the_document(
 
     for operation, mode, headers in passes:
         fuzz(operation, mode, headers)
+    report_counts(
+        requests=statuses.total(),
+        server_errors=sum(n for status, n in statuses.items() if status >= 500),
+        **{f"status_{status}": n for status, n in sorted(statuses.items())},
+    )
     # the run reached every kind of reply the close endpoint gives to a client
     assert {200, 400, 401, 404, 415} <= statuses.keys(), statuses
     assert statuses.total() >= 150

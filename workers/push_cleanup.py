@@ -9,13 +9,15 @@ kept even when this event arrives late or twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from core.batching import Batcher
 from core.events import SessionClosed
 from core.keys import Keys
 from core.logs import short_id
@@ -30,29 +32,50 @@ log = logging.getLogger(__name__)
 class PushCleanup:
     transient: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, *, max_batch: int) -> None:
         self._redis = redis
         self._keys = keys
+        # The messages in hand share one pipeline: one round trip instead of one each.
+        self.batcher: Batcher[SessionClosed, int] = Batcher(self._remove, max_size=max_batch)
 
     async def apply(self, event: SessionClosed) -> None:
-        removed = await REMOVE_PUSH_TOKENS(
-            self._redis, [self._keys.user_push(event.user_id)], [event.session_id]
-        )
+        removed = await self.batcher.submit(event)
         log.info(
             "push tokens of a closed session removed",
             extra={
                 "session_id": short_id(event.session_id),
                 "user_id": event.user_id,
-                "removed": int(removed),
+                "removed": removed,
             },
         )
+
+    async def _remove(self, events: list[SessionClosed]) -> Sequence[int | BaseException]:
+        results = await self._run(events)
+        if any(isinstance(r, NoScriptError) for r in results):
+            # Redis lost its script cache (restart): none of these ran. Load, run again.
+            await REMOVE_PUSH_TOKENS.load(self._redis)
+            results = await self._run(events)
+        return [r if isinstance(r, BaseException) else int(r) for r in results]
+
+    async def _run(self, events: list[SessionClosed]) -> list[int | BaseException]:
+        pipe = self._redis.pipeline(transaction=False)
+        for event in events:
+            REMOVE_PUSH_TOKENS.queue(
+                pipe, [self._keys.user_push(event.user_id)], [event.session_id]
+            )
+        results: list[int | BaseException] = await pipe.execute(raise_on_error=False)
+        return results
 
 
 @asynccontextmanager
 async def open_push_cleanup(settings: Settings) -> AsyncIterator[Effect]:
     # No start-up check: a Redis that is down is retried per message like any outage.
     redis = connect_redis(settings)
+    cleanup = PushCleanup(
+        redis, Keys(settings.redis_key_prefix), max_batch=settings.worker_concurrency
+    )
     try:
-        yield PushCleanup(redis, Keys(settings.redis_key_prefix))
+        yield cleanup
     finally:
+        await cleanup.batcher.drain()
         await redis.aclose()

@@ -6,12 +6,11 @@ import argparse
 import logging
 import os
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from core.settings import Settings, SettingsError, env_help
+from core.settings import Settings, env_help, settings_or_exit
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -78,10 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s")
     for noisy in ("aio_pika", "aiormq"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        sys.exit(f"python -m bench: {exc}")
+    settings = settings_or_exit("python -m bench")
 
     def terminate(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)  # unwinds through Stack.close()

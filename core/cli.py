@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import json
 import secrets
-import sys
 import time
 
 from redis.asyncio import Redis
@@ -15,7 +14,7 @@ from redis.typing import EncodableT, FieldT
 
 from core.keys import Keys
 from core.redis_client import connect_redis
-from core.settings import Settings, SettingsError, env_help
+from core.settings import Settings, env_help, settings_or_exit
 
 
 async def create_token(redis: Redis, keys: Keys, user_id: str, token: str, ttl: int) -> None:
@@ -107,10 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     listing = sub.add_parser("sessions", help="list a user's open sessions")
     listing.add_argument("--user", required=True)
     args = parser.parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        sys.exit(f"sessionctl: {exc}")
+    settings = settings_or_exit("sessionctl")
     print(json.dumps(asyncio.run(_run(args, settings))))
 
 

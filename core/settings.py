@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, cast
@@ -112,6 +113,14 @@ class Settings:
 def _shown(value: str) -> str:
     # The error goes to stderr and the orchestrator's logs: keep URL passwords out.
     return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", value)
+
+
+def settings_or_exit(prog: str) -> Settings:
+    """Settings.from_env() for a command's main(): a bad variable ends it with the message."""
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        sys.exit(f"{prog}: {exc}")
 
 
 def env_help() -> str:

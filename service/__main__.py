@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 
 from aiohttp import web
 
 from core.logs import configure_logging
-from core.settings import Settings, SettingsError, env_help
+from core.settings import env_help, settings_or_exit
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,10 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        sys.exit(f"python -m service: {exc}")
+    settings = settings_or_exit("python -m service")
     configure_logging(settings.log_level)
     import uvloop
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 
 from core.logs import configure_logging
-from core.settings import Settings, SettingsError, env_help
+from core.settings import env_help, settings_or_exit
 from core.topology import WORKERS
 
 
@@ -70,10 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        sys.exit(f"python -m workers: {exc}")
+    settings = settings_or_exit("python -m workers")
     configure_logging(settings.log_level)
     import uvloop
 

@@ -18,20 +18,32 @@ from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Closing a connection to a broker that went silent must not hold anything up.
+CLOSE_TIMEOUT_SECONDS = 2.0
+
 
 async def connect(settings: Settings, *, max_backoff: float = 5.0) -> AbstractRobustConnection:
     backoff = 0.2
     while True:
+        connection = aio_pika.RobustConnection(
+            aio_pika.connection.make_url(settings.amqp_url),
+            client_properties={"connection_name": "eliab-session-close"},
+        )
         try:
-            return await aio_pika.connect_robust(
-                settings.amqp_url,
-                timeout=max(settings.publish_timeout_seconds, 1.0),
-                client_properties={"connection_name": "eliab-session-close"},
-            )
-        except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+            await connection.connect(timeout=max(settings.publish_timeout_seconds, 1.0))
+            return connection
+        except BaseException as exc:
+            # Unlike aio_pika.connect_robust, close what a failed or cancelled attempt
+            # started: its reconnect task ignores cancellation until close() is called,
+            # and would otherwise keep the event loop from ever shutting down.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                    await connection.close()
+            if not isinstance(exc, (TimeoutError, OSError, aio_pika.exceptions.AMQPError)):
+                raise
             log.warning("RabbitMQ unreachable (%s); retrying in %.1fs", exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, max_backoff)
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, max_backoff)
 
 
 def is_open(connection: AbstractRobustConnection | None) -> bool:
@@ -61,7 +73,8 @@ async def connect_and_declare(
         except Exception as exc:
             log.warning("declaring the AMQP topology failed (%r); retrying in %.1fs", exc, backoff)
             with contextlib.suppress(Exception):
-                await connection.close()
+                async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                    await connection.close()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, max_backoff)
             continue

@@ -20,7 +20,7 @@ from core.settings import Settings
 from core.topology import Topology
 from tests.conftest import through
 from tests.support.events import collect_event_ids
-from tests.support.processes import free_port, running, settings_env, wait_for_port
+from tests.support.processes import free_port, log_tail, running, settings_env, wait_for_port
 from tests.support.proxy import TcpProxy
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(120)]
@@ -123,7 +123,7 @@ async def test_broker_cut_during_closes_loses_no_event(
     )
     assert replies.count("success") == CLOSES
     assert backlog_while_cut > 0
-    assert len(seen) == CLOSES
+    assert len(seen) == CLOSES, log_tail(tmp_path / "api.log")
 
 
 async def test_api_sigkill_with_outbox_backlog_is_published_by_the_restart(
@@ -165,7 +165,7 @@ async def test_api_sigkill_with_outbox_backlog_is_published_by_the_restart(
     )
     assert replies.count("success") == CLOSES
     assert backlog_at_kill == CLOSES
-    assert len(seen) == CLOSES
+    assert len(seen) == CLOSES, log_tail(tmp_path / "api2.log")
 
 
 async def _empty(redis: Redis, keys: Keys) -> bool:

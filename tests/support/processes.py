@@ -62,3 +62,10 @@ def running(
             if proc.poll() is None:
                 proc.kill()
             proc.wait(10)
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The end of a process's log, for an assertion message."""
+    if not path.exists():
+        return f"(no log at {path})"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

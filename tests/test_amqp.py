@@ -1,0 +1,62 @@
+"""core.amqp: connecting waits for the broker, and giving up on it leaves nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+
+import pytest
+
+from core import amqp
+from core.settings import Settings
+from tests.conftest import through
+from tests.support.closing import wait_until
+from tests.support.proxy import Mode, TcpProxy
+
+
+def _reconnect_tasks() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if "connection_factory" in repr(t.get_coro())]
+
+
+@pytest.mark.parametrize("mode", ["reset", "blackhole"])
+async def test_a_cancelled_connect_leaves_no_reconnect_task_running(
+    settings: Settings, amqp_proxy: TcpProxy, mode: Mode
+) -> None:
+    """aio-pika's robust reconnect task ignores cancellation until its connection is
+    closed; one left behind keeps the event loop (and so the process) from stopping."""
+    amqp_proxy.cut(mode)
+    unreachable = dataclasses.replace(settings, amqp_url=through(settings.amqp_url, amqp_proxy))
+    task = asyncio.create_task(amqp.connect(unreachable))
+
+    async def attempting() -> bool:
+        return bool(_reconnect_tasks())
+
+    await wait_until(attempting, 10, "a connection attempt in flight")
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+    async def none_left() -> bool:
+        return not _reconnect_tasks()
+
+    await wait_until(none_left, 5, "the attempt's reconnect task to end")
+
+
+async def test_connect_waits_for_the_broker_and_returns_once_it_is_back(
+    settings: Settings, amqp_proxy: TcpProxy
+) -> None:
+    amqp_proxy.cut("reset")
+    unreachable = dataclasses.replace(settings, amqp_url=through(settings.amqp_url, amqp_proxy))
+    task = asyncio.create_task(amqp.connect(unreachable, max_backoff=0.2))
+
+    async def retried() -> bool:
+        return not task.done() and len(_reconnect_tasks()) <= 1
+
+    await wait_until(retried, 5, "connect to keep trying")
+    amqp_proxy.restore()
+    connection = await asyncio.wait_for(task, 10)
+    try:
+        assert amqp.is_open(connection)
+    finally:
+        await connection.close()

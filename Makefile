@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup services run test fault lint bench bench-sustained bench-soak clean
+.PHONY: setup services run test fault bench bench-sustained bench-soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

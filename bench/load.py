@@ -68,6 +68,21 @@ async def wait_relay_live(stack: Stack, http: aiohttp.ClientSession) -> None:
     await wait_until("relay publishing the probe event", stack.outbox_empty, 60)
 
 
+async def close_seeded(
+    stack: Stack, first: int, count: int, *, seconds: float, connections: int
+) -> WrkResult:
+    """Seed sessions first..first+count-1, then close them with wrk for `seconds`."""
+    await seed_sessions(stack.redis, stack.keys, stack.run_id, first, count)
+    return await run_wrk(
+        stack.url,
+        seconds=seconds,
+        connections=connections,
+        run_id=stack.run_id,
+        first=first,
+        count=count,
+    )
+
+
 async def measure_bare(stack: Stack, seconds: float, connections: int) -> WrkResult:
     bare, url = await stack.start_bare()
     try:
@@ -91,14 +106,8 @@ async def measure_close(
 ) -> tuple[WrkResult, int, float]:
     """wrk over sessions first.. (seeded here); returns the result, the next unused
     session index, and the API's CPU share during the run."""
-    await seed_sessions(stack.redis, stack.keys, stack.run_id, first, WARMUP_SESSIONS)
-    warm = await run_wrk(
-        stack.url,
-        seconds=WARMUP_SECONDS,
-        connections=connections,
-        run_id=stack.run_id,
-        first=first,
-        count=WARMUP_SESSIONS,
+    warm = await close_seeded(
+        stack, first, WARMUP_SESSIONS, seconds=WARMUP_SECONDS, connections=connections
     )
     first += WARMUP_SESSIONS
     count = math.ceil(warm.rate * seconds * SEED_MARGIN) + 5000

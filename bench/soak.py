@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from bench.load import PROBE, WARMUP_SECONDS, wait_relay_live
+from bench.load import PROBE, WARMUP_SECONDS, close_seeded, wait_relay_live
 from bench.report import table, verdict
-from bench.seed import seed_sessions, seed_tokens
+from bench.seed import seed_tokens
 from bench.stack import Stack, memory_kib
-from bench.wrk import WrkResult, run_wrk
+from bench.wrk import WrkResult
 
 ROUND_SECONDS = 10.0
 SEED_MARGIN = 1.6
@@ -36,15 +36,7 @@ async def run(stack: Stack, *, closes: int, connections: int) -> list[Round]:
         await wait_relay_live(stack, http)
     first = PROBE + 1
     seeded = 20_000
-    await seed_sessions(stack.redis, stack.keys, stack.run_id, first, seeded)
-    warm = await run_wrk(
-        stack.url,
-        seconds=WARMUP_SECONDS,
-        connections=connections,
-        run_id=stack.run_id,
-        first=first,
-        count=seeded,
-    )
+    warm = await close_seeded(stack, first, seeded, seconds=WARMUP_SECONDS, connections=connections)
     first += seeded
     rate = warm.rate
     done = 0
@@ -52,15 +44,7 @@ async def run(stack: Stack, *, closes: int, connections: int) -> list[Round]:
     while done < closes:
         seconds = min(ROUND_SECONDS, max(1.0, (closes - done) / rate))
         count = math.ceil(rate * seconds * SEED_MARGIN) + 2000
-        await seed_sessions(stack.redis, stack.keys, stack.run_id, first, count)
-        result = await run_wrk(
-            stack.url,
-            seconds=seconds,
-            connections=connections,
-            run_id=stack.run_id,
-            first=first,
-            count=count,
-        )
+        result = await close_seeded(stack, first, count, seconds=seconds, connections=connections)
         first += count
         done += min(result.requests, count)
         rate = result.rate

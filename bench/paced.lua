@@ -15,21 +15,14 @@ local function now_ms()
   return tonumber(clock.tv_sec) * 1000 + tonumber(clock.tv_nsec) / 1e6
 end
 
-local run, users, first, count, interval
-local next_due
-sent = 0
-local threads = {}
-local body = '{ "requestContent": { } }'
+-- The requests, init and the report are close.lua's; this adds the rate.
+dofile(debug.getinfo(1, "S").source:sub(2):match("^(.*/)") .. "close.lua")
 
-function setup(thread)
-  table.insert(threads, thread)
-end
+local close_init = init
+local interval, next_due
 
 function init(args)
-  run = args[1]
-  users = tonumber(args[2])
-  first = tonumber(args[3])
-  count = tonumber(args[4])
+  close_init(args)
   interval = 1000 / tonumber(args[5])
 end
 
@@ -41,30 +34,4 @@ function delay()
   local slot = next_due
   next_due = next_due + interval
   return math.max(0, math.floor(slot - now + 0.5))
-end
-
-function request()
-  local i = first + (sent % count)
-  sent = sent + 1
-  return wrk.format("POST", "/v1.0/session/close", {
-    ["Content-Type"] = "application/json; multipart/form-data;",
-    ["Sessionid"] = string.format("b%s-%d", run, i),
-    ["OS"] = "Android",
-    ["AppVersion"] = "1.0.10",
-    ["Authorization"] = string.format("Basic bt-%s-%d", run, i % users),
-  }, body)
-end
-
-function done(summary, latency, requests)
-  local total = 0
-  for _, thread in ipairs(threads) do
-    total = total + thread:get("sent")
-  end
-  io.write(string.format(
-    'BENCH {"sent":%d,"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,"max_us":%d,' ..
-    '"status_errors":%d,"connect_errors":%d,"read_errors":%d,"write_errors":%d,' ..
-    '"timeouts":%d}\n',
-    total, summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    latency.max, summary.errors.status, summary.errors.connect, summary.errors.read,
-    summary.errors.write, summary.errors.timeout))
 end

@@ -68,11 +68,10 @@ async def wait_relay_live(stack: Stack, http: aiohttp.ClientSession) -> None:
     await wait_until("relay publishing the probe event", stack.outbox_empty, 60)
 
 
-async def close_seeded(
+async def wrk_closes(
     stack: Stack, first: int, count: int, *, seconds: float, connections: int
 ) -> WrkResult:
-    """Seed sessions first..first+count-1, then close them with wrk for `seconds`."""
-    await seed_sessions(stack.redis, stack.keys, stack.run_id, first, count)
+    """Close the seeded sessions first..first+count-1 with wrk for `seconds`."""
     return await run_wrk(
         stack.url,
         seconds=seconds,
@@ -106,7 +105,8 @@ async def measure_close(
 ) -> tuple[WrkResult, int, float]:
     """wrk over sessions first.. (seeded here); returns the result, the next unused
     session index, and the API's CPU share during the run."""
-    warm = await close_seeded(
+    await seed_sessions(stack.redis, stack.keys, stack.run_id, first, WARMUP_SESSIONS)
+    warm = await wrk_closes(
         stack, first, WARMUP_SESSIONS, seconds=WARMUP_SECONDS, connections=connections
     )
     first += WARMUP_SESSIONS
@@ -118,14 +118,7 @@ async def measure_close(
     meter = CpuMeter({"api": api.pid})
     meter.start()
     cpu0, t0 = cpu_seconds(api.pid), time.monotonic()
-    result = await run_wrk(
-        stack.url,
-        seconds=seconds,
-        connections=connections,
-        run_id=stack.run_id,
-        first=first,
-        count=count,
-    )
+    result = await wrk_closes(stack, first, count, seconds=seconds, connections=connections)
     if spy is not None:
         await asyncio.wait_for(spy.wait(), 30)
     cpu_share = (cpu_seconds(api.pid) - cpu0) / (time.monotonic() - t0)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from bench.load import PROBE, WARMUP_SECONDS, close_seeded, wait_relay_live
+from bench.load import PROBE, WARMUP_SECONDS, wait_relay_live, wrk_closes
 from bench.report import table, verdict
-from bench.seed import seed_tokens
+from bench.seed import seed_sessions, seed_tokens
 from bench.stack import Stack, memory_kib
 from bench.wrk import WrkResult
 
@@ -36,7 +36,8 @@ async def run(stack: Stack, *, closes: int, connections: int) -> list[Round]:
         await wait_relay_live(stack, http)
     first = PROBE + 1
     seeded = 20_000
-    warm = await close_seeded(stack, first, seeded, seconds=WARMUP_SECONDS, connections=connections)
+    await seed_sessions(stack.redis, stack.keys, stack.run_id, first, seeded)
+    warm = await wrk_closes(stack, first, seeded, seconds=WARMUP_SECONDS, connections=connections)
     first += seeded
     rate = warm.rate
     done = 0
@@ -44,7 +45,8 @@ async def run(stack: Stack, *, closes: int, connections: int) -> list[Round]:
     while done < closes:
         seconds = min(ROUND_SECONDS, max(1.0, (closes - done) / rate))
         count = math.ceil(rate * seconds * SEED_MARGIN) + 2000
-        result = await close_seeded(stack, first, count, seconds=seconds, connections=connections)
+        await seed_sessions(stack.redis, stack.keys, stack.run_id, first, count)
+        result = await wrk_closes(stack, first, count, seconds=seconds, connections=connections)
         first += count
         done += min(result.requests, count)
         rate = result.rate

@@ -31,5 +31,5 @@ class LuaScript:
         pipe.evalsha(self.sha, len(keys), *keys, *args)
 
 
-CLOSE_SESSION = LuaScript("close_session.lua")
+CLOSE_SESSIONS = LuaScript("close_sessions.lua")
 REMOVE_PUSH_TOKENS = LuaScript("remove_push_tokens.lua")

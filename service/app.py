@@ -14,7 +14,7 @@ from core import amqp
 from core.keys import Keys
 from core.outbox import Relay, ensure_group, open_exchange
 from core.redis_client import connect_redis
-from core.scripts import CLOSE_SESSION
+from core.scripts import CLOSE_SESSIONS
 from core.settings import Settings
 from service.appkeys import AMQP, CLOSER, METRICS, REDIS, RELAY, SETTINGS
 from service.closer import SessionCloser
@@ -30,7 +30,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = app[REDIS] = connect_redis(settings)
     try:
-        await CLOSE_SESSION.load(redis)
+        await CLOSE_SESSIONS.load(redis)
         await ensure_group(redis, Keys(settings.redis_key_prefix))
     except (RedisError, OSError) as exc:
         # Serve anyway: closes answer 503 until Redis is back, then work with no restart.

@@ -1,7 +1,6 @@
-"""Closing a session: one run of close_session.lua per request.
-
-Concurrent requests of one event-loop iteration share one Redis pipeline (one round
-trip), which is where redis.asyncio's per-command overhead goes away.
+"""Closing sessions: the close requests of one event-loop iteration share one run of
+close_sessions.lua (one command, one round trip), which is where redis.asyncio's
+per-command overhead goes away.
 """
 
 from __future__ import annotations
@@ -14,11 +13,10 @@ from datetime import UTC, datetime
 from enum import Enum
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
 
 from core.batching import Batcher
-from core.keys import Keys
-from core.scripts import CLOSE_SESSION
+from core.keys import Keys, token_digest
+from core.scripts import CLOSE_SESSIONS
 from core.settings import Settings
 
 MAX_BATCH = 256
@@ -74,36 +72,11 @@ class SessionCloser:
     ) -> Sequence[CloseOutcome | BaseException]:
         # One bound for the whole batch (each caller waits at most one loop iteration
         # before it starts): every caller of a batch that times out gets TimeoutError.
-        async with asyncio.timeout(self._timeout):
-            results = await self._execute(requests)
-            if any(isinstance(r, NoScriptError) for r in results):
-                # Redis lost its script cache (restart): none of these ran. Load, run again.
-                await CLOSE_SESSION.load(self._redis)
-                results = await self._execute(requests)
-        return [r if isinstance(r, BaseException) else CloseOutcome(r) for r in results]
-
-    async def _execute(self, requests: list[CloseRequest]) -> list[str | BaseException]:
-        closed_at = rfc3339_now()
-        pipe = self._redis.pipeline(transaction=False)
+        args: list[str | int] = [self._keys.prefix, self._ttl, rfc3339_now()]
         for r in requests:
-            CLOSE_SESSION.queue(
-                pipe,
-                [
-                    self._keys.token(r.token),
-                    self._keys.session(r.session_id),
-                    self._keys.tombstone(r.session_id),
-                    self._keys.outbox,
-                ],
-                [
-                    self._keys.prefix,
-                    r.session_id,
-                    r.event_id,
-                    self._ttl,
-                    closed_at,
-                    r.os,
-                    r.app_version,
-                    r.request_id,
-                ],
-            )
-        results: list[str | BaseException] = await pipe.execute(raise_on_error=False)
-        return results
+            args += (token_digest(r.token), r.session_id, r.event_id, r.os, r.app_version)
+            args.append(r.request_id)
+        async with asyncio.timeout(self._timeout):
+            replies = await CLOSE_SESSIONS(self._redis, [self._keys.outbox], args)
+        # A close that failed inside Redis comes back as its own ResponseError.
+        return [r if isinstance(r, BaseException) else CloseOutcome(r) for r in replies]

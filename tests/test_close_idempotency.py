@@ -8,9 +8,10 @@ import uuid
 from collections import Counter
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
-from core.keys import Keys
-from core.scripts import CLOSE_SESSION
+from core.keys import Keys, token_digest
+from core.scripts import CLOSE_SESSIONS
 from core.settings import Settings
 from core.topology import Topology
 from tests.support.closing import (
@@ -74,11 +75,12 @@ async def test_a_repeat_after_success_is_case_8_and_adds_no_event(
     assert await published(redis, keys, settings, expected=1) == 1
 
 
-def script_call(keys: Keys, event_id: str) -> tuple[list[str], list[object]]:
-    return (
-        [keys.token(TOKEN), keys.session(SID), keys.tombstone(SID), keys.outbox],
-        [keys.prefix, SID, event_id, 600, "2026-01-01T00:00:00.000Z", "Android", "1.0.10", "r1"],
-    )
+def script_call(keys: Keys, *closes: tuple[str, str]) -> tuple[list[str], list[object]]:
+    """close_sessions.lua's call for a batch of (session id, event id) closes."""
+    args: list[object] = [keys.prefix, 600, "2026-01-01T00:00:00.000Z"]
+    for sid, event_id in closes:
+        args += [token_digest(TOKEN), sid, event_id, "Android", "1.0.10", "r1"]
+    return [keys.outbox], args
 
 
 async def test_a_retried_script_call_with_the_same_event_id_succeeds_without_a_second_event(
@@ -86,13 +88,43 @@ async def test_a_retried_script_call_with_the_same_event_id_succeeds_without_a_s
 ) -> None:
     """What a client library's retry after a timeout does: the very same call again."""
     await open_session(redis, keys, USER, SID, TOKEN)
-    call = script_call(keys, str(uuid.uuid4()))
-    assert await CLOSE_SESSION(redis, *call) == "closed"
-    assert await CLOSE_SESSION(redis, *call) == "closed"
+    call = script_call(keys, (SID, str(uuid.uuid4())))
+    assert await CLOSE_SESSIONS(redis, *call) == ["closed"]
+    assert await CLOSE_SESSIONS(redis, *call) == ["closed"]
     assert await redis.xlen(keys.outbox) == 1
     # A different request (a new event id) is a repeat: case 8.
-    assert await CLOSE_SESSION(redis, *script_call(keys, str(uuid.uuid4()))) == "already"
+    again = script_call(keys, (SID, str(uuid.uuid4())))
+    assert await CLOSE_SESSIONS(redis, *again) == ["already"]
     assert await redis.xlen(keys.outbox) == 1
+
+
+async def test_a_close_failing_inside_redis_fails_alone_and_leaves_its_batch_closed(
+    redis: Redis, keys: Keys
+) -> None:
+    """One batch, three closes; the middle session's tombstone key has the wrong type."""
+    sids = ["session-a", SID, "session-c"]
+    for sid in sids:
+        await open_session(redis, keys, USER, sid, TOKEN)
+    await redis.set(keys.tombstone(SID), "not a hash")
+    replies = await CLOSE_SESSIONS(
+        redis, *script_call(keys, *((s, str(uuid.uuid4())) for s in sids))
+    )
+    assert replies[0] == replies[2] == "closed"
+    assert isinstance(replies[1], ResponseError)
+    assert "WRONGTYPE" in str(replies[1])
+    assert await redis.xlen(keys.outbox) == 2
+    assert await redis.exists(keys.session(SID)) == 1
+
+
+async def test_closes_work_after_redis_lost_its_script_cache(
+    client: Client, redis: Redis, keys: Keys
+) -> None:
+    """As after a Redis restart: the closer loads the script again and the close runs once."""
+    await open_session(redis, keys, USER, SID, TOKEN)
+    await redis.script_flush()
+    resp = await client.post(CLOSE_PATH, headers=app_headers(TOKEN, SID), data=BODY)
+    assert (await resp.json())["info"]["type"] == "success"
+    assert await outbox_appended(redis, keys) == 1
 
 
 async def test_a_session_owned_by_another_user_is_404_and_left_alone(

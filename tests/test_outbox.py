@@ -21,9 +21,9 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp.pytest_plugin import AiohttpClient
 from redis.asyncio import Redis
 
-from core.keys import OUTBOX_GROUP, Keys
+from core.keys import OUTBOX_GROUP, Keys, token_digest
 from core.outbox import Relay, ensure_group
-from core.scripts import CLOSE_SESSION
+from core.scripts import CLOSE_SESSIONS
 from core.settings import Settings
 from core.topology import Topology
 from service.app import create_app
@@ -58,21 +58,15 @@ async def message_ids(amqp_url: str, queue: str) -> list[str]:
 
 
 async def write_outbox(redis: Redis, keys: Keys, count: int) -> list[str]:
-    """Close `count` sessions the way the API does (one script run each), all in one
-    transaction so that a waiting relay reads them together; their event ids."""
+    """Close `count` sessions the way the API closes a batch (one script run, atomic), so
+    that a waiting relay reads them together; their event ids."""
     sids = [f"session-{n:04d}" for n in range(count)]
     event_ids = [str(uuid.uuid4()) for _ in sids]
-    for sid in sids:
-        await open_session(redis, keys, USER, sid, TOKEN)
-    await CLOSE_SESSION.load(redis)
-    pipe = redis.pipeline(transaction=True)
+    args: list[object] = [keys.prefix, 600, "2026-01-01T00:00:00.000Z"]
     for sid, event_id in zip(sids, event_ids, strict=True):
-        CLOSE_SESSION.queue(
-            pipe,
-            [keys.token(TOKEN), keys.session(sid), keys.tombstone(sid), keys.outbox],
-            [keys.prefix, sid, event_id, 600, "2026-01-01T00:00:00.000Z", "", "", "r"],
-        )
-    assert await pipe.execute() == ["closed"] * count
+        await open_session(redis, keys, USER, sid, TOKEN)
+        args += [token_digest(TOKEN), sid, event_id, "", "", "r"]
+    assert await CLOSE_SESSIONS(redis, [keys.outbox], args) == ["closed"] * count
     return event_ids
 
 

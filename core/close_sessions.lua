@@ -1,0 +1,70 @@
+-- Close a batch of sessions (the close requests of one event-loop iteration), each as
+-- one atomic step: check the token and the owner, delete the session, leave a
+-- tombstone and record the session.closed event in the outbox stream. One script run
+-- per batch instead of one per request: redis-py's per-command cost was most of the
+-- Redis part of a close.
+--
+-- KEYS[1] outbox stream
+-- ARGV[1] key prefix  ARGV[2] tombstone ttl (s)  ARGV[3] closed at (RFC 3339)
+-- then 6 per close: sha256 hex of the token, sid, event id, os, app version, request id
+--
+-- Returns one reply per close, in order: 'token' (unknown token), 'missing' (no such
+-- session for this user), 'closed' (closed now, or a retry of the very call that closed
+-- it), 'already'; or an error reply for a close that failed (say, a key of the wrong
+-- type), which leaves the others of the batch alone.
+-- The keys are derived from the token and the session id, so they cannot be declared
+-- in KEYS; the service therefore needs a single Redis node (no cluster).
+
+local prefix, ttl, closed_at = ARGV[1], ARGV[2], ARGV[3]
+local outbox = KEYS[1]
+
+local function close(digest, sid, event_id, os_name, app_version, request_id)
+  local uid = redis.call('HGET', prefix .. 'auth:token:' .. digest, 'user_id')
+  if not uid then
+    return 'token'
+  end
+
+  local tombstone = prefix .. 'session:closed:' .. sid
+  local tomb = redis.call('HMGET', tombstone, 'user_id', 'event_id')
+  if tomb[1] then
+    if tomb[1] ~= uid then
+      return 'missing'
+    end
+    -- A client library that retries after a timeout sends the same event id again:
+    -- the first attempt closed the session, so this one reports the same outcome.
+    if tomb[2] == event_id then
+      return 'closed'
+    end
+    return 'already'
+  end
+
+  local session_key = prefix .. 'session:' .. sid
+  local session = redis.call('HMGET', session_key, 'user_id', 'os', 'app_version')
+  if session[1] ~= uid then
+    return 'missing'
+  end
+
+  if os_name == '' then os_name = session[2] or '' end
+  if app_version == '' then app_version = session[3] or '' end
+
+  redis.call('DEL', session_key)
+  redis.call('SREM', prefix .. 'user:' .. uid .. ':sessions', sid)
+  redis.call('HSET', tombstone, 'user_id', uid, 'event_id', event_id, 'closed_at', closed_at)
+  redis.call('EXPIRE', tombstone, ttl)
+  redis.call('XADD', outbox, '*',
+    'event_id', event_id, 'session_id', sid, 'user_id', uid, 'closed_at', closed_at,
+    'os', os_name, 'app_version', app_version, 'request_id', request_id)
+  return 'closed'
+end
+
+local replies = {}
+for i = 4, #ARGV, 6 do
+  local ok, reply = pcall(close, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
+    ARGV[i + 4], ARGV[i + 5])
+  if not ok then
+    -- redis.call raises a table {err = ...} (Redis 7) or a string (older).
+    reply = redis.error_reply(type(reply) == 'table' and reply.err or tostring(reply))
+  end
+  replies[#replies + 1] = reply
+end
+return replies

@@ -153,7 +153,7 @@ async def _py_spy(api: Process, seconds: float, out: Path) -> asyncio.subprocess
 
 
 async def fill_outbox(stack: Stack, entries: int) -> None:
-    """Outbox entries exactly as close_session.lua writes them."""
+    """Outbox entries exactly as close_sessions.lua writes them."""
     closed_at = "2024-01-01T00:00:00.000Z"
     for start in range(0, entries, 2000):
         pipe = stack.redis.pipeline(transaction=False)

@@ -55,7 +55,7 @@ class SessionClosed:
 
     @classmethod
     def from_outbox(cls, entry: Mapping[str, str]) -> SessionClosed:
-        """An outbox stream entry, as close_session.lua wrote it."""
+        """An outbox stream entry, as close_sessions.lua wrote it."""
         return cls(
             event_id=entry["event_id"],
             session_id=entry["session_id"],

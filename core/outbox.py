@@ -1,7 +1,7 @@
 """The outbox relay: publishes outbox stream entries to RabbitMQ with publisher
 confirms and deletes an entry only after the broker confirmed it.
 
-close_session.lua appends one entry per close to the stream. Relays share the consumer
+close_sessions.lua appends one entry per close to the stream. Relays share the consumer
 group `relay`; each reads new entries, publishes a window of them concurrently, then
 XACKs and XDELs the confirmed ones. An entry whose publish failed stays pending and is
 retried by the same relay; entries a dead relay left pending are taken over with

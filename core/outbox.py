@@ -44,6 +44,7 @@ Entry = tuple[str, dict[str, str]]
 # loop iteration. Under HTTP load (5 ms iterations) 25 gave 167 events/s, 10 gives 758.
 PUBLISH_SLICE = 10
 MAX_BACKOFF_SECONDS = 5.0
+PERSISTENT = aio_pika.DeliveryMode.PERSISTENT.value
 
 
 async def ensure_group(redis: Redis, keys: Keys) -> None:
@@ -194,69 +195,76 @@ class Relay:
 
     async def _publish(self, entries: list[Entry]) -> int:
         """Publish a window of entries concurrently; return how many failed."""
-        tasks = []
-        for n, (entry_id, fields) in enumerate(entries, 1):
-            tasks.append(asyncio.ensure_future(self._publish_one(entry_id, fields)))
-            if n % PUBLISH_SLICE == 0:
-                await asyncio.sleep(0)
-        results = await asyncio.gather(*tasks)
-        confirmed = [entry_id for (entry_id, _), ok in zip(entries, results, strict=True) if ok]
-        if confirmed:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.xack(self._keys.outbox, OUTBOX_GROUP, *confirmed)
-            pipe.xdel(self._keys.outbox, *confirmed)
-            await pipe.execute()
-            self._on_published(len(confirmed))
-        failed = len(entries) - len(confirmed)
-        if failed:
-            self._on_failed(failed)
-        return failed
-
-    async def _publish_one(self, entry_id: str, fields: dict[str, str]) -> bool:
-        try:
-            event = SessionClosed.from_outbox(fields)
-        except KeyError:
-            log.error("outbox entry %s is incomplete; dropped: %s", entry_id, sorted(fields))
-            return True  # can never succeed; deleting it keeps the relay moving
         exchange = self._exchange
         assert exchange is not None, "run() sets the exchange"
-        # Straight to aiormq, with the properties aio_pika.Message would build: through
-        # Exchange.publish, aiormq holds the channel lock until each frame is written and
-        # drained, so a window of publishes costs a few event-loop iterations per message,
-        # and under HTTP load each iteration is milliseconds. wait=False still awaits the
-        # broker's confirm; it only lets the next publish go without the drain.
-        properties = Basic.Properties(
-            content_type=CONTENT_TYPE,
-            message_id=event.event_id,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
-            priority=0,
-            message_type=ROUTING_KEY,
-            headers={"x-request-id": event.request_id or ""},
-        )
         try:
-            # A robust channel's publish waits forever for a broker that is gone.
-            async with asyncio.timeout(self._settings.publish_timeout_seconds):
-                # AbstractExchange does not declare the channel aio_pika's Exchange keeps.
-                exchange_channel = cast(aio_pika.Exchange, exchange).channel
-                if exchange_channel.is_closed:
-                    raise ChannelInvalidStateError(f"{exchange_channel!r} closed")
-                channel = cast(aiormq.Channel, await exchange_channel.get_underlay_channel())
-                confirmation = await channel.basic_publish(
-                    event.encode(self._settings.event_source),
-                    exchange=exchange.name,
-                    routing_key=ROUTING_KEY,
-                    properties=properties,
-                    mandatory=True,
-                    wait=False,
-                )
-        except Exception as exc:
-            log.warning("publish of event %s failed: %r", event.event_id, exc)
-            return False
-        if not isinstance(confirmation, Basic.Ack):
-            # Returned as unroutable (no queue bound): deleting the entry would lose it.
-            log.warning("event %s was not routed to any queue; kept", event.event_id)
-            return False
-        return True
+            # AbstractExchange does not declare the channel aio_pika's Exchange keeps.
+            exchange_channel = cast(aio_pika.Exchange, exchange).channel
+            if exchange_channel.is_closed:
+                raise ChannelInvalidStateError(f"{exchange_channel!r} closed")
+            channel = cast(aiormq.Channel, await exchange_channel.get_underlay_channel())
+        except Exception as exc:  # the broker is gone; the robust channel comes back
+            log.warning("cannot publish %d events (%r); they stay in the outbox", len(entries), exc)
+            self._on_failed(len(entries))
+            return len(entries)
+        source, timeout = self._settings.event_source, self._settings.publish_timeout_seconds
+        sent: list[str] = []
+        confirmations: list[asyncio.Future[Any]] = []
+        dropped: list[str] = []
+        for entry_id, fields in entries:
+            try:
+                event = SessionClosed.from_outbox(fields)
+            except KeyError:
+                log.error("outbox entry %s is incomplete; dropped: %s", entry_id, sorted(fields))
+                dropped.append(entry_id)  # it can never succeed; deleting it moves on
+                continue
+            # Straight to aiormq, with the properties aio_pika.Message would build:
+            # through Exchange.publish, aiormq holds the channel lock until each frame is
+            # written and drained, so a window of publishes costs a few event-loop
+            # iterations per message, and under HTTP load each iteration is milliseconds.
+            # wait=False still awaits the broker's confirm; it only skips the drain. The
+            # timeout matters: a robust channel's publish waits forever for a broker
+            # that is gone.
+            publish = channel.basic_publish(
+                event.encode(source),
+                exchange=exchange.name,
+                routing_key=ROUTING_KEY,
+                properties=Basic.Properties(
+                    content_type=CONTENT_TYPE,
+                    message_id=event.event_id,
+                    delivery_mode=PERSISTENT,
+                    priority=0,
+                    message_type=ROUTING_KEY,
+                    headers={"x-request-id": event.request_id or ""},
+                ),
+                mandatory=True,
+                timeout=timeout,
+                wait=False,
+            )
+            sent.append(entry_id)
+            confirmations.append(asyncio.ensure_future(publish))
+            if len(sent) % PUBLISH_SLICE == 0:
+                await asyncio.sleep(0)
+        results = await asyncio.gather(*confirmations, return_exceptions=True)
+        # Only an Ack counts: a publish returned as unroutable (no queue bound) or
+        # failed stays in the outbox, since deleting it would lose the event.
+        failures = [r for r in results if not isinstance(r, Basic.Ack)]
+        done = dropped + [e for e, r in zip(sent, results, strict=True) if isinstance(r, Basic.Ack)]
+        if done:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.xack(self._keys.outbox, OUTBOX_GROUP, *done)
+            pipe.xdel(self._keys.outbox, *done)
+            await pipe.execute()
+            self._on_published(len(done) - len(dropped))
+        if failures:
+            log.warning(
+                "publish of %d of %d events failed; they stay in the outbox (first: %r)",
+                len(failures),
+                len(sent),
+                failures[0],
+            )
+            self._on_failed(len(failures))
+        return len(failures)
 
 
 async def open_exchange(

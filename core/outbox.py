@@ -286,6 +286,7 @@ async def run_standalone(settings: Settings) -> None:
     """The relay as its own process (`python -m service relay`), until SIGTERM/SIGINT."""
     from core.amqp import connect_and_declare
     from core.redis_client import connect_redis
+    from core.runtime import tune_gc
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -301,6 +302,7 @@ async def run_standalone(settings: Settings) -> None:
     connection = connect.result()
     exchange = await open_exchange(connection, settings)
     relay = Relay(redis, settings)
+    tune_gc()
     task = asyncio.create_task(relay.run(exchange))
     log.info("outbox relay running")
     await stop.wait()

@@ -9,6 +9,7 @@ import dataclasses
 from aiohttp import web
 
 from core.logs import configure_logging
+from core.runtime import tune_gc
 from core.settings import env_help, settings_or_exit
 
 
@@ -49,8 +50,10 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.no_relay:
         settings = dataclasses.replace(settings, relay_enabled=False)
+    app = create_app(settings)
+    app.on_startup.append(tune_gc_after_startup)  # after the cleanup contexts' setup
     web.run_app(
-        create_app(settings),
+        app,
         host=settings.http_host,
         port=settings.http_port,
         shutdown_timeout=settings.shutdown_timeout_seconds,
@@ -59,6 +62,10 @@ def main(argv: list[str] | None = None) -> None:
         access_log=ACCESS_LOGGER,
         loop=uvloop.new_event_loop(),
     )
+
+
+async def tune_gc_after_startup(app: web.Application) -> None:
+    tune_gc()
 
 
 if __name__ == "__main__":

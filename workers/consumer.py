@@ -32,6 +32,7 @@ from aio_pika.exceptions import ChannelInvalidStateError
 
 from core.amqp import connect
 from core.events import MalformedEvent, SessionClosed
+from core.runtime import tune_gc
 from core.settings import Settings
 from core.topology import Topology
 from workers.metrics import WorkerMetrics
@@ -276,6 +277,7 @@ async def run_worker(settings: Settings, name: str, open_effect: EffectFactory) 
         loop.add_signal_handler(sig, worker.stop)
     if settings.worker_metrics_port is not None:
         worker.metrics.serve(settings.worker_metrics_port)
+    tune_gc()
     try:
         await worker.run()
     finally:

@@ -1,13 +1,16 @@
-"""The close handler's fast check of a well-formed request (service/handlers.py) must
-never accept what the marshmallow schemas reject: they decide, it only saves their cost."""
+"""The fast checks of a well-formed close request (service/handlers.py) and of a
+well-formed event (core/events.py) must never accept what the marshmallow schemas
+reject: the schemas decide, the fast checks only save their cost."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.events import SessionClosed, _plain_event, _schema
 from service.handlers import (
     _authorization,
     _body_errors,
@@ -64,3 +67,67 @@ def test_the_apps_request_takes_the_fast_path() -> None:
 
 def test_a_body_nested_too_deep_for_the_parser_is_a_validation_error() -> None:
     assert _body_errors(b"[" * 16000) == {"body": ["Must be a JSON object."]}
+
+
+GOOD_EVENT: dict[str, Any] = SessionClosed(
+    event_id="0b7e3f0c-4b8a-4c5e-9d61-3f1a2b4c5d6e",
+    session_id="session-1",
+    user_id="user-1",
+    closed_at="2026-01-01T00:00:00.000Z",
+    os="Android",
+    app_version=None,
+    request_id="r1",
+).to_cloudevent("/eliab/session-service")
+
+json_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "",
+            "1.0",
+            "session.closed",
+            "application/json",
+            "user_logout",
+            "2026-01-01T00:00:00Z",
+            "2026-01-01T00:00:00",  # no offset: not aware
+            "2026-13-01T00:00:00Z",
+            "2026-01-01 00:00:00+02:00",
+            "0B7E3F0C-4B8A-4C5E-9D61-3F1A2B4C5D6E",
+            "0b7e3f0c4b8a4c5e9d613f1a2b4c5d6e",
+            "0b7e3f0c-4b8a-4c5e-9d61-3f1a2b4c5d6",
+        ]
+    ),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+
+
+@st.composite
+def events(draw: st.DrawFn) -> dict[str, Any]:
+    """The good event with a few of its fields (top level or in data) replaced, removed,
+    or joined by unknown ones."""
+    event = {**GOOD_EVENT, "data": {**GOOD_EVENT["data"]}}
+    for _ in range(draw(st.integers(1, 3))):
+        target = event if draw(st.booleans()) else event.get("data")
+        if not isinstance(target, dict):
+            break
+        key = draw(st.one_of(st.sampled_from([*sorted(target), "extra"]), st.text(max_size=5)))
+        if draw(st.integers(0, 4)) == 0:
+            target.pop(key, None)
+        else:
+            target[key] = draw(json_values)
+    return event
+
+
+@settings(max_examples=600, deadline=None)
+@given(events())
+def test_fast_event_check_accepts_only_what_the_schema_accepts(event: dict[str, Any]) -> None:
+    if _plain_event(event):
+        assert not _schema.validate(event)
+
+
+def test_the_relays_event_takes_the_fast_path() -> None:
+    assert _plain_event(GOOD_EVENT)
+    assert not _schema.validate(GOOD_EVENT)

@@ -124,6 +124,12 @@ def _check_storable(event: SessionClosed) -> None:
             raise MalformedEvent("a field contains a NUL character")
 
 
+async def keep_session(connection: asyncpg.Connection) -> None:
+    """The pool's reset on release: nothing. The worker sets no session state (the
+    advisory lock is per transaction), and asyncpg's default reset (RESET ALL, UNLISTEN,
+    ...) was a round trip per batch and 6% of the worker's CPU."""
+
+
 @asynccontextmanager
 async def open_audit(settings: Settings) -> AsyncIterator[Effect]:
     async def start() -> asyncpg.Pool:
@@ -133,6 +139,7 @@ async def open_audit(settings: Settings) -> AsyncIterator[Effect]:
             max_size=POOL_MAX_SIZE,
             timeout=DB_TIMEOUT_SECONDS,
             command_timeout=DB_TIMEOUT_SECONDS,
+            reset=keep_session,
         )
         try:
             await ensure_table(pool, settings.audit_table)

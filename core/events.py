@@ -3,13 +3,13 @@ structured-mode JSON message, and read back (and validated) by the workers."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 from marshmallow import Schema, fields, validate
 
 EVENT_TYPE = "session.closed"
@@ -133,14 +133,14 @@ class SessionClosed:
         }
 
     def encode(self, source: str) -> bytes:
-        return json.dumps(self.to_cloudevent(source), separators=(",", ":")).encode()
+        return orjson.dumps(self.to_cloudevent(source))
 
     @classmethod
     def decode(cls, body: bytes) -> SessionClosed:
         """Parse and validate a message body; raise MalformedEvent saying what is wrong."""
         try:
-            raw = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raw = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:  # also invalid UTF-8, NaN, lone surrogates
             raise MalformedEvent(f"not JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise MalformedEvent("not a JSON object")

@@ -8,12 +8,12 @@ and it is written once per request."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from datetime import UTC, datetime
 from time import perf_counter
 
+import orjson
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
@@ -39,7 +39,7 @@ class JsonAccessLogger(AbstractAccessLogger):
             "latency_ms": round(time * 1000, 3),
             "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         }
-        sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE).decode())
         sys.stdout.flush()
 
     @property

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from typing import Literal
 
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -145,7 +145,7 @@ def info_reply(
         info["errors"] = errors
     return web.Response(
         status=reply.status,
-        body=json.dumps({"info": info}, ensure_ascii=False).encode(),
+        body=orjson.dumps({"info": info}),
         content_type="application/json",
         headers=headers,
     )

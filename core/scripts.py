@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
 
@@ -26,9 +25,6 @@ class LuaScript:
             # Redis restarted (it keeps no scripts across a restart): load and run again.
             await self.load(redis)
             return await redis.evalsha(self.sha, len(keys), *keys, *args)
-
-    def queue(self, pipe: Pipeline, keys: list[str], args: list[Any]) -> None:
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
 
 
 CLOSE_SESSIONS = LuaScript("close_sessions.lua")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from core.keys import Keys
+from core.scripts import REMOVE_PUSH_TOKENS
 from core.settings import Settings
 from tests.conftest import through
 from tests.support.proxy import TcpProxy
@@ -83,3 +85,19 @@ async def test_push_cleanup_retries_while_redis_is_cut_and_cleans_up_after_resto
         await wait_until(settled, "the event handled after restore")
     assert await redis.hgetall(push) == {"token-b": "s-open"}
     assert (await broker.depth(broker.topology.dead_letter_queue("push-cleanup")))[0] == 0
+
+
+async def test_one_cleanup_failing_inside_redis_fails_alone_and_leaves_its_batch_done(
+    redis: Redis, keys: Keys
+) -> None:
+    """One script run for three sessions; the second user's push key has the wrong type."""
+    good_a, bad, good_c = keys.user_push("ua"), keys.user_push("ub"), keys.user_push("uc")
+    await redis.hset(good_a, mapping={"token-a": "s-a", "token-a2": "s-other"})
+    await redis.set(bad, "not a hash")
+    await redis.hset(good_c, "token-c", "s-c")
+    replies = await REMOVE_PUSH_TOKENS(redis, [good_a, bad, good_c], ["s-a", "s-b", "s-c"])
+    assert replies[0] == replies[2] == 1
+    assert isinstance(replies[1], ResponseError)
+    assert "WRONGTYPE" in str(replies[1])
+    assert await redis.hgetall(good_a) == {"token-a2": "s-other"}
+    assert await redis.exists(good_c) == 0

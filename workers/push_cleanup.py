@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.batching import Batcher
@@ -35,7 +34,7 @@ class PushCleanup:
     def __init__(self, redis: Redis, keys: Keys, *, max_batch: int) -> None:
         self._redis = redis
         self._keys = keys
-        # The messages in hand share one pipeline: one round trip instead of one each.
+        # The messages in hand share one script run: one command instead of one each.
         self.batcher: Batcher[SessionClosed, int] = Batcher(self._remove, max_size=max_batch)
 
     async def apply(self, event: SessionClosed) -> None:
@@ -50,21 +49,10 @@ class PushCleanup:
         )
 
     async def _remove(self, events: list[SessionClosed]) -> Sequence[int | BaseException]:
-        results = await self._run(events)
-        if any(isinstance(r, NoScriptError) for r in results):
-            # Redis lost its script cache (restart): none of these ran. Load, run again.
-            await REMOVE_PUSH_TOKENS.load(self._redis)
-            results = await self._run(events)
-        return [r if isinstance(r, BaseException) else int(r) for r in results]
-
-    async def _run(self, events: list[SessionClosed]) -> list[int | BaseException]:
-        pipe = self._redis.pipeline(transaction=False)
-        for event in events:
-            REMOVE_PUSH_TOKENS.queue(
-                pipe, [self._keys.user_push(event.user_id)], [event.session_id]
-            )
-        results: list[int | BaseException] = await pipe.execute(raise_on_error=False)
-        return results
+        keys = [self._keys.user_push(event.user_id) for event in events]
+        replies = await REMOVE_PUSH_TOKENS(self._redis, keys, [e.session_id for e in events])
+        # A session whose cleanup failed inside Redis comes back as its own ResponseError.
+        return [r if isinstance(r, BaseException) else int(r) for r in replies]
 
 
 @asynccontextmanager

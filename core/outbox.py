@@ -43,7 +43,6 @@ Entry = tuple[str, dict[str, str]]
 # while holding the channel lock, and the publishes queued behind it then go one per
 # loop iteration. Under HTTP load (5 ms iterations) 25 gave 167 events/s, 10 gives 758.
 PUBLISH_SLICE = 10
-BACKOFF_START_SECONDS = 0.1
 MAX_BACKOFF_SECONDS = 5.0
 PERSISTENT = aio_pika.DeliveryMode.PERSISTENT.value
 
@@ -83,14 +82,8 @@ class Relay:
         self._on_failed = on_failed
         self._retry_own = True  # first look at what this consumer already holds
         self._next_claim = 0.0
-        # Windows publishing now, and how many entries they hold together (at most
-        # RELAY_BATCH_SIZE). A window waits for its confirms, and the broker's confirm
-        # latency now and then reaches 100 ms (quorum queues commit to disk): with one
-        # window at a time, every close arriving meanwhile waited for it too.
-        self._windows: set[asyncio.Task[None]] = set()
-        self._in_flight = 0
-        self._window_failed = False
-        self._backoff = BACKOFF_START_SECONDS
+        self._batch_done = asyncio.Event()
+        self._batch_done.set()
         self._stopping = False
         # Block well inside the client's socket timeout, which applies to blocking reads
         # too: blocking as long as the timeout made an idle relay time out every second.
@@ -98,88 +91,60 @@ class Relay:
 
     async def run(self, exchange: AbstractExchange) -> None:
         self._exchange = exchange
+        backoff = 0.1
         # Quietly: Redis may be down as the relay starts; the loop below retries until
         # it is back (a missing group fails XREADGROUP, which recreates it).
         await self._ensure_group_quietly()
         while not self._stopping:
             try:
-                if self._window_failed:
-                    self._window_failed = False
-                    await self._back_off()
+                entries = await self._next_entries()
+                if not entries:
                     continue
-                if self._retry_own:
-                    # Reading this consumer's pending entries ("0") returns those that
-                    # windows hold too: read them only once no window is in flight.
-                    await self._wait_windows()
-                room = self._settings.relay_batch_size - self._in_flight
-                if room <= 0:
-                    await asyncio.wait(self._windows, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                entries = await self._next_entries(room)
-                if entries and not self._stopping:
-                    self._start_window(entries)
+                self._batch_done.clear()
+                try:
+                    failed = await self._publish(entries)
+                finally:
+                    self._batch_done.set()
+                if failed:
+                    self._retry_own = True
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                else:
+                    backoff = 0.1
             except (RedisError, OSError) as exc:
                 log.warning("outbox relay cannot reach Redis: %s", exc)
-                await self._back_off()
+                self._retry_own = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                await self._ensure_group_quietly()
             except Exception:
                 log.exception("outbox relay failed; retrying")
-                await self._back_off()
-
-    async def _back_off(self) -> None:
-        """After a failure: let the windows in flight finish, wait, then start again
-        from this consumer's pending entries."""
-        await self._wait_windows()
-        self._retry_own = True
-        await asyncio.sleep(self._backoff)
-        self._backoff = min(self._backoff * 2, MAX_BACKOFF_SECONDS)
-        await self._ensure_group_quietly()
-
-    def _start_window(self, entries: list[Entry]) -> None:
-        self._in_flight += len(entries)
-        task = asyncio.create_task(self._window(entries))
-        self._windows.add(task)
-        task.add_done_callback(self._windows.discard)
-
-    async def _window(self, entries: list[Entry]) -> None:
-        try:
-            if await self._publish(entries):
-                self._window_failed = True
-            else:
-                self._backoff = BACKOFF_START_SECONDS
-        except Exception as exc:  # Redis gone before the XACK: the entries stay pending
-            log.warning("outbox relay window of %d entries failed: %r", len(entries), exc)
-            self._window_failed = True
-        finally:
-            self._in_flight -= len(entries)
-
-    async def _wait_windows(self) -> None:
-        if self._windows:
-            await asyncio.wait(self._windows)
+                self._retry_own = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                await self._ensure_group_quietly()
 
     async def stop(self, task: asyncio.Task[None]) -> None:
-        """Stop reading, let the windows in flight get their confirms (bounded), stop."""
+        """Let the batch in flight get its confirms (bounded), then stop reading."""
         self._stopping = True
-        if self._windows:
-            _, late = await asyncio.wait(
-                self._windows, timeout=self._settings.publish_timeout_seconds + 1
+        try:
+            await asyncio.wait_for(
+                self._batch_done.wait(), self._settings.publish_timeout_seconds + 1
             )
-            if late:
-                log.warning("outbox relay stopped with publishes unconfirmed; they stay pending")
+        except TimeoutError:
+            log.warning("outbox relay stopped with publishes unconfirmed; they stay pending")
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        for window in list(self._windows):
-            window.cancel()
-        if self._windows:
-            await asyncio.wait(self._windows)
 
     async def _ensure_group_quietly(self) -> None:
         # A Redis restarted without persistence has lost the stream and its group.
         with contextlib.suppress(RedisError, OSError):
             await ensure_group(self._redis, self._keys)
 
-    async def _next_entries(self, count: int) -> list[Entry]:
+    async def _next_entries(self) -> list[Entry]:
         loop = asyncio.get_running_loop()
+        count = self._settings.relay_batch_size
         if loop.time() >= self._next_claim:
             self._next_claim = loop.time() + self._settings.relay_claim_idle_seconds / 2
             claimed = await self._redis.xautoclaim(

@@ -22,8 +22,6 @@ class TcpProxy:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
-        self._replies_flow = asyncio.Event()
-        self._replies_flow.set()
 
     def start(self) -> TcpProxy:
         self._thread.start()
@@ -43,14 +41,6 @@ class TcpProxy:
 
     def restore(self) -> None:
         self._call(self._restore())
-
-    def hold_replies(self) -> None:
-        """Keep what the target sends (replies, a broker's confirms) from reaching the
-        code under test until release_replies(); what the code sends still flows."""
-        self._call(self._gate_replies(open_=False))
-
-    def release_replies(self) -> None:
-        self._call(self._gate_replies(open_=True))
 
     @property
     def open_connections(self) -> int:
@@ -78,12 +68,6 @@ class TcpProxy:
         self._mode = None
         await self._drop_all()  # blackholed connections never worked: close them too
 
-    async def _gate_replies(self, *, open_: bool) -> None:
-        if open_:
-            self._replies_flow.set()
-        else:
-            self._replies_flow.clear()
-
     async def _drop_all(self) -> None:
         for writer in list(self._writers):
             writer.transport.abort()
@@ -103,21 +87,12 @@ class TcpProxy:
             return
         self._writers.add(up_writer)
         await asyncio.gather(
-            self._pipe(reader, up_writer),
-            self._pipe(up_reader, writer, gate=self._replies_flow),
-            return_exceptions=True,
+            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
         )
 
-    async def _pipe(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        gate: asyncio.Event | None = None,
-    ) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
-                if gate is not None:
-                    await gate.wait()
                 if self._mode is not None:
                     break
                 writer.write(data)

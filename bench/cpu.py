@@ -70,11 +70,11 @@ class CpuMeter:
         hz = os.sysconf("SC_CLK_TCK")
         busy1, total1 = _machine_busy()
         busy = (busy1 - self._machine0[0]) / max(1, total1 - self._machine0[1])
-        shares = [
-            f"{name} {(end[name] - self._start.get(name, 0)) / hz / seconds:.0%}"
-            for name in self._groups
-        ]
-        cores = os.cpu_count()
+        used = {name: (end[name] - self._start.get(name, 0)) / hz / seconds for name in end}
+        cores = os.cpu_count() or 1
+        # The rest of the busy time: wrk, the bench itself, the kernel's own work.
+        other = max(0.0, busy * cores - sum(used.values()))
+        shares = [f"{name} {share:.0%}" for name, share in used.items()] + [f"other {other:.0%}"]
         return (
             f"CPU (100% = one core): {', '.join(shares)}; machine {busy:.0%} busy of {cores} cores"
         )

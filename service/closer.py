@@ -70,12 +70,18 @@ class SessionCloser:
     async def _run_batch(
         self, requests: list[CloseRequest]
     ) -> Sequence[CloseOutcome | BaseException]:
-        # One bound for the whole batch (each caller waits at most one loop iteration
-        # before it starts): every caller of a batch that times out gets TimeoutError.
         args: list[str | int] = [self._keys.prefix, self._ttl, rfc3339_now()]
         for r in requests:
-            args += (token_digest(r.token), r.session_id, r.event_id, r.os, r.app_version)
-            args.append(r.request_id)
+            args += (
+                token_digest(r.token),
+                r.session_id,
+                r.event_id,
+                r.os,
+                r.app_version,
+                r.request_id,
+            )
+        # One bound for the whole batch (each caller waits at most one loop iteration
+        # before it starts): every caller of a batch that times out gets TimeoutError.
         async with asyncio.timeout(self._timeout):
             replies = await CLOSE_SESSIONS(self._redis, [self._keys.outbox], args)
         # A close that failed inside Redis comes back as its own ResponseError.

@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from core.settings import Settings, env_help, settings_or_exit
+from session_close.settings import Settings, env_help, settings_or_exit
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

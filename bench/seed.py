@@ -1,6 +1,6 @@
 """Bulk seeding of tokens and sessions in the login side's form (SPEC section 2).
 
-Per session this writes what core.cli.create_session writes, but many sessions share
+Per session this writes what session_close.cli.create_session writes, but many sessions share
 one pipeline round trip, so 100k sessions take seconds. The names match close.lua:
 session i is "b<run>-<i>", owned by user "bu<i % users>" with token "bt-<run>-<i % users>".
 """
@@ -11,7 +11,7 @@ import time
 
 from redis.asyncio import Redis
 
-from core.keys import Keys
+from session_close.keys import Keys
 
 USERS = 1000
 TTL_SECONDS = 3600

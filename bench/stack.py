@@ -26,9 +26,9 @@ import aio_pika
 import asyncpg
 from redis.asyncio import Redis
 
-from core.keys import Keys
-from core.settings import Settings
-from core.topology import WORKERS, Topology
+from session_close.keys import Keys
+from session_close.settings import Settings
+from session_close.topology import WORKERS, Topology
 
 log = logging.getLogger(__name__)
 

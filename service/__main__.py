@@ -8,9 +8,9 @@ import dataclasses
 
 from aiohttp import web
 
-from core.logs import configure_logging
-from core.runtime import tune_gc
-from core.settings import env_help, settings_or_exit
+from session_close.logs import configure_logging
+from session_close.runtime import tune_gc
+from session_close.settings import env_help, settings_or_exit
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvloop
 
     if args.command == "relay":
-        from core.outbox import run_standalone
+        from service.relay import run_standalone
 
         uvloop.run(run_standalone(settings))
         return

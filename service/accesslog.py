@@ -2,7 +2,7 @@
 logged without its query string, and no header is logged at all, so tokens and session
 ids never reach the access log.
 
-The line has the fields core.logs gives every line, but is written straight to stdout:
+The line has the fields session_close.logs gives every line, but is written straight to stdout:
 through logging and structlog's processor chain it cost about 20 us, against 3 us here,
 and it is written once per request."""
 

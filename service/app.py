@@ -10,18 +10,18 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from core import amqp
-from core.keys import Keys
-from core.outbox import Relay, ensure_group, open_exchange
-from core.redis_client import connect_redis
-from core.scripts import CLOSE_SESSIONS
-from core.settings import Settings
 from service.appkeys import AMQP, CLOSER, METRICS, REDIS, RELAY, SETTINGS
 from service.closer import SessionCloser
 from service.handlers import close_session
 from service.middlewares import info_replies
 from service.ops import measure_requests, setup_ops
+from service.relay import Relay, ensure_group, open_exchange
 from service.schemas import MAX_BODY_BYTES
+from session_close import amqp
+from session_close.keys import Keys
+from session_close.redis_client import connect_redis
+from session_close.scripts import CLOSE_SESSIONS
+from session_close.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 from redis.asyncio import Redis
 
-from core.outbox import Relay
-from core.settings import Settings
 from service.closer import SessionCloser
 from service.metrics import Metrics
+from service.relay import Relay
+from session_close.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", Redis)

@@ -14,10 +14,10 @@ from enum import Enum
 
 from redis.asyncio import Redis
 
-from core.batching import Batcher
-from core.keys import Keys, token_digest
-from core.scripts import CLOSE_SESSIONS
-from core.settings import Settings
+from session_close.batching import Batcher
+from session_close.keys import Keys, token_digest
+from session_close.scripts import CLOSE_SESSIONS
+from session_close.settings import Settings
 
 MAX_BATCH = 256
 

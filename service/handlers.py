@@ -9,7 +9,6 @@ import orjson
 from aiohttp import web
 from marshmallow import Schema
 
-from core.logs import short_id
 from service.appkeys import CLOSER, METRICS, REQUEST_ID
 from service.closer import CloseOutcome, CloseRequest
 from service.replies import Reply, info_reply
@@ -23,6 +22,7 @@ from service.schemas import (
     CloseHeadersSchema,
     header_values,
 )
+from session_close.logs import short_id
 
 log = logging.getLogger(__name__)
 

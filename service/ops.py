@@ -14,13 +14,13 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from core import amqp
-from core.keys import Keys
-from core.outbox import backlog
 from service.appkeys import AMQP, METRICS, REDIS, REQUEST_STARTED, SETTINGS
 from service.metrics import UNMATCHED, Metrics
 from service.openapi import spec_json
+from service.relay import backlog
 from service.replies import Reply, info_reply
+from session_close import amqp
+from session_close.keys import Keys
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from core.keys import Keys
-from core.settings import Settings
-from core.topology import Topology
 from service.app import create_app
 from service.appkeys import AMQP
+from session_close.keys import Keys
+from session_close.settings import Settings
+from session_close.topology import Topology
 from tests.support.proxy import TcpProxy
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from core.keys import Keys
-from core.settings import Settings
+from session_close.keys import Keys
+from session_close.settings import Settings
 from tests.support.closing import BODY, CLOSE_PATH, Client, app_headers, snapshot
 
 
@@ -23,7 +23,7 @@ async def sessionctl(settings: Settings, *args: str, **env: str) -> tuple[int, s
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "core.cli",
+        "session_close.cli",
         *args,
         env=os.environ
         | {"REDIS_URL": settings.redis_url, "REDIS_KEY_PREFIX": settings.redis_key_prefix}

@@ -18,11 +18,11 @@ from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from core.keys import Keys
-from core.settings import Settings
 from service.app import create_app
 from service.appkeys import AMQP
 from service.schemas import MAX_BODY_BYTES, InfoReplySchema
+from session_close.keys import Keys
+from session_close.settings import Settings
 from tests.conftest import through
 from tests.support.closing import (
     APP_CONTENT_TYPE,

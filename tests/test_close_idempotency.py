@@ -10,10 +10,10 @@ from collections import Counter
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from core.keys import Keys, token_digest
-from core.scripts import CLOSE_SESSIONS
-from core.settings import Settings
-from core.topology import Topology
+from session_close.keys import Keys, token_digest
+from session_close.scripts import CLOSE_SESSIONS
+from session_close.settings import Settings
+from session_close.topology import Topology
 from tests.support.closing import (
     BODY,
     CLOSE_PATH,

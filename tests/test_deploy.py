@@ -18,14 +18,14 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from core.settings import Settings, SettingsSchema
-from core.topology import WORKERS, Topology
 from service.app import create_app
+from session_close.settings import Settings, SettingsSchema
+from session_close.topology import WORKERS, Topology
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-SETTING_NAMES = frozenset(SettingsSchema().fields)
+SETTING_NAMES = frozenset(SettingsSchema.fields)
 IMAGE = "eliab-session-close"
 
 Manifest = dict[str, Any]

@@ -17,11 +17,11 @@ from aio_pika.abc import AbstractIncomingMessage
 from aiohttp.pytest_plugin import AiohttpClient
 from redis.asyncio import Redis
 
-from core.keys import Keys, token_digest
-from core.settings import Settings
-from core.topology import Topology
 from service.app import create_app
 from service.appkeys import AMQP
+from session_close.keys import Keys, token_digest
+from session_close.settings import Settings
+from session_close.topology import Topology
 from tests.support.closing import BODY, CLOSE_PATH, Client, app_headers, open_session, wait_until
 
 USER, SID = "user-42", "session-0001"
@@ -201,7 +201,7 @@ async def test_the_event_body_round_trips_through_the_workers_decoder(
     keys: Keys,
     audit_messages: list[AbstractIncomingMessage],
 ) -> None:
-    from core.events import SessionClosed
+    from session_close.events import SessionClosed
 
     await open_session(redis, keys, USER, SID, TOKEN)
     await client.post(CLOSE_PATH, headers=app_headers(TOKEN, SID), data=BODY)

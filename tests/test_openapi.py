@@ -29,9 +29,6 @@ from schemathesis.checks import (
 from schemathesis.core.result import Ok
 from schemathesis.generation import GenerationMode
 
-from core.cli import create_session, create_token
-from core.keys import Keys
-from core.settings import Settings
 from service.openapi import CLOSE_PATH, build_spec
 from service.schemas import (
     AuthorizationSchema,
@@ -39,6 +36,9 @@ from service.schemas import (
     CloseHeadersSchema,
     InfoSchema,
 )
+from session_close.cli import create_session, create_token
+from session_close.keys import Keys
+from session_close.settings import Settings
 from tests.support.processes import free_port, running, settings_env, wait_for_port
 
 Client = TestClient[web.Request, web.Application]

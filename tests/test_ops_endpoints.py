@@ -14,11 +14,11 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from core.cli import create_session, create_token
-from core.keys import Keys
-from core.settings import Settings
 from service.app import create_app
 from service.appkeys import AMQP, METRICS
+from session_close.cli import create_session, create_token
+from session_close.keys import Keys
+from session_close.settings import Settings
 from tests.conftest import through
 from tests.support.proxy import TcpProxy
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from core.cli import create_session, create_token
-from core.keys import Keys
-from core.settings import Settings
+from session_close.cli import create_session, create_token
+from session_close.keys import Keys
+from session_close.settings import Settings
 from tests.conftest import through
 from tests.support.processes import free_port, running, settings_env, wait_for_port
 from tests.support.proxy import TcpProxy

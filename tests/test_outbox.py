@@ -21,13 +21,13 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp.pytest_plugin import AiohttpClient
 from redis.asyncio import Redis
 
-from core.keys import OUTBOX_GROUP, Keys, token_digest
-from core.outbox import Relay, ensure_group
-from core.scripts import CLOSE_SESSIONS
-from core.settings import Settings
-from core.topology import Topology
 from service.app import create_app
 from service.appkeys import AMQP
+from service.relay import Relay, ensure_group
+from session_close.keys import OUTBOX_GROUP, Keys, token_digest
+from session_close.scripts import CLOSE_SESSIONS
+from session_close.settings import Settings
+from session_close.topology import Topology
 from tests.conftest import through
 from tests.support.closing import (
     BODY,
@@ -245,9 +245,9 @@ async def test_an_idle_relay_does_not_time_out_on_redis(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Its blocking read must end inside the client's socket timeout; it used not to."""
-    from core.redis_client import connect_redis
+    from session_close.redis_client import connect_redis
 
-    caplog.set_level(logging.WARNING, logger="core.outbox")
+    caplog.set_level(logging.WARNING, logger="service.relay")
     relay_redis = connect_redis(settings)
     connection = await aio_pika.connect_robust(settings.amqp_url)
     async with connection:
@@ -260,7 +260,7 @@ async def test_an_idle_relay_does_not_time_out_on_redis(
         assert not done
         await relay.stop(task)
     await relay_redis.aclose()
-    assert [r.getMessage() for r in caplog.records if r.name == "core.outbox"] == []
+    assert [r.getMessage() for r in caplog.records if r.name == "service.relay"] == []
 
 
 @pytest.mark.parametrize("mode", ["reset", "blackhole"])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from core.settings import Settings, SettingsError
+from session_close.settings import Settings, SettingsError
 
 SPEC_DEFAULTS = {
     "HTTP_HOST": "0.0.0.0",

@@ -1,5 +1,5 @@
 """The fast checks of a well-formed close request (service/handlers.py) and of a
-well-formed event (core/events.py) must never accept what the marshmallow schemas
+well-formed event (session_close/events.py) must never accept what the marshmallow schemas
 reject: the schemas decide, the fast checks only save their cost."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.events import SessionClosed, _plain_event, _schema
 from service.handlers import (
     _authorization,
     _body_errors,
@@ -19,6 +18,7 @@ from service.handlers import (
     _plain_authorization,
     _plain_request,
 )
+from session_close.events import SessionClosed, _plain_event, _schema
 
 header_text = st.one_of(
     st.text(max_size=80),

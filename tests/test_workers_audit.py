@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from core.settings import Settings
+from session_close.settings import Settings
 from tests.conftest import through
 from tests.support.proxy import TcpProxy
 from tests.support.workers import (

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from core.settings import Settings
+from session_close.settings import Settings
 from tests.support.workers import (
     AuditTable,
     Broker,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 
-from core.settings import Settings
+from session_close.settings import Settings
 from tests.conftest import through
 from tests.support.proxy import TcpProxy
 from tests.support.workers import (

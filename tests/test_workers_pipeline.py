@@ -6,9 +6,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from core.cli import create_session, create_token
-from core.keys import Keys
-from core.settings import Settings
+from session_close.cli import create_session, create_token
+from session_close.keys import Keys
+from session_close.settings import Settings
 from tests.support.workers import (
     AuditTable,
     audit_table_fixture,  # noqa: F401 (fixture)

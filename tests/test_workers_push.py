@@ -5,9 +5,9 @@ from __future__ import annotations
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from core.keys import Keys
-from core.scripts import REMOVE_PUSH_TOKENS
-from core.settings import Settings
+from session_close.keys import Keys
+from session_close.scripts import REMOVE_PUSH_TOKENS
+from session_close.settings import Settings
 from tests.conftest import through
 from tests.support.proxy import TcpProxy
 from tests.support.workers import (

@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from core.logs import configure_logging
-from core.settings import env_help, settings_or_exit
-from core.topology import WORKERS
+from session_close.logs import configure_logging
+from session_close.settings import env_help, settings_or_exit
+from session_close.topology import WORKERS
 
 
 def _positive(text: str) -> int:

@@ -2,7 +2,7 @@
 
 Rows are keyed by event id and inserted with ON CONFLICT DO NOTHING, so a redelivered
 event (or one taken by a second copy of the worker) adds nothing. The messages in hand
-share one INSERT (core.batching.Batcher); each is acked only after that commit.
+share one INSERT (session_close.batching.Batcher); each is acked only after that commit.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from datetime import datetime
 
 import asyncpg
 
-from core.batching import Batcher
-from core.events import REASON, MalformedEvent, SessionClosed
-from core.logs import short_id
-from core.settings import Settings
-from workers.consumer import Effect, retry_until_ready
+from session_close.batching import Batcher
+from session_close.events import REASON, MalformedEvent, SessionClosed
+from session_close.logs import short_id
+from session_close.retry import retry
+from session_close.settings import Settings
+from workers.consumer import Effect
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ async def open_audit(settings: Settings) -> AsyncIterator[Effect]:
             raise
         return pool
 
-    pool = await retry_until_ready("connecting to PostgreSQL", start)
+    pool = await retry("connecting to PostgreSQL", start)
     trail = AuditTrail(pool, settings.audit_table, max_batch=settings.worker_concurrency)
     try:
         yield trail

@@ -20,29 +20,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from aio_pika.exceptions import ChannelInvalidStateError
 
-from core.amqp import connect
-from core.events import MalformedEvent, SessionClosed
-from core.runtime import tune_gc
-from core.settings import Settings
-from core.topology import Topology
+from session_close.amqp import connect
+from session_close.events import MalformedEvent, SessionClosed
+from session_close.retry import Backoff, Policy
+from session_close.runtime import tune_gc
+from session_close.settings import Settings
+from session_close.topology import Topology
 from workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
-BACKOFF_START_SECONDS = 0.1
-BACKOFF_MAX_SECONDS = 5.0
+RETRY = Policy(first=0.1, cap=5.0)
 # Bounds on broker round trips during shutdown, so a dead broker cannot hold it up.
 BROKER_CALL_TIMEOUT_SECONDS = 2.0
 
@@ -59,18 +57,6 @@ class Effect(Protocol):
 EffectFactory = Callable[[Settings], AbstractAsyncContextManager[Effect]]
 
 
-async def retry_until_ready(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
-    """Retry a start-up step (a backend not yet reachable) with capped backoff."""
-    backoff = BACKOFF_START_SECONDS
-    while True:
-        try:
-            return await attempt()
-        except Exception as exc:
-            log.warning("%s failed (%r); retrying in %.1fs", what, exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_SECONDS)
-
-
 class Worker:
     def __init__(
         self,
@@ -79,13 +65,13 @@ class Worker:
         open_effect: EffectFactory,
         *,
         metrics: WorkerMetrics | None = None,
-        max_backoff: float = BACKOFF_MAX_SECONDS,
+        retry_policy: Policy = RETRY,
     ) -> None:
         self.name = name
         self.metrics = metrics or WorkerMetrics(name)
         self._settings = settings
         self._open_effect = open_effect
-        self._max_backoff = max_backoff
+        self._retry_policy = retry_policy
         self._topology = Topology.from_settings(settings)
         self._slots = asyncio.Semaphore(settings.worker_concurrency)
         self._stopping = asyncio.Event()
@@ -197,7 +183,7 @@ class Worker:
 
     async def _apply(self, message: AbstractIncomingMessage, event: SessionClosed) -> str:
         assert self._effect is not None
-        backoff = BACKOFF_START_SECONDS
+        backoff = Backoff(self._retry_policy)
         retried = False
         while True:
             try:
@@ -207,13 +193,11 @@ class Worker:
             except Exception as exc:
                 retried = True
                 self.metrics.retried()
-                delay = backoff * random.uniform(0.8, 1.2)
+                delay = backoff.next_delay()
                 log.warning(
-                    "worker %s could not apply event (%r); retrying in %.1fs",
-                    self.name,
-                    exc,
-                    delay,
+                    "worker could not apply event; retrying",
                     exc_info=not isinstance(exc, self._effect.transient),
+                    extra={"worker": self.name, "error": repr(exc), "delay": delay},
                 )
                 if await self._stopped_within(delay):
                     return await self._settle(message, requeue=True)
@@ -222,7 +206,6 @@ class Worker:
                     # after the reconnect): working on this copy too would only race it.
                     log.warning("worker %s dropped a held message: its channel closed", self.name)
                     return "requeued"
-                backoff = min(backoff * 2, self._max_backoff)
                 continue
             outcome = await self._settle(message, requeue=None)
             return "retried" if retried and outcome == "acked" else outcome

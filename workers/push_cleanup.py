@@ -1,7 +1,7 @@
 """The push-cleanup worker: removes from user:<uid>:push every push token still mapped
 to the closed session.
 
-The compare-and-delete runs in Redis (core/remove_push_tokens.lua), so a token that a
+The compare-and-delete runs in Redis (session_close/lua/remove_push_tokens.lua), so a token that a
 newer session on the same device re-registered, mapping it to the new session id, is
 kept even when this event arrives late or twice.
 """
@@ -16,13 +16,13 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from core.batching import Batcher
-from core.events import SessionClosed
-from core.keys import Keys
-from core.logs import short_id
-from core.redis_client import connect_redis
-from core.scripts import REMOVE_PUSH_TOKENS
-from core.settings import Settings
+from session_close.batching import Batcher
+from session_close.events import SessionClosed
+from session_close.keys import Keys
+from session_close.logs import short_id
+from session_close.redis_client import connect_redis
+from session_close.scripts import REMOVE_PUSH_TOKENS
+from session_close.settings import Settings
 from workers.consumer import Effect
 
 log = logging.getLogger(__name__)

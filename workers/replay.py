@@ -17,9 +17,9 @@ import logging
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-from core.amqp import connect
-from core.settings import Settings
-from core.topology import Topology
+from session_close.amqp import connect
+from session_close.settings import Settings
+from session_close.topology import Topology
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from core.cli import create_session, create_token
-from core.keys import Keys
-from core.settings import Settings
-from core.topology import Topology
+from session_close.cli import create_session, create_token
+from session_close.keys import Keys
+from session_close.settings import Settings
+from session_close.topology import Topology
 from tests.conftest import through
 from tests.support.events import collect_event_ids
 from tests.support.processes import free_port, log_tail, running, settings_env, wait_for_port

@@ -12,8 +12,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from core.cli import create_session, create_token
-from core.keys import Keys
+from session_close.cli import create_session, create_token
+from session_close.keys import Keys
 
 CLOSE_PATH = "/v1.0/session/close"
 # What the mobile apps send today, literally (SPEC section 1).

@@ -7,8 +7,8 @@ from collections import Counter
 
 import aio_pika
 
-from core.settings import Settings
-from core.topology import Topology
+from session_close.settings import Settings
+from session_close.topology import Topology
 
 
 async def collect_event_ids(

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
-from core.settings import Settings
+from session_close.settings import Settings
 
 
 def free_port() -> int:

@@ -18,6 +18,9 @@ class TcpProxy:
         self.target = (target_host, target_port)
         self.port = 0
         self._mode: Mode | None = None
+        # Connections the proxy was asked for, refused ones included: how a test sees
+        # that the code under test tried (and retried) to reach its peer.
+        self.accepted = 0
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -74,6 +77,7 @@ class TcpProxy:
         self._writers.clear()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
         if self._mode == "reset":
             writer.transport.abort()
             return

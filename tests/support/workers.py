@@ -21,9 +21,10 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from core.events import CONTENT_TYPE, SessionClosed
-from core.settings import Settings
-from core.topology import ROUTING_KEY, Topology
+from session_close.events import CONTENT_TYPE, SessionClosed
+from session_close.retry import Policy
+from session_close.settings import Settings
+from session_close.topology import ROUTING_KEY, Topology
 from workers.consumer import EffectFactory, Worker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,7 +173,12 @@ async def running(worker: Worker) -> AsyncIterator[Worker]:
 def in_process(
     settings: Settings, name: str, open_effect: EffectFactory, **overrides: Any
 ) -> Worker:
-    return Worker(dataclasses.replace(settings, **overrides), name, open_effect, max_backoff=0.5)
+    return Worker(
+        dataclasses.replace(settings, **overrides),
+        name,
+        open_effect,
+        retry_policy=Policy(first=0.1, cap=0.5),
+    )
 
 
 def environment(settings: Settings) -> dict[str, str]:

@@ -14,8 +14,8 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 from pamqp.common import FieldTable
 
-from core.events import EVENT_TYPE
-from core.settings import Settings
+from session_close.events import EVENT_TYPE
+from session_close.settings import Settings
 
 ROUTING_KEY = EVENT_TYPE
 WORKERS = ("audit", "push-cleanup")

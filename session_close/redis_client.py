@@ -6,7 +6,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from core.settings import Settings
+from session_close.settings import Settings
 
 
 def connect_redis(settings: Settings) -> Redis:

@@ -12,9 +12,9 @@ import time
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
-from core.keys import Keys
-from core.redis_client import connect_redis
-from core.settings import Settings, env_help, settings_or_exit
+from session_close.keys import Keys
+from session_close.redis_client import connect_redis
+from session_close.settings import Settings, env_help, settings_or_exit
 
 
 async def create_token(redis: Redis, keys: Keys, user_id: str, token: str, ttl: int) -> None:

@@ -1,4 +1,4 @@
-"""Redis Lua scripts, each kept in its own .lua file beside this module and loaded once."""
+"""Redis Lua scripts, each kept in its own file in lua/ beside this module and loaded once."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from redis.exceptions import NoScriptError
 
 class LuaScript:
     def __init__(self, filename: str) -> None:
-        self.source = Path(__file__).with_name(filename).read_text()
+        self.source = (Path(__file__).parent / "lua" / filename).read_text()
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     async def load(self, redis: Redis) -> None:

@@ -29,10 +29,11 @@ from pamqp.commands import Basic
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from core.events import CONTENT_TYPE, SessionClosed
-from core.keys import OUTBOX_GROUP, Keys
-from core.settings import Settings
-from core.topology import ROUTING_KEY
+from session_close.events import CONTENT_TYPE, SessionClosed
+from session_close.keys import OUTBOX_GROUP, Keys
+from session_close.retry import Backoff, Policy, retry
+from session_close.settings import Settings
+from session_close.topology import ROUTING_KEY
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ Entry = tuple[str, dict[str, str]]
 # while holding the channel lock, and the publishes queued behind it then go one per
 # loop iteration. Under HTTP load (5 ms iterations) 25 gave 167 events/s, 10 gives 758.
 PUBLISH_SLICE = 10
-MAX_BACKOFF_SECONDS = 5.0
+RELAY = Policy(first=0.1, cap=5.0)
+CHANNEL = Policy(first=1.0, cap=1.0)
 PERSISTENT = aio_pika.DeliveryMode.PERSISTENT.value
 
 
@@ -91,7 +93,7 @@ class Relay:
 
     async def run(self, exchange: AbstractExchange) -> None:
         self._exchange = exchange
-        backoff = 0.1
+        backoff = Backoff(RELAY)
         # Quietly: Redis may be down as the relay starts; the loop below retries until
         # it is back (a missing group fails XREADGROUP, which recreates it).
         await self._ensure_group_quietly()
@@ -105,24 +107,17 @@ class Relay:
                     failed = await self._publish(entries)
                 finally:
                     self._batch_done.set()
-                if failed:
-                    self._retry_own = True
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
-                else:
-                    backoff = 0.1
+                if not failed:
+                    backoff.reset()
+                    continue
             except (RedisError, OSError) as exc:
-                log.warning("outbox relay cannot reach Redis: %s", exc)
-                self._retry_own = True
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                log.warning("outbox relay cannot reach Redis", extra={"error": repr(exc)})
                 await self._ensure_group_quietly()
             except Exception:
                 log.exception("outbox relay failed; retrying")
-                self._retry_own = True
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
                 await self._ensure_group_quietly()
+            self._retry_own = True
+            await backoff.sleep()
 
     async def stop(self, task: asyncio.Task[None]) -> None:
         """Let the batch in flight get its confirms (bounded), then stop reading."""
@@ -271,22 +266,22 @@ async def open_exchange(
     connection: AbstractRobustConnection, settings: Settings
 ) -> AbstractExchange:
     """The exchange on a channel of its own with publisher confirms, for a relay."""
-    while True:
-        try:
-            channel = await connection.channel(publisher_confirms=True)
-            return await channel.get_exchange(settings.amqp_exchange, ensure=False)
-        except Exception as exc:  # aiormq raises RuntimeError on a closed link too
-            # The broker went away between connecting and this: without the retry the
-            # relay would be gone for the life of the process.
-            log.warning("outbox relay cannot open its channel (%r); retrying", exc)
-            await asyncio.sleep(1)
+
+    async def attempt() -> AbstractExchange:
+        # aiormq raises RuntimeError on a closed link too. The broker may go away between
+        # connecting and this: without the retry the relay would be gone for the life of
+        # the process.
+        channel = await connection.channel(publisher_confirms=True)
+        return await channel.get_exchange(settings.amqp_exchange, ensure=False)
+
+    return await retry("opening the outbox relay's channel", attempt, policy=CHANNEL)
 
 
 async def run_standalone(settings: Settings) -> None:
     """The relay as its own process (`python -m service relay`), until SIGTERM/SIGINT."""
-    from core.amqp import connect_and_declare
-    from core.redis_client import connect_redis
-    from core.runtime import tune_gc
+    from session_close.amqp import connect_and_declare
+    from session_close.redis_client import connect_redis
+    from session_close.runtime import tune_gc
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -14,36 +14,45 @@ import logging
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
-from core.settings import Settings
+from session_close.retry import Policy, retry
+from session_close.settings import Settings
 
 log = logging.getLogger(__name__)
 
 # Closing a connection to a broker that went silent must not hold anything up.
 CLOSE_TIMEOUT_SECONDS = 2.0
+BROKER = Policy(first=0.2, cap=5.0)
 
 
-async def connect(settings: Settings, *, max_backoff: float = 5.0) -> AbstractRobustConnection:
-    backoff = 0.2
-    while True:
+async def connect(settings: Settings, *, policy: Policy = BROKER) -> AbstractRobustConnection:
+    async def attempt() -> AbstractRobustConnection:
         connection = aio_pika.RobustConnection(
             aio_pika.connection.make_url(settings.amqp_url),
             client_properties={"connection_name": "eliab-session-close"},
         )
         try:
             await connection.connect(timeout=max(settings.publish_timeout_seconds, 1.0))
-            return connection
-        except BaseException as exc:
+        except BaseException:
             # Unlike aio_pika.connect_robust, close what a failed or cancelled attempt
             # started: its reconnect task ignores cancellation until close() is called,
             # and would otherwise keep the event loop from ever shutting down.
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
-                    await connection.close()
-            if not isinstance(exc, (TimeoutError, OSError, aio_pika.exceptions.AMQPError)):
-                raise
-            log.warning("RabbitMQ unreachable (%s); retrying in %.1fs", exc, backoff)
-        await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, max_backoff)
+            await close_quietly(connection)
+            raise
+        return connection
+
+    return await retry(
+        "connecting to RabbitMQ",
+        attempt,
+        policy=policy,
+        transient=(TimeoutError, OSError, aio_pika.exceptions.AMQPError),
+    )
+
+
+async def close_quietly(connection: AbstractRobustConnection) -> None:
+    """Close within CLOSE_TIMEOUT_SECONDS, whatever state the link is in."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+            await connection.close()
 
 
 def is_open(connection: AbstractRobustConnection | None) -> bool:
@@ -51,7 +60,7 @@ def is_open(connection: AbstractRobustConnection | None) -> bool:
 
 
 async def connect_and_declare(
-    settings: Settings, *, max_backoff: float = 5.0
+    settings: Settings, *, policy: Policy = BROKER
 ) -> AbstractRobustConnection:
     """Connect (waiting for the broker) and declare the whole topology once.
 
@@ -59,23 +68,20 @@ async def connect_and_declare(
     declared elsewhere with other arguments) is retried on a new connection: giving up
     would leave the relay, which waits for this, dead until the process restarts.
     """
-    from core.topology import Topology
+    from session_close.topology import Topology
 
     topology = Topology.from_settings(settings)
-    backoff = 0.2
-    while True:
-        connection = await connect(settings, max_backoff=max_backoff)
+
+    async def attempt() -> AbstractRobustConnection:
+        connection = await connect(settings, policy=policy)
         try:
             # A robust channel waits forever for a broker that went silent.
             async with asyncio.timeout(max(settings.publish_timeout_seconds, 1.0) * 2):
                 async with connection.channel() as channel:
                     await topology.declare(channel)
-        except Exception as exc:
-            log.warning("declaring the AMQP topology failed (%r); retrying in %.1fs", exc, backoff)
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
-                    await connection.close()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, max_backoff)
-            continue
+        except BaseException:
+            await close_quietly(connection)
+            raise
         return connection
+
+    return await retry("declaring the AMQP topology", attempt, policy=policy)

@@ -1,0 +1,66 @@
+"""The one retry mechanism: capped exponential backoff with jitter.
+
+`Backoff` is the state of one retry loop (the relay's read loop, a worker holding a
+message); `retry()` runs one step until it succeeds (connecting to a backend at start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    first: float = 0.1
+    cap: float = 5.0
+    # Spread the retries of many processes that failed together (+-20%).
+    jitter: float = 0.2
+
+
+DEFAULT = Policy()
+
+
+class Backoff:
+    def __init__(self, policy: Policy = DEFAULT) -> None:
+        self.policy = policy
+        self._next = policy.first
+
+    def next_delay(self) -> float:
+        """The delay before the next attempt; each call doubles the following one."""
+        delay = self._next
+        self._next = min(self._next * 2, self.policy.cap)
+        return delay * random.uniform(1 - self.policy.jitter, 1 + self.policy.jitter)
+
+    def reset(self) -> None:
+        self._next = self.policy.first
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self.next_delay())
+
+
+async def retry(
+    what: str,
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    policy: Policy = DEFAULT,
+    transient: tuple[type[BaseException], ...] = (Exception,),
+) -> T:
+    """Run `attempt` until it returns; a failure of a `transient` type is logged and
+    retried after a backoff, any other propagates."""
+    backoff = Backoff(policy)
+    while True:
+        try:
+            return await attempt()
+        except transient as exc:
+            delay = backoff.next_delay()
+            log.warning("%s failed; retrying", what, extra={"error": repr(exc), "delay": delay})
+        await asyncio.sleep(delay)

@@ -1,0 +1,125 @@
+"""Configuration: environment variables only, validated once at start."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+from marshmallow import Schema, ValidationError, validate
+from marshmallow import fields as mf
+
+
+class SettingsError(Exception):
+    """A configuration variable is missing or invalid; the message names it."""
+
+
+def setting(default: Any, field: mf.Field[Any]) -> Any:
+    """One variable, declared once: its default and how its text is read and checked.
+    The variable's name is the attribute's, upper-cased."""
+    return dataclasses.field(default=default, metadata={"field": field})
+
+
+_positive = validate.Range(min=0, min_inclusive=False)
+
+
+def _url(*schemes: str) -> validate.Regexp:
+    return validate.Regexp(rf"^({'|'.join(schemes)})://", error=f"must be a {schemes[0]}:// URL")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    http_host: str = setting("0.0.0.0", mf.String(validate=validate.Length(min=1)))
+    http_port: int = setting(8080, mf.Integer(validate=validate.Range(min=0, max=65535)))
+    redis_url: str = setting(
+        "redis://localhost:6379/0", mf.String(validate=_url("redis", "rediss", "unix"))
+    )
+    redis_key_prefix: str = setting("", mf.String())
+    redis_timeout_seconds: float = setting(1.0, mf.Float(validate=_positive))
+    amqp_url: str = setting(
+        "amqp://guest:guest@localhost:5672/", mf.String(validate=_url("amqp", "amqps"))
+    )
+    amqp_exchange: str = setting("sessions", mf.String(validate=validate.Length(min=1)))
+    amqp_queue_prefix: str = setting("sessions.", mf.String())
+    database_url: str = setting(
+        "postgresql://postgres@localhost:5432/postgres",
+        mf.String(validate=_url("postgresql", "postgres")),
+    )
+    audit_table: str = setting(
+        "session_audit",
+        mf.String(
+            validate=validate.Regexp(
+                r"^[a-z_][a-z0-9_]{0,62}$", error="must be a lower-case SQL identifier"
+            )
+        ),
+    )
+    tombstone_ttl_seconds: int = setting(86400, mf.Integer(validate=validate.Range(min=1)))
+    event_source: str = setting(
+        "/eliab/session-service", mf.String(validate=validate.Length(min=1))
+    )
+    log_level: str = setting(
+        "INFO",
+        mf.String(validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])),
+    )
+    relay_enabled: bool = setting(True, mf.Boolean())
+    relay_batch_size: int = setting(200, mf.Integer(validate=validate.Range(min=1, max=10000)))
+    relay_claim_idle_seconds: float = setting(30.0, mf.Float(validate=_positive))
+    publish_timeout_seconds: float = setting(5.0, mf.Float(validate=_positive))
+    ready_max_backlog: int = setting(10000, mf.Integer(validate=validate.Range(min=1)))
+    worker_prefetch: int = setting(100, mf.Integer(validate=validate.Range(min=1, max=65535)))
+    worker_concurrency: int = setting(32, mf.Integer(validate=validate.Range(min=1, max=10000)))
+    worker_metrics_port: int | None = setting(
+        None, mf.Integer(validate=validate.Range(min=0, max=65535))
+    )
+    shutdown_timeout_seconds: float = setting(10.0, mf.Float(validate=_positive))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every variable named in SettingsSchema; raise SettingsError naming the bad one."""
+        environ = os.environ if environ is None else environ
+        raw = {name: environ[name] for name in SettingsSchema.fields if name in environ}
+        if isinstance(raw.get("LOG_LEVEL"), str):
+            raw["LOG_LEVEL"] = raw["LOG_LEVEL"].upper()
+        try:
+            loaded = SettingsSchema.load(raw)
+        except ValidationError as exc:
+            messages = cast(dict[str, list[str]], exc.messages)
+            problems = "; ".join(
+                f"{name}={_shown(raw.get(name, ''))!r}: {' '.join(map(str, msgs))}"
+                for name, msgs in sorted(messages.items())
+            )
+            raise SettingsError(f"invalid configuration: {problems}") from None
+        return cls(**{name.lower(): value for name, value in loaded.items()})
+
+
+# Built from the fields above: every variable's name, reader and check, and nothing else.
+SettingsSchema: Schema = Schema.from_dict(
+    {f.name.upper(): f.metadata["field"] for f in dataclasses.fields(Settings)},
+    name="SettingsSchema",
+)()
+
+
+def _shown(value: str) -> str:
+    # The error goes to stderr and the orchestrator's logs: keep URL passwords out.
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", value)
+
+
+def settings_or_exit(prog: str) -> Settings:
+    """Settings.from_env() for a command's main(): a bad variable ends it with the message."""
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        sys.exit(f"{prog}: {exc}")
+
+
+def env_help() -> str:
+    """The variables and their defaults, for --help of every command."""
+    defaults = Settings()
+    lines = ["environment variables (default):"]
+    for f in dataclasses.fields(Settings):
+        lines.append(f"  {f.name.upper():<26} {getattr(defaults, f.name)!r}")
+    return "\n".join(lines)

@@ -98,6 +98,9 @@ class SessionClosed:
     os: str | None
     app_version: str | None
     request_id: str | None
+    # W3C Trace Context of the HTTP request that closed the session, when it sent one;
+    # carried as the CloudEvents distributed-tracing extension attribute.
+    traceparent: str | None = None
 
     @classmethod
     def from_outbox(cls, entry: Mapping[str, str]) -> SessionClosed:
@@ -110,10 +113,11 @@ class SessionClosed:
             os=entry.get("os") or None,
             app_version=entry.get("app_version") or None,
             request_id=entry.get("request_id") or None,
+            traceparent=entry.get("traceparent") or None,
         )
 
     def to_cloudevent(self, source: str) -> dict[str, Any]:
-        return {
+        event: dict[str, Any] = {
             "specversion": "1.0",
             "id": self.event_id,
             "source": source,
@@ -131,6 +135,9 @@ class SessionClosed:
                 "requestId": self.request_id,
             },
         }
+        if self.traceparent is not None:
+            event["traceparent"] = self.traceparent
+        return event
 
     def encode(self, source: str) -> bytes:
         return orjson.dumps(self.to_cloudevent(source))

@@ -1,4 +1,4 @@
-"""sessionctl: write tokens, sessions and push tokens in the Redis form of SPEC section 2,
+"""sessionctl: write tokens, sessions and push tokens in the Redis form of docs/redis.md,
 as the login side does (for demos, tests, and the login side to copy)."""
 
 from __future__ import annotations
@@ -34,14 +34,26 @@ async def create_session(
     app_version: str = "",
     device_id: str = "",
     push_token: str = "",
+    expiry_grace: int | None = None,
 ) -> None:
-    fields: dict[FieldT, EncodableT] = {"user_id": user_id, "created_at": int(time.time())}
+    """Write a session the way the login side does. With `expiry_grace` (the new way), the
+    session also gets `expires_at` = now + ttl and an entry in the expiry index, and its
+    data lives `expiry_grace` seconds longer than that, so that the sweeper can still read
+    it and publish its session.expired event. Without it (the old way), the hash simply
+    dies with its Redis TTL and no event tells anyone."""
+    now = time.time()
+    fields: dict[FieldT, EncodableT] = {"user_id": user_id, "created_at": int(now)}
     fields |= {k: v for k, v in [("os", os), ("app_version", app_version)] if v}
     if device_id:
         fields["device_id"] = device_id
+    expires_at = round(now + ttl, 3)
+    if expiry_grace is not None:
+        fields["expires_at"] = expires_at
     pipe = redis.pipeline(transaction=True)
     pipe.hset(keys.session(session_id), mapping=fields)
-    pipe.expire(keys.session(session_id), ttl)
+    pipe.expire(keys.session(session_id), ttl + (expiry_grace or 0))
+    if expiry_grace is not None:
+        pipe.zadd(keys.expiry, {session_id: expires_at})
     pipe.sadd(keys.user_sessions(user_id), session_id)
     if push_token:
         pipe.hset(keys.user_push(user_id), push_token, session_id)
@@ -68,6 +80,9 @@ async def _run(args: argparse.Namespace, settings: Settings) -> dict[str, object
                 app_version=args.app_version,
                 device_id=args.device,
                 push_token=args.push_token,
+                expiry_grace=None
+                if args.no_expiry_index
+                else settings.session_expiry_grace_seconds,
             )
             return {"userId": args.user, "sessionId": sid}
         sessions = sorted(await redis.smembers(keys.user_sessions(args.user)))
@@ -86,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="sessionctl",
         description="Write access tokens, sessions and push tokens into Redis the way the "
-        "login side does (SPEC section 2). Prints JSON.",
+        "login side does (the key table of docs/redis.md). Prints JSON.",
         epilog=env_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -98,7 +113,19 @@ def main(argv: list[str] | None = None) -> None:
     session = sub.add_parser("session", help="open a session for a user")
     session.add_argument("--user", required=True)
     session.add_argument("--session", help="the session id (default: a new random one)")
-    session.add_argument("--ttl", type=int, default=86400, help="lifetime in seconds")
+    session.add_argument(
+        "--ttl",
+        type=int,
+        default=86400,
+        help="lifetime in seconds: the session expires (and gets its session.expired event) "
+        "this long from now; its data lives SESSION_EXPIRY_GRACE_SECONDS longer",
+    )
+    session.add_argument(
+        "--no-expiry-index",
+        action="store_true",
+        help="write the session the old way: no expires_at, no expiry index, and no "
+        "session.expired event when its Redis TTL ends it",
+    )
     session.add_argument("--os", default="")
     session.add_argument("--app-version", default="")
     session.add_argument("--device", default="", help="device id")

@@ -33,5 +33,10 @@ class Keys:
         return f"{self.prefix}session:closed:{sid}"
 
     @property
+    def expiry(self) -> str:
+        """The expiry index: sid -> the session's expires_at (Unix seconds)."""
+        return f"{self.prefix}sessions:expiry"
+
+    @property
     def outbox(self) -> str:
         return f"{self.prefix}outbox:session.closed"

@@ -28,4 +28,6 @@ class LuaScript:
 
 
 CLOSE_SESSIONS = LuaScript("close_sessions.lua")
+CLOSE_ALL_SESSIONS = LuaScript("close_all_sessions.lua")
 REMOVE_PUSH_TOKENS = LuaScript("remove_push_tokens.lua")
+SWEEP_EXPIRED = LuaScript("sweep_expired.lua")

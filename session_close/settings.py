@@ -76,6 +76,10 @@ class Settings:
         None, mf.Integer(validate=validate.Range(min=0, max=65535))
     )
     shutdown_timeout_seconds: float = setting(10.0, mf.Float(validate=_positive))
+    session_expiry_grace_seconds: int = setting(3600, mf.Integer(validate=validate.Range(min=0)))
+    sweeper_enabled: bool = setting(True, mf.Boolean())
+    sweep_interval_seconds: float = setting(1.0, mf.Float(validate=_positive))
+    sweep_batch_size: int = setting(500, mf.Integer(validate=validate.Range(min=1, max=10000)))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -52,6 +52,10 @@ VALID = {
     "WORKER_CONCURRENCY": ("3", 3),
     "WORKER_METRICS_PORT": ("9100", 9100),
     "SHUTDOWN_TIMEOUT_SECONDS": ("4", 4.0),
+    "SESSION_EXPIRY_GRACE_SECONDS": ("600", 600),
+    "SWEEPER_ENABLED": ("false", False),
+    "SWEEP_INTERVAL_SECONDS": ("0.5", 0.5),
+    "SWEEP_BATCH_SIZE": ("50", 50),
 }
 
 INVALID = [
@@ -73,6 +77,9 @@ INVALID = [
     ("RELAY_BATCH_SIZE", "0"),
     ("PUBLISH_TIMEOUT_SECONDS", "-1"),
     ("WORKER_PREFETCH", "many"),
+    ("SESSION_EXPIRY_GRACE_SECONDS", "-1"),
+    ("SWEEP_INTERVAL_SECONDS", "0"),
+    ("SWEEP_BATCH_SIZE", "0"),
 ]
 
 

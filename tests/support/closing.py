@@ -36,7 +36,7 @@ def app_headers(token: str, session_id: str, **extra: str) -> dict[str, str]:
 
 
 async def open_session(
-    redis: Redis, keys: Keys, user_id: str, session_id: str, token: str, **fields: str
+    redis: Redis, keys: Keys, user_id: str, session_id: str, token: str, **fields: Any
 ) -> None:
     await create_token(redis, keys, user_id, token, 600)
     await create_session(redis, keys, user_id, session_id, ttl=600, **fields)

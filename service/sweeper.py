@@ -1,0 +1,105 @@
+"""The expiry sweeper: sessions whose logical end (`expires_at`, indexed by the login side
+in the expiry sorted set) has passed get their `session.expired` event.
+
+Every SWEEP_INTERVAL_SECONDS it runs sweep_expired.lua, which handles at most
+SWEEP_BATCH_SIZE due sessions per run, each atomically with its outbox entry; while a
+run finds a full batch it runs again at once (a backlog), yielding to the event loop in
+between so that no single step holds Redis, or the API, for long. Any number of
+sweepers may run: the script's atomicity gives each expired session exactly one event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from service.closer import rfc3339_now
+from session_close.keys import Keys
+from session_close.retry import Backoff, Policy
+from session_close.scripts import SWEEP_EXPIRED
+from session_close.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Fixed, so that a session expiring at a given moment always gets the same event id.
+EVENT_NAMESPACE = uuid.UUID("6c1f3a52-2b0e-4a8e-9d57-5e0f1b7c3d21")
+# A session that fails inside the script (a key of the wrong type) is tried again after
+# this long instead of at every sweep.
+SET_ASIDE_SECONDS = 60
+OUTAGE = Policy(first=0.5, cap=5.0)
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    expired: int
+    rescored: int
+    dropped: int
+    failed: int
+    # Seconds past its expires_at of the oldest session still due after the run.
+    lag: float
+
+
+class Sweeper:
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        *,
+        on_sweep: Callable[[SweepResult], None] = lambda result: None,
+    ) -> None:
+        self._redis = redis
+        self._keys = Keys(settings.redis_key_prefix)
+        self._interval = settings.sweep_interval_seconds
+        self._batch = settings.sweep_batch_size
+        self._timeout = settings.redis_timeout_seconds
+        self._on_sweep = on_sweep
+
+    async def sweep_once(self) -> SweepResult:
+        """One script run over at most SWEEP_BATCH_SIZE due sessions."""
+        args = [self._keys.prefix, self._batch, rfc3339_now(), EVENT_NAMESPACE.hex]
+        async with asyncio.timeout(self._timeout):
+            reply = await SWEEP_EXPIRED(
+                self._redis,
+                [self._keys.expiry, self._keys.outbox],
+                [*args, SET_ASIDE_SECONDS],
+            )
+        expired, rescored, dropped, failed, lag = reply
+        result = SweepResult(int(expired), int(rescored), int(dropped), int(failed), float(lag))
+        if result.failed:
+            log.warning(
+                "sessions failed to sweep; set aside",
+                extra={"failed": result.failed, "retry_in_seconds": SET_ASIDE_SECONDS},
+            )
+        self._on_sweep(result)
+        return result
+
+    async def run(self) -> None:
+        """Sweep until cancelled; a Redis outage is waited out with backoff."""
+        backoff = Backoff(OUTAGE)
+        while True:
+            try:
+                result = await self.sweep_once()
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("expiry sweeper cannot reach Redis", extra={"error": repr(exc)})
+                await backoff.sleep()
+                continue
+            backoff.reset()
+            handled = result.expired + result.rescored + result.dropped + result.failed
+            if handled >= self._batch:
+                await asyncio.sleep(0)  # a backlog: next batch at once, after other work
+                continue
+            await asyncio.sleep(self._interval)
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    """A sweep in flight is one atomic script run: cancelling it loses nothing."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

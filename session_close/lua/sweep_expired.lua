@@ -1,0 +1,86 @@
+-- Sweep the expiry index: for at most ARGV[2] sessions whose score (expires_at) is past,
+-- by Redis's clock, each in one step: remove the sid from the index, delete the session,
+-- remove it from its user's set and record one session.expired event in the outbox.
+-- A sid whose hash says a later expires_at (a sliding expiry extended it) is re-scored
+-- instead; one whose hash is gone or has no expires_at is dropped from the index. Each
+-- run is atomic, so any number of sweepers (and closes) may race: the sid leaves the
+-- index in the same step as its event, and only once.
+--
+-- KEYS[1] expiry index   KEYS[2] outbox stream
+-- ARGV[1] key prefix  ARGV[2] batch size  ARGV[3] closed at (RFC 3339)
+-- ARGV[4] event-id namespace (32 hex digits)  ARGV[5] seconds to set a failing sid aside
+--
+-- Returns {expired, rescored, dropped, failed, lag}: lag is how many seconds past its
+-- expires_at the oldest sid still due is after this run (0 when none is due).
+
+local expiry, outbox = KEYS[1], KEYS[2]
+local prefix, batch, closed_at, namespace, set_aside =
+  ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
+
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+
+local namespace_bytes = (namespace:gsub('%x%x', function(pair)
+  return string.char(tonumber(pair, 16))
+end))
+-- Version-5 form: the same session expiring at the same moment always gets the same id.
+local function event_id(name)
+  local h = redis.sha1hex(namespace_bytes .. name)
+  local variant = string.format('%x', tonumber(h:sub(17, 17), 16) % 4 + 8)
+  return h:sub(1, 8) .. '-' .. h:sub(9, 12) .. '-5' .. h:sub(14, 16) .. '-'
+    .. variant .. h:sub(18, 20) .. '-' .. h:sub(21, 32)
+end
+
+local function expect(key, kind)
+  local found = redis.call('TYPE', key)['ok']
+  if found ~= 'none' and found ~= kind then
+    error({err = 'WRONGTYPE ' .. key .. ' holds a ' .. found .. ', not a ' .. kind})
+  end
+end
+
+local function sweep(sid)
+  local session_key = prefix .. 'session:' .. sid
+  local fields = redis.call('HMGET', session_key, 'user_id', 'os', 'app_version', 'expires_at')
+  local uid, expires_at = fields[1], tonumber(fields[4])
+  if not uid or not expires_at then
+    redis.call('ZREM', expiry, sid)
+    return 'dropped'
+  end
+  if expires_at > now then
+    redis.call('ZADD', expiry, expires_at, sid)
+    return 'rescored'
+  end
+  -- Every check that can fail runs before the first write.
+  local user_sessions = prefix .. 'user:' .. uid .. ':sessions'
+  expect(user_sessions, 'set')
+  expect(outbox, 'stream')
+  redis.call('ZREM', expiry, sid)
+  redis.call('DEL', session_key)
+  redis.call('SREM', user_sessions, sid)
+  redis.call('XADD', outbox, '*',
+    'type', 'session.expired', 'reason', 'expired',
+    'event_id', event_id(sid .. '@' .. fields[4]), 'session_id', sid, 'user_id', uid,
+    'closed_at', closed_at, 'expired_at', fields[4],
+    'os', fields[2] or '', 'app_version', fields[3] or '', 'request_id', '')
+  return 'expired'
+end
+
+local counts = {expired = 0, rescored = 0, dropped = 0, failed = 0}
+local due = redis.call('ZRANGE', expiry, '-inf', now, 'BYSCORE', 'LIMIT', 0, batch)
+for _, sid in ipairs(due) do
+  local ok, outcome = pcall(sweep, sid)
+  if not ok then
+    -- A session that fails here (a key of the wrong type) wrote nothing; set it aside
+    -- so that it cannot hold back the sessions due after it, and try it again later.
+    redis.call('ZADD', expiry, now + set_aside, sid)
+    outcome = 'failed'
+  end
+  counts[outcome] = counts[outcome] + 1
+end
+
+local lag = 0
+local oldest = redis.call('ZRANGE', expiry, 0, 0, 'WITHSCORES')
+if oldest[2] and tonumber(oldest[2]) <= now then
+  lag = now - tonumber(oldest[2])
+end
+return {counts.expired, counts.rescored, counts.dropped, counts.failed, tostring(lag)}

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from service.appkeys import AMQP, CLOSER, METRICS, REDIS, RELAY, SETTINGS
 from service.closer import SessionCloser
-from service.handlers import close_session
+from service.handlers import close_all_sessions, close_session
 from service.middlewares import info_replies
 from service.ops import measure_requests, setup_ops
 from service.relay import Relay, ensure_group, open_exchange
@@ -85,5 +85,6 @@ def create_app(settings: Settings) -> web.Application:
     if settings.relay_enabled:
         app.cleanup_ctx.append(relay_ctx)
     app.router.add_post("/v1.0/session/close", close_session)
+    app.router.add_post("/v1.0/session/close-all", close_all_sessions)
     setup_ops(app)
     return app

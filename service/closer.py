@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from session_close.batching import Batcher
 from session_close.keys import Keys, token_digest
-from session_close.scripts import CLOSE_SESSIONS
+from session_close.scripts import CLOSE_ALL_SESSIONS, CLOSE_SESSIONS
 from session_close.settings import Settings
 
 MAX_BATCH = 256
@@ -46,6 +46,20 @@ class CloseRequest:
         return cls(token, session_id, os or "", app_version or "", request_id, str(uuid.uuid4()))
 
 
+@dataclass(frozen=True, slots=True)
+class CloseAllRequest:
+    token: str
+    keep_session_id: str | None
+    request_id: str
+    traceparent: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CloseAllResult:
+    outcome: CloseOutcome  # CLOSED, SESSION_NOT_FOUND (the session to keep) or UNKNOWN_TOKEN
+    closed: int = 0
+
+
 def rfc3339_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -63,6 +77,27 @@ class SessionCloser:
     async def close(self, request: CloseRequest) -> CloseOutcome:
         """Raises TimeoutError or a RedisError when Redis cannot answer in time."""
         return await self._batcher.submit(request)
+
+    async def close_all(self, request: CloseAllRequest) -> CloseAllResult:
+        """Log out everywhere: one script run, not batched (it is rare, and its cost grows
+        with the user's sessions). Raises like close()."""
+        args = (
+            self._keys.prefix,
+            self._ttl,
+            rfc3339_now(),
+            token_digest(request.token),
+            request.keep_session_id or "",
+            # Each closed session's event id is derived from this and its session id.
+            uuid.uuid4().hex,
+            request.request_id,
+            request.traceparent or "",
+        )
+        async with asyncio.timeout(self._timeout):
+            reply = await CLOSE_ALL_SESSIONS(
+                self._redis, [self._keys.outbox, self._keys.expiry], list(args)
+            )
+        outcome = CloseOutcome(reply[0])
+        return CloseAllResult(outcome, int(reply[1]) if outcome is CloseOutcome.CLOSED else 0)
 
     async def drain(self) -> None:
         await self._batcher.drain()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 import orjson
 from aiohttp import web
 from marshmallow import Schema
 
 from service.appkeys import CLOSER, METRICS, REQUEST_ID
-from service.closer import CloseOutcome, CloseRequest
+from service.closer import CloseAllRequest, CloseOutcome, CloseRequest
 from service.replies import Reply, info_reply
 from service.schemas import (
     AUTHORIZATION_RE,
@@ -18,6 +19,8 @@ from service.schemas import (
     SEMVER_RE,
     SESSION_ID_RE,
     AuthorizationSchema,
+    CloseAllBodySchema,
+    CloseAllHeadersSchema,
     CloseBodySchema,
     CloseHeadersSchema,
     header_values,
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 _authorization = AuthorizationSchema()
 _headers = CloseHeadersSchema()
 _body = CloseBodySchema()
+_close_all_headers = CloseAllHeadersSchema()
+_close_all_body = CloseAllBodySchema()
 
 WWW_AUTHENTICATE = 'Basic realm="eliab", Bearer realm="eliab"'
 
@@ -52,17 +57,29 @@ def _errors(schema: Schema, data: object) -> dict[str, list[str]]:
     return errors
 
 
-def _body_errors(body: bytes) -> dict[str, list[str]]:
+def _body_errors(body: bytes, schema: Schema = _body) -> dict[str, list[str]]:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:  # also invalid UTF-8, NaN, nesting past 1024 levels
         return {"body": ["Must be a JSON object."]}
     if not isinstance(data, dict):
         return {"body": ["Must be a JSON object."]}
-    return {
-        name: msgs if isinstance(msgs, list) else [str(msgs)]
-        for name, msgs in _errors(_body, data).items()
-    }
+    return _flat(_errors(schema, data))
+
+
+def _flat(errors: dict[str, Any], parent: str = "") -> dict[str, list[str]]:
+    """marshmallow's nested errors as field path -> messages (`requestContent.keepCurrent`);
+    a nested schema's own error (`_schema`) goes to the field that holds it."""
+    flat: dict[str, list[str]] = {}
+    for name, messages in errors.items():
+        path = parent if name == "_schema" else f"{parent}.{name}" if parent else name
+        if isinstance(messages, dict):
+            flat |= _flat(messages, path)
+        else:
+            flat[path] = (
+                [str(m) for m in messages] if isinstance(messages, list) else [str(messages)]
+            )
+    return flat
 
 
 # The usual, well-formed request is checked here with the schemas' own patterns, without
@@ -92,8 +109,11 @@ def _plain_request(headers: dict[str, str], body: bytes) -> bool:
     return isinstance(data, dict) and isinstance(data.get("requestContent"), dict)
 
 
-async def close_session(request: web.Request) -> web.Response:
-    """Checks run in the order of SPEC section 1; the first that fails answers."""
+async def _authorized_request(
+    request: web.Request, headers_schema: Schema
+) -> tuple[str, dict[str, str], bytes] | web.Response:
+    """Checks 2 to 4 of the error table, in its order: the reply of the first that fails,
+    or the token, the schema's headers and the body."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         return info_reply(request, Reply.TOO_LARGE)
     body = await request.read()  # raises 413 past client_max_size (chunked bodies)
@@ -108,8 +128,20 @@ async def close_session(request: web.Request) -> web.Response:
             request, Reply.UNAUTHORIZED, headers={"WWW-Authenticate": WWW_AUTHENTICATE}
         )
     token = request.headers["Authorization"].split(" ", 1)[1]
+    return token, header_values(request.headers, headers_schema), body
 
-    headers = header_values(request.headers, _headers)
+
+def _challenge(reply: Reply) -> dict[str, str] | None:
+    # RFC 9110: every 401 carries the challenge, an unknown token's included.
+    return {"WWW-Authenticate": WWW_AUTHENTICATE} if reply.status == 401 else None
+
+
+async def close_session(request: web.Request) -> web.Response:
+    """Checks run in the order of the error table; the first that fails answers."""
+    checked = await _authorized_request(request, _headers)
+    if isinstance(checked, web.Response):
+        return checked
+    token, headers, body = checked
     if not _plain_request(headers, body):
         errors = _errors(_headers, headers) | _body_errors(body)
         if errors:
@@ -124,6 +156,36 @@ async def close_session(request: web.Request) -> web.Response:
     request.app[METRICS].close_outcome(outcome)
     log.debug("close %s: %s", short_id(sid), outcome.value)
     reply = OUTCOME_REPLIES[outcome]
-    # RFC 9110: every 401 carries the challenge, an unknown token's included.
-    challenge = {"WWW-Authenticate": WWW_AUTHENTICATE} if reply.status == 401 else None
-    return info_reply(request, reply, headers=challenge)
+    return info_reply(request, reply, headers=_challenge(reply))
+
+
+async def close_all_sessions(request: web.Request) -> web.Response:
+    """Log out everywhere: the same checks as a close, then every open session of the
+    token's user is closed in one atomic step (but the requesting one, if kept)."""
+    checked = await _authorized_request(request, _close_all_headers)
+    if isinstance(checked, web.Response):
+        return checked
+    token, headers, body = checked
+    errors = _errors(_close_all_headers, headers) | _body_errors(body, _close_all_body)
+    keep_current = False
+    if not errors:
+        keep_current = orjson.loads(body)["requestContent"].get("keepCurrent") is True
+        if keep_current and "SessionID" not in headers:
+            errors = {"SessionID": ["Required when keepCurrent is true."]}
+    if errors:
+        return info_reply(request, Reply.INVALID, errors=errors)
+
+    result = await request.app[CLOSER].close_all(
+        CloseAllRequest(
+            token,
+            headers["SessionID"] if keep_current else None,
+            request[REQUEST_ID],
+            traceparent=None,
+        )
+    )
+    request.app[METRICS].close_all_outcome(result)
+    if result.outcome is CloseOutcome.CLOSED:
+        reply = Reply.SESSIONS_CLOSED if result.closed else Reply.NO_SESSIONS_TO_CLOSE
+        return info_reply(request, reply, closed_sessions=result.closed)
+    reply = OUTCOME_REPLIES[result.outcome]
+    return info_reply(request, reply, headers=_challenge(reply))

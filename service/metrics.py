@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from service.closer import CloseOutcome
+from service.closer import CloseAllResult, CloseOutcome
+from service.sweeper import SweepResult
 
 # Closes run in about a millisecond; the tail that matters is Redis timeouts (1 s).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -58,7 +59,37 @@ class Metrics:
             "Outbox publishes that failed or timed out (the entry stays and is retried).",
             registry=self.registry,
         )
+        self.close_all_requests = Counter(
+            "session_close_all_requests",
+            "Close-all (log out everywhere) requests that reached Redis, by outcome: closed "
+            "(one or more sessions), nothing (no open session), missing, token.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.close_all_sessions = Counter(
+            "session_close_all_sessions_closed",
+            "Sessions closed by close-all requests.",
+            registry=self.registry,
+        )
+        self.swept = Counter(
+            "sweeper_sessions",
+            "Sessions of the expiry index the sweeper handled, by outcome: expired (event "
+            "recorded), rescored (sliding expiry), dropped (gone or no expires_at), failed.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.sweeper_lag = Gauge(
+            "sweeper_lag_seconds",
+            "How far past its expires_at the oldest session still due was after the last "
+            "sweep (0 when none is due).",
+            registry=self.registry,
+        )
         self._close_children = {o: self.closes.labels(o.value) for o in CloseOutcome}
+        for outcome in ("closed", "nothing", "missing", "token"):
+            self.close_all_requests.labels(outcome)
+        self._swept_children = {
+            o: self.swept.labels(o) for o in ("expired", "rescored", "dropped", "failed")
+        }
         self._children: dict[tuple[str, str, int], _Child] = {}
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
@@ -76,6 +107,18 @@ class Metrics:
 
     def close_outcome(self, outcome: CloseOutcome) -> None:
         self._close_children[outcome].inc()
+
+    def close_all_outcome(self, result: CloseAllResult) -> None:
+        outcome = result.outcome.value
+        if result.outcome is CloseOutcome.CLOSED:
+            outcome = "closed" if result.closed else "nothing"
+        self.close_all_requests.labels(outcome).inc()
+        self.close_all_sessions.inc(result.closed)
+
+    def sweep(self, result: SweepResult) -> None:
+        for outcome, child in self._swept_children.items():
+            child.inc(getattr(result, outcome))
+        self.sweeper_lag.set(result.lag)
 
     def relay_published_n(self, n: int) -> None:
         self.relay_published.inc(n)

@@ -19,6 +19,8 @@ class Reply(Enum):
 
     CLOSED = ("closed", 200, "success")
     ALREADY_CLOSED = ("already_closed", 200, "info")
+    SESSIONS_CLOSED = ("sessions_closed", 200, "success")
+    NO_SESSIONS_TO_CLOSE = ("no_sessions_to_close", 200, "info")
     INVALID = ("invalid", 400, "error")
     UNAUTHORIZED = ("unauthorized", 401, "error")
     UNKNOWN_TOKEN = ("unknown_token", 401, "error")
@@ -51,6 +53,14 @@ MESSAGES: dict[Reply, dict[str, tuple[str, str]]] = {
     Reply.ALREADY_CLOSED: {
         "en": ("Session already closed", "This session had already been closed."),
         "es": ("Sesión ya cerrada", "Esta sesión ya se había cerrado."),
+    },
+    Reply.SESSIONS_CLOSED: {
+        "en": ("Sessions closed!", "Your sessions have been closed successfully!"),
+        "es": ("¡Sesiones cerradas!", "¡Tus sesiones se cerraron correctamente!"),
+    },
+    Reply.NO_SESSIONS_TO_CLOSE: {
+        "en": ("No sessions to close", "There were no open sessions to close."),
+        "es": ("No hay sesiones que cerrar", "No había sesiones abiertas que cerrar."),
     },
     Reply.INVALID: {
         "en": ("Invalid request", "Some fields of the request are invalid; see errors."),
@@ -133,6 +143,7 @@ def info_reply(
     *,
     errors: dict[str, list[str]] | None = None,
     headers: CIMultiDict[str] | dict[str, str] | None = None,
+    closed_sessions: int | None = None,
 ) -> web.Response:
     title, message = MESSAGES[reply][language(request.headers.get("Accept-Language"))]
     info: dict[str, object] = {
@@ -141,6 +152,8 @@ def info_reply(
         "message": message,
         "sessionId": session_id_or_empty(request.headers.get("SessionID")),
     }
+    if closed_sessions is not None:
+        info["closedSessions"] = closed_sessions
     if errors is not None:
         info["errors"] = errors
     return web.Response(

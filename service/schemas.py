@@ -38,12 +38,15 @@ class AuthorizationSchema(Schema):
     )
 
 
+_SESSION_ID = validate.Regexp(
+    SESSION_ID_RE.pattern + r"\Z", error="Must be 8 to 256 characters of A-Z a-z 0-9 . _ -."
+)
+
+
 class CloseHeadersSchema(Schema):
     SessionID = fields.String(
         required=True,
-        validate=validate.Regexp(
-            SESSION_ID_RE.pattern + r"\Z", error="Must be 8 to 256 characters of A-Z a-z 0-9 . _ -."
-        ),
+        validate=_SESSION_ID,
         metadata={"description": "The session to close (header name in any case)."},
     )
     OS = fields.String(
@@ -57,6 +60,42 @@ class CloseHeadersSchema(Schema):
         ],
         metadata={"description": "App version, full SemVer 2.0.0 (1.0.10, 2.0.0-rc.1+build.5)."},
     )
+
+
+class CloseAllHeadersSchema(CloseHeadersSchema):
+    """Log out everywhere: SessionID is optional, unless keepCurrent names it as the one
+    session to keep."""
+
+    SessionID = fields.String(
+        validate=_SESSION_ID,
+        metadata={"description": "The requesting session; required when keepCurrent is true."},
+    )
+
+
+class StrictBoolean(fields.Boolean):
+    """JSON true or false only: marshmallow's Boolean also takes "yes", 1, "on"..."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValidationError("Not a valid boolean.")
+        return value
+
+
+class CloseAllContentSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    keepCurrent = StrictBoolean(
+        load_default=False,
+        metadata={"description": "Keep the requesting session (SessionID) open; default false."},
+    )
+
+
+class CloseAllBodySchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    requestContent = fields.Nested(CloseAllContentSchema, required=True)
 
 
 class CloseBodySchema(Schema):
@@ -75,6 +114,9 @@ class InfoSchema(Schema):
     title = fields.String(required=True)
     message = fields.String(required=True)
     sessionId = fields.String(required=True)
+    closedSessions = fields.Integer(
+        metadata={"description": "Only on a close-all: how many sessions were closed now."}
+    )
     errors = fields.Dict(
         keys=fields.String(),
         values=fields.List(fields.String()),

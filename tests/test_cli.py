@@ -93,25 +93,51 @@ async def test_session_with_push_token_writes_the_session_its_user_set_and_push_
     assert state == {
         f"{keys.prefix}user:u1:sessions": ("set", ["sid-00000001"]),
         f"{keys.prefix}user:u1:push": ("hash", {"fcm-token-1": "sid-00000001"}),
+        f"{keys.prefix}sessions:expiry": ("zset", "zset"),
     }
     kind, fields = session
     assert kind == "hash"
     assert before <= int(fields.pop("created_at")) <= int(time.time())
+    expires_at = float(fields.pop("expires_at"))
+    assert before + 300 <= expires_at <= time.time() + 300
     assert fields == {
         "user_id": "u1",
         "os": "Android",
         "app_version": "1.0.10",
         "device_id": "device-9",
     }
-    assert 0 < await redis.ttl(keys.session("sid-00000001")) <= 300
+    # The expiry index has the session at its logical end, and its data outlives that
+    # end by the grace period, so that the sweeper can still read it.
+    assert await redis.zscore(keys.expiry, "sid-00000001") == expires_at
+    grace = settings.session_expiry_grace_seconds
+    assert 300 + grace - 5 < await redis.ttl(keys.session("sid-00000001")) <= 300 + grace
 
 
-async def test_a_minimal_session_has_only_its_user_and_creation_time(
+async def test_a_session_written_the_old_way_has_no_expiry_and_dies_with_its_ttl(
+    settings: Settings, redis: Redis, keys: Keys
+) -> None:
+    await run_json(
+        settings,
+        "session",
+        "--user",
+        "u1",
+        "--session",
+        "sid-old-0001",
+        "--ttl",
+        "300",
+        "--no-expiry-index",
+    )
+    assert "expires_at" not in await redis.hgetall(keys.session("sid-old-0001"))
+    assert not await redis.exists(keys.expiry)
+    assert 0 < await redis.ttl(keys.session("sid-old-0001")) <= 300
+
+
+async def test_a_minimal_session_has_only_its_user_and_its_times(
     settings: Settings, redis: Redis, keys: Keys
 ) -> None:
     printed = await run_json(settings, "session", "--user", "u2")
     sid = printed["sessionId"]
-    assert set(await redis.hgetall(keys.session(sid))) == {"user_id", "created_at"}
+    assert set(await redis.hgetall(keys.session(sid))) == {"user_id", "created_at", "expires_at"}
     assert await redis.smembers(keys.user_sessions("u2")) == {sid}
     assert not await redis.exists(keys.user_push("u2"))
 

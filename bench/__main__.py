@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from session_close import __version__
 from session_close.settings import Settings, env_help, settings_or_exit
 
 
@@ -25,6 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=env_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("mode", choices=["load", "sustained", "soak"], nargs="?", default="load")
     parser.add_argument("--seconds", type=float, help="load: per endpoint (10); sustained (30)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")

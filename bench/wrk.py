@@ -6,9 +6,7 @@ import asyncio
 import json
 import logging
 import math
-import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,20 +19,14 @@ PACED_SCRIPT = Path(__file__).with_name("paced.lua")
 
 
 def ensure_wrk() -> str:
-    """The wrk binary, installed from the Debian package when missing."""
+    """The wrk binary. The benchmarks never install anything themselves: `make setup`,
+    run as root, installs the Debian packages the project needs, and names them otherwise."""
     found = shutil.which("wrk")
-    if found:
-        return found
-    log.info("wrk is missing; installing the Debian package")
-    apt = ["apt-get", "install", "-y", "-q", "wrk"]
-    if shutil.which("sudo") and os.geteuid() != 0:
-        apt.insert(0, "sudo")
-    if subprocess.run(apt, check=False, timeout=300).returncode != 0:
-        subprocess.run([*apt[: apt.index("install")], "update", "-q"], check=True, timeout=300)
-        subprocess.run(apt, check=True, timeout=300)
-    found = shutil.which("wrk")
-    if not found:
-        raise RuntimeError("wrk could not be installed (apt-get install wrk)")
+    if found is None:
+        raise SystemExit(
+            "bench: wrk is missing; install the Debian package 'wrk' "
+            "(`sudo make setup` does, or `apt-get install wrk`)"
+        )
     return found
 
 

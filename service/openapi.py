@@ -19,6 +19,7 @@ from service.schemas import (
     CloseHeadersSchema,
     InfoReplySchema,
 )
+from session_close import __version__
 
 OPENAPI_VERSION = "3.0.3"
 CLOSE_PATH = "/v1.0/session/close"
@@ -152,7 +153,7 @@ def _ecma_patterns(node: Any) -> Any:
 def build_spec() -> dict[str, Any]:
     spec = APISpec(
         title="eliab session close service",
-        version="1.0.0",
+        version=__version__,
         openapi_version=OPENAPI_VERSION,
         plugins=[MarshmallowPlugin()],
         info={

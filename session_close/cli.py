@@ -12,6 +12,7 @@ import time
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
+from session_close import __version__
 from session_close.keys import Keys
 from session_close.redis_client import connect_redis
 from session_close.settings import Settings, env_help, settings_or_exit
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         epilog=env_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     token = sub.add_parser("token", help="create an access token for a user")
     token.add_argument("--user", required=True)

@@ -319,7 +319,7 @@ def run_tests(copy: Path, tests: Sequence[str]) -> Run:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             return Run(passed=False, seconds=time.monotonic() - started, timed_out=True)
-        except BaseException:  # Ctrl-C reaches this process only, not the session
+        except BaseException:  # Ctrl-C or SIGTERM reach this process, not the session
             os.killpg(proc.pid, signal.SIGKILL)
             raise
     seconds = time.monotonic() - started
@@ -428,6 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for test in mutant.tests or (f"(placeholder: {mutant.placeholder})",):
                 print(f"    {test}")
         return 0
+    # As Ctrl-C does: unwind, so that the pytest run in hand is ended with its session.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.monotonic()
     killed = check(mutants)
     print(f"mutants run in {time.monotonic() - started:.0f}s")

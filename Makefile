@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup services run test fault bench bench-sustained bench-soak clean
+.PHONY: setup services run test mutants fault bench bench-sustained bench-soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: setup services
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest
+	$(BIN)/python scripts/mutants.py $(MUTANTS_ARGS)
+
+# Breaks each guarantee in a copy of the code and runs the tests that should notice
+# (scripts/mutants.py). MUTANTS_ARGS narrows a run: "--only relay", "--skip NUL", "--list".
+mutants: setup services
+	$(BIN)/python scripts/mutants.py $(MUTANTS_ARGS)
 
 # Benchmarks (README "Benchmarks and fault tests"): each starts its own API, workers and
 # wrk on 127.0.0.1 with names of its own, prints a table, and removes what it wrote.

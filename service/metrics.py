@@ -7,7 +7,7 @@ children are looked up once per (route, method, status) and kept.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from service.closer import CloseOutcome
 
@@ -58,6 +58,14 @@ class Metrics:
             "Outbox publishes that failed or timed out (the entry stays and is retried).",
             registry=self.registry,
         )
+        # For the alerts and the dashboard (deploy/prometheus, deploy/grafana):
+        self.outbox_oldest_age = Gauge(
+            "outbox_oldest_entry_age_seconds",
+            "Age of the oldest outbox entry not yet confirmed by RabbitMQ, 0 when the "
+            "outbox is empty (read at scrape time).",
+            registry=self.registry,
+        )
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory
         self._close_children = {o: self.closes.labels(o.value) for o in CloseOutcome}
         self._children: dict[tuple[str, str, int], _Child] = {}
 

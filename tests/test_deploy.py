@@ -37,8 +37,14 @@ def test_every_file_under_deploy_is_checked_here() -> None:
         DEPLOY / "Dockerfile.dockerignore",
         DEPLOY / "compose.yaml",
         *K8S.glob("*.yaml"),
+        # checked by tests/test_alerts.py, test_dashboard.py and test_prometheus_live.py
+        DEPLOY / "prometheus" / "rules.yaml",
+        DEPLOY / "prometheus" / "prometheusrule.py",
+        DEPLOY / "grafana" / "dashboard.py",
+        DEPLOY / "grafana" / "session-close.json",
     }
-    assert {p for p in DEPLOY.rglob("*") if p.is_file()} == known
+    files = {p for p in DEPLOY.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert files == known
 
 
 # --- what the code offers -----------------------------------------------------------

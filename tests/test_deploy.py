@@ -42,6 +42,9 @@ def test_every_file_under_deploy_is_checked_here() -> None:
         DEPLOY / "prometheus" / "prometheusrule.py",
         DEPLOY / "grafana" / "dashboard.py",
         DEPLOY / "grafana" / "session-close.json",
+        # checked by tests/test_k8s_validate.py
+        *(K8S / "components").rglob("*.yaml"),
+        K8S / "components" / "standalone-relay" / "README.md",
     }
     files = {p for p in DEPLOY.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert files == known

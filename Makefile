@@ -24,7 +24,9 @@ system-packages:
 services:
 	./scripts/start-services.sh
 
+# Prints the API's, /metrics' and /openapi.json's addresses once the API answers.
 run: setup services
+	@./scripts/announce.sh &
 	$(BIN)/honcho start
 
 test: setup services

@@ -4,7 +4,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup services run test mutants fault bench bench-sustained bench-soak clean
+.PHONY: setup system-packages services run test mutants fault bench bench-sustained bench-soak \
+	clean deploy-generated
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,12 +15,18 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed system-packages
+
+# Debian's prometheus (promtool) for the alert tests: installed when root, else named.
+system-packages:
+	@./scripts/system-packages.sh
 
 services:
 	./scripts/start-services.sh
 
+# Prints the API's, /metrics' and /openapi.json's addresses once the API answers.
 run: setup services
+	@./scripts/announce.sh &
 	$(BIN)/honcho start
 
 test: setup services
@@ -44,6 +51,12 @@ bench-sustained: setup services
 
 bench-soak: setup services
 	$(BIN)/python -m bench soak
+
+# The files in deploy/ written by code: the Grafana dashboard's JSON and the PrometheusRule
+# (from deploy/prometheus/rules.yaml). Tests fail when the committed ones are stale.
+deploy-generated: setup
+	$(BIN)/python deploy/grafana/dashboard.py > deploy/grafana/session-close.json
+	$(BIN)/python deploy/prometheus/prometheusrule.py > deploy/k8s/prometheusrule.yaml
 
 fault: setup services
 	$(BIN)/pytest -m fault

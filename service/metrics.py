@@ -7,7 +7,7 @@ children are looked up once per (route, method, status) and kept.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from service.closer import CloseAllResult, CloseOutcome
 from service.sweeper import SweepResult
@@ -84,6 +84,14 @@ class Metrics:
             "sweep (0 when none is due).",
             registry=self.registry,
         )
+        # For the alerts and the dashboard (deploy/prometheus, deploy/grafana):
+        self.outbox_oldest_age = Gauge(
+            "outbox_oldest_entry_age_seconds",
+            "Age of the oldest outbox entry not yet confirmed by RabbitMQ, 0 when the "
+            "outbox is empty (read at scrape time).",
+            registry=self.registry,
+        )
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory
         self._close_children = {o: self.closes.labels(o.value) for o in CloseOutcome}
         for outcome in ("closed", "nothing", "missing", "token"):
             self.close_all_requests.labels(outcome)

@@ -91,10 +91,28 @@ async def readyz(request: web.Request) -> web.Response:
     return info_reply(request, Reply.READY)
 
 
+async def _read_oldest_entry_age(app: web.Application) -> None:
+    """The age of the outbox's first entry, from its id (Redis's clock, in ms): one
+    XRANGE of one entry and one TIME, in one round trip."""
+    settings = app[SETTINGS]
+    async with asyncio.timeout(settings.redis_timeout_seconds):
+        pipe = app[REDIS].pipeline(transaction=False)
+        pipe.xrange(Keys(settings.redis_key_prefix).outbox, count=1)
+        pipe.time()
+        first, (seconds, micros) = await pipe.execute()
+    age = 0.0
+    if first:
+        entry_ms = int(str(first[0][0]).split("-", 1)[0])
+        age = max(0.0, seconds + micros / 1e6 - entry_ms / 1000)
+    app[METRICS].outbox_oldest_age.set(age)
+
+
 async def metrics(request: web.Request) -> web.Response:
     # A scrape while Redis is away still answers; the backlog keeps its last value.
     with contextlib.suppress(RedisError, OSError, TimeoutError):
         await _read_backlog(request.app)
+    with contextlib.suppress(RedisError, OSError, TimeoutError):
+        await _read_oldest_entry_age(request.app)
     return web.Response(
         body=generate_latest(request.app[METRICS].registry),
         headers={"Content-Type": CONTENT_TYPE_LATEST},

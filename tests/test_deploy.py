@@ -37,8 +37,17 @@ def test_every_file_under_deploy_is_checked_here() -> None:
         DEPLOY / "Dockerfile.dockerignore",
         DEPLOY / "compose.yaml",
         *K8S.glob("*.yaml"),
+        # checked by tests/test_alerts.py, test_dashboard.py and test_prometheus_live.py
+        DEPLOY / "prometheus" / "rules.yaml",
+        DEPLOY / "prometheus" / "prometheusrule.py",
+        DEPLOY / "grafana" / "dashboard.py",
+        DEPLOY / "grafana" / "session-close.json",
+        # checked by tests/test_k8s_validate.py
+        *(K8S / "components").rglob("*.yaml"),
+        K8S / "components" / "standalone-relay" / "README.md",
     }
-    assert {p for p in DEPLOY.rglob("*") if p.is_file()} == known
+    files = {p for p in DEPLOY.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert files == known
 
 
 # --- what the code offers -----------------------------------------------------------

@@ -9,7 +9,13 @@ from __future__ import annotations
 import logging
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,7 @@ class WorkerMetrics:
         )
         for outcome in OUTCOMES:
             self.messages.labels(worker, outcome)
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory
         self._server: WSGIServer | None = None
 
     def settled(self, outcome: str, seconds: float) -> None:

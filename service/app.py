@@ -19,7 +19,7 @@ from service.relay import Relay, ensure_group, open_exchange
 from service.schemas import MAX_BODY_BYTES
 from session_close import amqp
 from session_close.keys import Keys
-from session_close.redis_client import connect_redis
+from session_close.redis_client import connect_redis, warn_unless_durable
 from session_close.scripts import CLOSE_SESSIONS
 from session_close.settings import Settings
 
@@ -34,7 +34,9 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         await ensure_group(redis, Keys(settings.redis_key_prefix))
     except (RedisError, OSError) as exc:
         # Serve anyway: closes answer 503 until Redis is back, then work with no restart.
-        log.warning("Redis unreachable at start: %s", exc)
+        log.warning("Redis unreachable at start", extra={"error": repr(exc)})
+    else:
+        await warn_unless_durable(redis)
     closer = app[CLOSER] = SessionCloser(redis, settings)
     yield
     await closer.drain()

@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from service.appkeys import AMQP, CLOSER, METRICS, REDIS, RELAY, SETTINGS
 from service.closer import SessionCloser
 from service.handlers import close_session
-from service.middlewares import info_replies
+from service.middlewares import info_replies, whole_requests
 from service.ops import measure_requests, setup_ops
 from service.relay import Relay, ensure_group, open_exchange
 from service.schemas import MAX_BODY_BYTES
@@ -77,9 +77,11 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    # measure_requests comes first so it sees the reply info_replies made of any failure.
+    # measure_requests comes first so it sees the reply info_replies made of any failure,
+    # whole_requests last so that info_replies answers its failures too.
     app = web.Application(
-        client_max_size=MAX_BODY_BYTES, middlewares=[measure_requests, info_replies]
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=[measure_requests, info_replies, whole_requests],
     )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(redis_ctx)

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from service.appkeys import AMQP, METRICS, REDIS, REQUEST_STARTED, SETTINGS
 from service.metrics import UNMATCHED, Metrics
+from service.middlewares import CLIENT_CLOSED
 from service.openapi import spec_json
 from service.relay import backlog
 from service.replies import Reply, info_reply
@@ -23,9 +24,6 @@ from session_close import amqp
 from session_close.keys import Keys
 
 log = logging.getLogger(__name__)
-
-# nginx's code for "the client went away before the reply": not the server's fault.
-CLIENT_CLOSED = 499
 
 
 @web.middleware

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
+import pytest
 from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient
@@ -312,3 +317,148 @@ async def test_each_app_has_its_own_metrics(settings: Settings) -> None:
         )
         is None
     )
+
+
+@contextmanager
+def own_redis(tmp_path: Path, *options: str) -> Iterator[str]:
+    """A redis-server of the test's own, on a unix socket (no port to race for); its URL."""
+    sock = tmp_path / "redis.sock"
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--save",
+            "",
+            "--dir",
+            str(tmp_path),
+            *options,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        end = time.monotonic() + 15
+        while not sock.exists():
+            assert proc.poll() is None, "redis-server exited"
+            assert time.monotonic() < end, "redis-server did not start"
+            time.sleep(0.02)
+        yield f"unix://{sock}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+UNDURABLE = "Redis may lose outbox events and tombstones"
+
+
+@pytest.mark.parametrize(
+    ("options", "warned"),
+    [
+        (
+            ("--appendonly", "no", "--maxmemory-policy", "allkeys-lru"),
+            {"appendonly", "maxmemory-policy"},
+        ),
+        (("--appendonly", "yes", "--appendfsync", "no"), {"appendfsync"}),
+        (
+            (
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--maxmemory-policy",
+                "noeviction",
+            ),
+            None,
+        ),
+        (("--appendonly", "no", "--rename-command", "CONFIG", '""'), None),
+    ],
+    ids=["appendonly-no", "appendfsync-no", "durable", "config-disabled"],
+)
+async def test_the_api_warns_at_start_when_redis_is_not_durable(
+    aiohttp_client: AiohttpClient,
+    settings: Settings,
+    amqp_cleanup: None,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    options: tuple[str, ...],
+    warned: set[str] | None,
+) -> None:
+    options = tuple("" if o == '""' else o for o in options)
+    with own_redis(tmp_path, *options) as url:
+        client = await started(aiohttp_client, dataclasses.replace(settings, redis_url=url))
+        assert (await client.get("/readyz")).status == 200  # started, and serves
+        warnings = [r for r in caplog.records if r.getMessage() == UNDURABLE]
+        if warned is None:
+            assert warnings == []
+        else:
+            (warning,) = warnings
+            assert warning.levelno == logging.WARNING
+            assert set(warning.__dict__["redis_config"]) == warned
+        await client.close()
+
+
+@pytest.mark.fault
+async def test_a_hanging_redis_gives_503s_from_a_bounded_number_of_connections(
+    aiohttp_client: AiohttpClient,
+    settings: Settings,
+    redis: Redis,
+    keys: Keys,
+    amqp_cleanup: None,
+    redis_proxy: TcpProxy,
+    report_counts: Callable[..., None],
+) -> None:
+    in_flight, timeout, closes = 2, 2.0, 12
+    client = await started(
+        aiohttp_client,
+        dataclasses.replace(
+            settings,
+            redis_url=through(settings.redis_url, redis_proxy),
+            redis_timeout_seconds=timeout,
+            redis_max_connections=in_flight + 2,
+            close_batches_in_flight=in_flight,
+            relay_enabled=False,
+        ),
+    )
+    await create_token(redis, keys, "u-pool", "token-pool", 60)
+    redis_proxy.cut("blackhole")  # every existing connection dropped; new ones hang
+    try:
+        begun = time.monotonic()
+
+        async def close(n: int) -> int:
+            resp = await client.post(
+                CLOSE,
+                headers=close_headers("token-pool", f"session-pool-{n}"),
+                json={"requestContent": {}},
+            )
+            assert (await resp.json())["info"]["type"] == "error"
+            return resp.status
+
+        runner = client.server.runner
+        assert runner is not None
+        server = runner.server
+        assert server is not None
+        tasks = []
+        for n in range(closes):
+            arrived = server.requests_count + 1
+            tasks.append(asyncio.create_task(close(n)))
+            # each close reaches the app before the next is sent, so that uncapped each
+            # would be a batch of its own, on a connection of its own
+            await eventually(lambda: _true(server.requests_count >= arrived))  # noqa: B023
+        opened_by_closes = redis_proxy.open_connections
+        ready = await client.get("/readyz")
+        statuses = await asyncio.gather(*tasks)
+        elapsed = time.monotonic() - begun
+    finally:
+        redis_proxy.restore()
+    report_counts(closes=closes, unavailable_503=statuses.count(503), connections=opened_by_closes)
+    assert statuses.count(503) == closes
+    assert opened_by_closes <= in_flight
+    assert ready.status == 503  # it answers, saying Redis is down, not a pool error's 500
+    assert (await ready.json())["redis"] == "down"
+    assert elapsed < closes * timeout  # bounded, not one Redis timeout after another
+
+
+async def _true(value: bool) -> bool:
+    return value

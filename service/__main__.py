@@ -45,23 +45,14 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.run(run_standalone(settings))
         return
 
-    from service.accesslog import ACCESS_LOGGER, JsonAccessLogger
     from service.app import create_app
+    from service.server import serve
 
     if args.no_relay:
         settings = dataclasses.replace(settings, relay_enabled=False)
     app = create_app(settings)
     app.on_startup.append(tune_gc_after_startup)  # after the cleanup contexts' setup
-    web.run_app(
-        app,
-        host=settings.http_host,
-        port=settings.http_port,
-        shutdown_timeout=settings.shutdown_timeout_seconds,
-        print=None,
-        access_log_class=JsonAccessLogger,
-        access_log=ACCESS_LOGGER,
-        loop=uvloop.new_event_loop(),
-    )
+    uvloop.run(serve(app, settings))
 
 
 async def tune_gc_after_startup(app: web.Application) -> None:

@@ -13,13 +13,13 @@ from redis.exceptions import RedisError
 from service.appkeys import AMQP, CLOSER, METRICS, REDIS, RELAY, SETTINGS
 from service.closer import SessionCloser
 from service.handlers import close_all_sessions, close_session
-from service.middlewares import info_replies
+from service.middlewares import info_replies, whole_requests
 from service.ops import measure_requests, setup_ops
 from service.relay import Relay, ensure_group, open_exchange
 from service.schemas import MAX_BODY_BYTES
 from session_close import amqp
 from session_close.keys import Keys
-from session_close.redis_client import connect_redis
+from session_close.redis_client import connect_redis, warn_unless_durable
 from session_close.scripts import CLOSE_SESSIONS
 from session_close.settings import Settings
 
@@ -34,7 +34,9 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         await ensure_group(redis, Keys(settings.redis_key_prefix))
     except (RedisError, OSError) as exc:
         # Serve anyway: closes answer 503 until Redis is back, then work with no restart.
-        log.warning("Redis unreachable at start: %s", exc)
+        log.warning("Redis unreachable at start", extra={"error": repr(exc)})
+    else:
+        await warn_unless_durable(redis)
     closer = app[CLOSER] = SessionCloser(redis, settings)
     yield
     await closer.drain()
@@ -75,9 +77,11 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    # measure_requests comes first so it sees the reply info_replies made of any failure.
+    # measure_requests comes first so it sees the reply info_replies made of any failure,
+    # whole_requests last so that info_replies answers its failures too.
     app = web.Application(
-        client_max_size=MAX_BODY_BYTES, middlewares=[measure_requests, info_replies]
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=[measure_requests, info_replies, whole_requests],
     )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(redis_ctx)

@@ -70,13 +70,17 @@ class SessionCloser:
         self._keys = Keys(settings.redis_key_prefix)
         self._ttl = settings.tombstone_ttl_seconds
         self._timeout = settings.redis_timeout_seconds
+        # Capped so that a hanging Redis holds at most that many pool connections: the
+        # relay and /readyz keep theirs, and closes answer 503 instead of piling up.
         self._batcher: Batcher[CloseRequest, CloseOutcome] = Batcher(
-            self._run_batch, max_size=MAX_BATCH
+            self._run_batch, max_size=MAX_BATCH, max_in_flight=settings.close_batches_in_flight
         )
 
     async def close(self, request: CloseRequest) -> CloseOutcome:
         """Raises TimeoutError or a RedisError when Redis cannot answer in time."""
-        return await self._batcher.submit(request)
+        # Also bounds the wait for a batch slot while every slot is taken.
+        async with asyncio.timeout(self._timeout):
+            return await self._batcher.submit(request)
 
     async def close_all(self, request: CloseAllRequest) -> CloseAllResult:
         """Log out everywhere: one script run, not batched (it is rare, and its cost grows

@@ -49,6 +49,17 @@ class Metrics:
             "(read at scrape time).",
             registry=self.registry,
         )
+        self.redis_up = Gauge(
+            "redis_up",
+            "1 when Redis answered the last check (/readyz or a scrape).",
+            registry=self.registry,
+        )
+        self.rabbitmq_up = Gauge(
+            "rabbitmq_up",
+            "1 while the API's RabbitMQ connection is open (read at scrape time). Closes "
+            "keep succeeding while it is 0; their events wait in the outbox.",
+            registry=self.registry,
+        )
         self.relay_published = Counter(
             "outbox_relay_published",
             "Outbox events the broker confirmed.",
@@ -99,6 +110,7 @@ class Metrics:
             o: self.swept.labels(o) for o in ("expired", "rescored", "dropped", "failed")
         }
         self._children: dict[tuple[str, str, int], _Child] = {}
+        self._last_backlog = 0
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         if method not in METHODS:
@@ -112,6 +124,16 @@ class Metrics:
             )
         child[0].inc()
         child[1].observe(seconds)
+
+    def dependencies(self, *, redis_up: bool, rabbitmq_up: bool, backlog: int | None) -> int:
+        """Record what a check saw; returns the backlog, or the last one read when Redis
+        did not answer."""
+        self.redis_up.set(redis_up)
+        self.rabbitmq_up.set(rabbitmq_up)
+        if backlog is not None:
+            self.outbox_backlog.set(backlog)
+            self._last_backlog = backlog
+        return self._last_backlog
 
     def close_outcome(self, outcome: CloseOutcome) -> None:
         self._close_children[outcome].inc()

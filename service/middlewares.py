@@ -1,4 +1,5 @@
-"""Request id, and the info reply for every failure on every path."""
+"""Request id, the info reply for every failure on every path, and the whole request
+read before the handler runs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from redis import exceptions as redis_errors
 
 from service.appkeys import REQUEST_ID
 from service.replies import Reply, info_reply
+from service.schemas import MAX_BODY_BYTES
+from service.server import GuardedRequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,9 @@ REDIS_UNAVAILABLE = (
     TimeoutError,
     ConnectionError,
 )
+
+# nginx's code for "the client went away before the reply": not the server's fault.
+CLIENT_CLOSED = 499
 
 _HTTP_REPLIES = {
     404: Reply.NOT_FOUND,
@@ -58,13 +64,37 @@ async def info_replies(request: web.Request, handler: Handler) -> web.StreamResp
             raise
         keep = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
         response = info_reply(request, reply, headers=keep)
-    except REDIS_UNAVAILABLE as exc:
-        log.warning("Redis unavailable: %r", exc)
-        response = info_reply(request, Reply.UNAVAILABLE, headers={"Retry-After": "1"})
-    except Exception:
-        log.exception("unexpected error")
-        response = info_reply(request, Reply.INTERNAL)
+    except Exception as exc:
+        if request.transport is None:
+            # A failure after the client left is not the server's (a read of the body it
+            # never sent, or a Redis reply nobody waits for any more).
+            response = _client_gone(repr(exc))
+        elif isinstance(exc, REDIS_UNAVAILABLE):
+            log.warning("Redis unavailable", extra={"error": repr(exc)})
+            response = info_reply(request, Reply.UNAVAILABLE, headers={"Retry-After": "1"})
+        else:
+            log.exception("unexpected error")
+            response = info_reply(request, Reply.INTERNAL)
+    else:
+        if request.transport is None:
+            response = _client_gone(None)
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
     response.headers["X-Request-ID"] = request_id
     return response
+
+
+def _client_gone(error: str | None) -> web.Response:
+    log.info("client disconnected before its reply", extra={"error": error})
+    return web.Response(status=CLIENT_CLOSED)
+
+
+@web.middleware
+async def whole_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Reads the body before the handler runs, so that HTTP_READ_TIMEOUT_SECONDS bounds
+    headers and body together; the handler's own read then returns the bytes kept."""
+    if request.body_exists and (request.content_length or 0) <= MAX_BODY_BYTES:
+        await request.read()  # 413 past client_max_size, for a chunked body too
+    if isinstance(request.protocol, GuardedRequestHandler):
+        request.protocol.request_read()
+    return await handler(request)

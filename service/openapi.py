@@ -10,6 +10,7 @@ from typing import Any
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
+from marshmallow import fields, validate
 
 from service.replies import MESSAGES, Reply
 from service.schemas import (
@@ -20,6 +21,21 @@ from service.schemas import (
     InfoReplySchema,
 )
 from session_close import __version__
+
+
+class ReadyReplySchema(InfoReplySchema):
+    """/readyz: the info object, and beside it what the process sees of its dependencies."""
+
+    redis = fields.String(required=True, validate=validate.OneOf(["up", "down"]))
+    rabbitmq = fields.String(required=True, validate=validate.OneOf(["up", "down"]))
+    outboxBacklog = fields.Integer(
+        required=True,
+        metadata={
+            "description": "Events in the outbox not yet confirmed by RabbitMQ "
+            "(the last value read while Redis does not answer)."
+        },
+    )
+
 
 OPENAPI_VERSION = "3.0.3"
 CLOSE_PATH = "/v1.0/session/close"
@@ -71,12 +87,14 @@ CLOSE_REPLIES: dict[int, list[Reply]] = {
 COMMON_REPLIES: dict[int, list[Reply]] = {405: [Reply.METHOD_NOT_ALLOWED], 500: [Reply.INTERNAL]}
 
 
-def _info_response(replies: list[Reply], **headers: dict[str, Any]) -> dict[str, Any]:
+def _info_response(
+    replies: list[Reply], *, schema: str = "InfoReply", headers: dict[str, Any] | None = None
+) -> dict[str, Any]:
     titles = "; ".join(f"{MESSAGES[r]['en'][0]} (`{r.info_type}`)" for r in replies)
     return {
         "description": titles,
-        "headers": _RESPONSE_HEADERS | headers,
-        "content": {"application/json": {"schema": "InfoReply"}},
+        "headers": _RESPONSE_HEADERS | (headers or {}),
+        "content": {"application/json": {"schema": schema}},
     }
 
 
@@ -95,7 +113,7 @@ def _responses(replies: dict[int, list[Reply]]) -> dict[int, dict[str, Any]]:
             }
         },
     }
-    return {status: _info_response(rs, **extra.get(status, {})) for status, rs in replies.items()}
+    return {status: _info_response(rs, headers=extra.get(status)) for status, rs in replies.items()}
 
 
 def _ops_operation(
@@ -163,6 +181,7 @@ def build_spec() -> dict[str, Any]:
     )
     spec.components.schema("InfoReply", schema=InfoReplySchema)
     spec.components.schema("CloseBody", schema=CloseBodySchema)
+    spec.components.schema("ReadyReply", schema=ReadyReplySchema)
     spec.path(
         path=CLOSE_PATH,
         operations={
@@ -192,15 +211,16 @@ def build_spec() -> dict[str, Any]:
             "get": _ops_operation("Liveness: the process is running", {200: [Reply.ALIVE]})
         },
     )
-    spec.path(
-        path="/readyz",
-        operations={
-            "get": _ops_operation(
-                "Readiness: Redis and RabbitMQ reachable, outbox backlog under READY_MAX_BACKLOG",
-                {200: [Reply.READY], 503: [Reply.NOT_READY]},
-            )
-        },
+    readiness = _ops_operation(
+        "Readiness: this process can close sessions (Redis answers). RabbitMQ's state "
+        "and the outbox backlog are reported, but never make it unready: closes keep "
+        "succeeding while RabbitMQ is down, their events waiting in the outbox",
+        {},
     )
+    for status, reply in ((200, Reply.READY), (503, Reply.NOT_READY)):
+        readiness["responses"][status] = _info_response([reply], schema="ReadyReply")
+    readiness["responses"] = dict(sorted(readiness["responses"].items()))
+    spec.path(path="/readyz", operations={"get": readiness})
     spec.path(
         path="/metrics",
         operations={

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
@@ -16,6 +17,7 @@ from redis.exceptions import RedisError
 
 from service.appkeys import AMQP, METRICS, REDIS, REQUEST_STARTED, SETTINGS
 from service.metrics import UNMATCHED, Metrics
+from service.middlewares import CLIENT_CLOSED
 from service.openapi import spec_json
 from service.relay import backlog
 from service.replies import Reply, info_reply
@@ -23,9 +25,6 @@ from session_close import amqp
 from session_close.keys import Keys
 
 log = logging.getLogger(__name__)
-
-# nginx's code for "the client went away before the reply": not the server's fault.
-CLIENT_CLOSED = 499
 
 
 @web.middleware
@@ -63,32 +62,44 @@ def _amqp_open(task: asyncio.Task[AbstractRobustConnection]) -> bool:
     return amqp.is_open(task.result())
 
 
-async def _read_backlog(app: web.Application) -> int:
+@dataclass(frozen=True, slots=True)
+class Dependencies:
+    redis_up: bool
+    rabbitmq_up: bool
+    outbox_backlog: int
+
+    def body(self) -> dict[str, object]:
+        return {
+            "redis": "up" if self.redis_up else "down",
+            "rabbitmq": "up" if self.rabbitmq_up else "down",
+            "outboxBacklog": self.outbox_backlog,
+        }
+
+
+async def check_dependencies(app: web.Application) -> Dependencies:
+    """What /readyz and /metrics report; records it in the metrics."""
     settings = app[SETTINGS]
-    async with asyncio.timeout(settings.redis_timeout_seconds):
-        pending = await backlog(app[REDIS], Keys(settings.redis_key_prefix))
-    app[METRICS].outbox_backlog.set(pending)
-    return pending
+    pending: int | None = None
+    try:
+        # XLEN answers only when Redis does, so it doubles as the ping.
+        async with asyncio.timeout(settings.redis_timeout_seconds):
+            pending = await backlog(app[REDIS], Keys(settings.redis_key_prefix))
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning("Redis unreachable", extra={"error": repr(exc)})
+    rabbitmq_up = _amqp_open(app[AMQP])
+    last = app[METRICS].dependencies(
+        redis_up=pending is not None, rabbitmq_up=rabbitmq_up, backlog=pending
+    )
+    return Dependencies(pending is not None, rabbitmq_up, last)
 
 
 async def readyz(request: web.Request) -> web.Response:
-    app = request.app
-    limit = app[SETTINGS].ready_max_backlog
-    problems = []
-    try:
-        # XLEN answers only when Redis does, so it doubles as the ping.
-        pending = await _read_backlog(app)
-    except (RedisError, OSError, TimeoutError) as exc:
-        problems.append(f"Redis unreachable ({exc!r})")
-    else:
-        if pending > limit:
-            problems.append(f"outbox backlog {pending} over READY_MAX_BACKLOG={limit}")
-    if not _amqp_open(app[AMQP]):
-        problems.append("RabbitMQ not connected")
-    if problems:
-        log.warning("not ready: %s", "; ".join(problems))
-        return info_reply(request, Reply.NOT_READY)
-    return info_reply(request, Reply.READY)
+    # Ready means "can close sessions". RabbitMQ and the backlog are reported only: a
+    # probe failing on them would take every pod out of the Service during a broker
+    # outage, exactly while the outbox carries the closes.
+    seen = await check_dependencies(request.app)
+    reply = Reply.READY if seen.redis_up else Reply.NOT_READY
+    return info_reply(request, reply, beside=seen.body())
 
 
 async def _read_oldest_entry_age(app: web.Application) -> None:
@@ -109,8 +120,7 @@ async def _read_oldest_entry_age(app: web.Application) -> None:
 
 async def metrics(request: web.Request) -> web.Response:
     # A scrape while Redis is away still answers; the backlog keeps its last value.
-    with contextlib.suppress(RedisError, OSError, TimeoutError):
-        await _read_backlog(request.app)
+    await check_dependencies(request.app)
     with contextlib.suppress(RedisError, OSError, TimeoutError):
         await _read_oldest_entry_age(request.app)
     return web.Response(

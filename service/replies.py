@@ -34,6 +34,9 @@ class Reply(Enum):
     ALIVE = ("alive", 200, "success")
     READY = ("ready", 200, "success")
     NOT_READY = ("not_ready", 503, "error")
+    # Requests aiohttp's parser rejects before the app sees them.
+    BAD_REQUEST = ("bad_request", 400, "error")
+    HEADERS_TOO_LARGE = ("headers_too_large", 431, "error")
 
     @property
     def status(self) -> int:
@@ -107,12 +110,20 @@ MESSAGES: dict[Reply, dict[str, tuple[str, str]]] = {
         "es": ("Activo", "El proceso está en marcha."),
     },
     Reply.READY: {
-        "en": ("Ready", "Redis and RabbitMQ are reachable and the outbox is draining."),
-        "es": ("Listo", "Redis y RabbitMQ responden y la bandeja de salida se vacía."),
+        "en": ("Ready", "Redis answers: this process can close sessions."),
+        "es": ("Listo", "Redis responde: este proceso puede cerrar sesiones."),
     },
     Reply.NOT_READY: {
-        "en": ("Not ready", "A dependency is unreachable or the outbox backlog is too large."),
-        "es": ("No listo", "Una dependencia no responde o la bandeja de salida es muy grande."),
+        "en": ("Not ready", "Redis does not answer: sessions cannot be closed now."),
+        "es": ("No listo", "Redis no responde: ahora no se pueden cerrar sesiones."),
+    },
+    Reply.BAD_REQUEST: {
+        "en": ("Bad request", "The request is not valid HTTP."),
+        "es": ("Solicitud incorrecta", "La solicitud no es HTTP válido."),
+    },
+    Reply.HEADERS_TOO_LARGE: {
+        "en": ("Headers too large", "A request header is too large."),
+        "es": ("Cabeceras demasiado grandes", "Una cabecera de la solicitud es demasiado grande."),
     },
 }
 
@@ -138,13 +149,15 @@ def language(accept_language: str | None) -> str:
 
 
 def info_reply(
-    request: web.Request,
+    request: web.BaseRequest,
     reply: Reply,
     *,
     errors: dict[str, list[str]] | None = None,
     headers: CIMultiDict[str] | dict[str, str] | None = None,
     closed_sessions: int | None = None,
+    beside: dict[str, object] | None = None,
 ) -> web.Response:
+    """The reply's JSON: `info`, and the fields of `beside` next to it."""
     title, message = MESSAGES[reply][language(request.headers.get("Accept-Language"))]
     info: dict[str, object] = {
         "type": reply.info_type,
@@ -158,7 +171,7 @@ def info_reply(
         info["errors"] = errors
     return web.Response(
         status=reply.status,
-        body=orjson.dumps({"info": info}),
+        body=orjson.dumps({"info": info} | (beside or {})),
         content_type="application/json",
         headers=headers,
     )

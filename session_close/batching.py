@@ -1,7 +1,9 @@
 """Micro-batching: calls made close together share one round trip to a backend.
 
 Each caller awaits its own result; the batch is flushed when it is full, or when the
-current event-loop iteration ends (linger 0), or after `linger` seconds.
+current event-loop iteration ends (linger 0), or after `linger` seconds. At most
+`max_in_flight` batches run at once: while all are busy, new calls gather into the next
+batch, and callers that gave up meanwhile (their future cancelled) are left out of it.
 """
 
 from __future__ import annotations
@@ -17,9 +19,17 @@ FlushFn = Callable[[list[T]], Awaitable[Sequence[R | BaseException]]]
 
 
 class Batcher(Generic[T, R]):
-    def __init__(self, flush: FlushFn[T, R], *, max_size: int, linger: float = 0.0) -> None:
+    def __init__(
+        self,
+        flush: FlushFn[T, R],
+        *,
+        max_size: int,
+        linger: float = 0.0,
+        max_in_flight: int | None = None,
+    ) -> None:
         self._flush = flush
         self._max_size = max_size
+        self._max_in_flight = max_in_flight
         self._linger = linger
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
@@ -42,11 +52,19 @@ class Batcher(Generic[T, R]):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        batch, self._pending = self._pending, []
+        if self._max_in_flight is not None and len(self._tasks) >= self._max_in_flight:
+            return  # the next batch to finish starts this one
+        self._pending = [(item, future) for item, future in self._pending if not future.done()]
+        batch, self._pending = self._pending[: self._max_size], self._pending[self._max_size :]
         if batch:
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._pending and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_soon(self._start_flush)
 
     async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:
@@ -68,6 +86,6 @@ class Batcher(Generic[T, R]):
 
     async def drain(self) -> None:
         """Flush what is queued and wait for every batch in flight (for shutdown)."""
-        self._start_flush()
-        if self._tasks:
+        while self._pending or self._tasks:
+            self._start_flush()
             await asyncio.gather(*self._tasks, return_exceptions=True)

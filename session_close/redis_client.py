@@ -1,18 +1,36 @@
-"""One way to build the Redis client, with every call bounded by REDIS_TIMEOUT_SECONDS."""
+"""One way to build the Redis client, with every call bounded by REDIS_TIMEOUT_SECONDS,
+and the check that the Redis it talks to keeps what it is given."""
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+import logging
+
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
 
 from session_close.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The outbox and the tombstones live in Redis: an append-only file synced at least every
+# second, and no eviction, or a restart or a full memory silently loses events.
+DURABLE = {
+    "appendonly": frozenset({"yes"}),
+    "appendfsync": frozenset({"everysec", "always"}),
+    "maxmemory-policy": frozenset({"noeviction"}),
+}
 
 
 def connect_redis(settings: Settings) -> Redis:
     timeout = settings.redis_timeout_seconds
-    return Redis.from_url(
+    # A pool of a known size, where a caller waits (within the same bound) for a
+    # connection instead of failing at once, or opening connections without end.
+    pool = BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=timeout,
         decode_responses=True,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
@@ -21,3 +39,32 @@ def connect_redis(settings: Settings) -> Redis:
         retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
     )
+    return Redis.from_pool(pool)
+
+
+async def undurable_settings(redis: Redis) -> dict[str, str]:
+    """The durability settings Redis reports that would lose events (name -> value);
+    empty when all are right, or when Redis does not let us read its CONFIG."""
+    found: dict[str, str] = {}
+    try:
+        for name in DURABLE:
+            found.update(await redis.config_get(name))  # type: ignore[arg-type]
+    except ResponseError as exc:
+        # A managed Redis often renames or forbids CONFIG: nothing to say then.
+        log.debug("Redis CONFIG not readable", extra={"error": repr(exc)})
+        return {}
+    return {
+        name: found.get(name, "") for name, good in DURABLE.items() if found.get(name) not in good
+    }
+
+
+async def warn_unless_durable(redis: Redis) -> None:
+    try:
+        wrong = await undurable_settings(redis)
+    except (RedisError, OSError, TimeoutError):
+        return  # unreachable at start: the caller already says so
+    if wrong:
+        log.warning(
+            "Redis may lose outbox events and tombstones",
+            extra={"redis_config": wrong, "expected": {k: sorted(v) for k, v in DURABLE.items()}},
+        )

@@ -35,11 +35,15 @@ def _url(*schemes: str) -> validate.Regexp:
 class Settings:
     http_host: str = setting("0.0.0.0", mf.String(validate=validate.Length(min=1)))
     http_port: int = setting(8080, mf.Integer(validate=validate.Range(min=0, max=65535)))
+    http_read_timeout_seconds: float = setting(30.0, mf.Float(validate=_positive))
+    http_keepalive_timeout_seconds: float = setting(75.0, mf.Float(validate=_positive))
     redis_url: str = setting(
         "redis://localhost:6379/0", mf.String(validate=_url("redis", "rediss", "unix"))
     )
     redis_key_prefix: str = setting("", mf.String())
     redis_timeout_seconds: float = setting(1.0, mf.Float(validate=_positive))
+    redis_max_connections: int = setting(16, mf.Integer(validate=validate.Range(min=2, max=10000)))
+    close_batches_in_flight: int = setting(8, mf.Integer(validate=validate.Range(min=1, max=10000)))
     amqp_url: str = setting(
         "amqp://guest:guest@localhost:5672/", mf.String(validate=_url("amqp", "amqps"))
     )
@@ -69,7 +73,6 @@ class Settings:
     relay_batch_size: int = setting(200, mf.Integer(validate=validate.Range(min=1, max=10000)))
     relay_claim_idle_seconds: float = setting(30.0, mf.Float(validate=_positive))
     publish_timeout_seconds: float = setting(5.0, mf.Float(validate=_positive))
-    ready_max_backlog: int = setting(10000, mf.Integer(validate=validate.Range(min=1)))
     worker_prefetch: int = setting(100, mf.Integer(validate=validate.Range(min=1, max=65535)))
     worker_concurrency: int = setting(32, mf.Integer(validate=validate.Range(min=1, max=10000)))
     worker_metrics_port: int | None = setting(

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from service.app import create_app
+from session_close.redis_client import DURABLE
 from session_close.settings import Settings, SettingsSchema
 from session_close.topology import WORKERS, Topology
 
@@ -182,6 +183,14 @@ def test_compose_has_the_whole_stack() -> None:
         assert (DEPLOY / service["build"]["context"] / "deploy" / "Dockerfile").exists()
         assert service["deploy"]["replicas"] >= 1, name
         assert set(service["depends_on"]) <= services.keys()
+
+
+def test_compose_runs_redis_durably() -> None:
+    command = compose()["services"]["redis"]["command"]
+    assert command[0] == "redis-server"
+    options = dict(zip(command[1::2], command[2::2], strict=True))
+    for name, good in DURABLE.items():
+        assert options.get(f"--{name}") in good, name
 
 
 def test_compose_commands_env_ports_and_healthcheck_match_the_code() -> None:

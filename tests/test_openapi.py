@@ -4,10 +4,10 @@ bounded schemathesis run against the live API that finds no 5xx and no reply out
 from __future__ import annotations
 
 import re
-import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import hypothesis
@@ -39,7 +39,7 @@ from service.schemas import (
 from session_close.cli import create_session, create_token
 from session_close.keys import Keys
 from session_close.settings import Settings
-from tests.support.processes import free_port, running, settings_env, wait_for_port
+from tests.support.processes import listening_port, running, settings_env
 
 Client = TestClient[web.Request, web.Application]
 
@@ -156,14 +156,22 @@ async def known_session(redis: Redis, keys: Keys) -> None:
 
 @pytest.fixture
 def live_api(
-    settings: Settings, redis: Redis, amqp_cleanup: None, known_session: None
+    settings: Settings,
+    redis: Redis,
+    amqp_cleanup: None,
+    known_session: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[str]:
-    """`python -m service` on a free port of 127.0.0.1 (schemathesis calls it with a
-    blocking HTTP client, which would stall an in-process server on this loop)."""
-    port = free_port()
-    env = settings_env(settings, HTTP_HOST="127.0.0.1", HTTP_PORT=str(port), LOG_LEVEL="ERROR")
-    with running(["service"], env) as proc:
-        wait_for_port(port, proc)
+    """`python -m service` on a port of 127.0.0.1 it chose itself (schemathesis calls it
+    with a blocking HTTP client, which would stall an in-process server on this loop)."""
+    # schemathesis keeps its state in ./.schemathesis: in the test's directory, not the
+    # repository's
+    monkeypatch.chdir(tmp_path)
+    log = tmp_path / "api.log"
+    env = settings_env(settings, HTTP_HOST="127.0.0.1", HTTP_PORT="0", LOG_LEVEL="INFO")
+    with running(["service"], env, log) as proc:
+        port = listening_port(log, proc)
         yield f"http://127.0.0.1:{port}"
         proc.terminate()
         proc.wait(15)
@@ -185,7 +193,6 @@ def test_schemathesis_finds_no_server_error_and_no_reply_outside_the_document(
     with urllib.request.urlopen(f"{live_api}/openapi.json", timeout=5) as resp:
         assert resp.status == 200
     schema = schemathesis.openapi.from_url(f"{live_api}/openapi.json")
-    begun = time.monotonic()
     operations = [r.ok() for r in schema.get_all_operations() if isinstance(r, Ok)]
     # schemathesis leaves out the document's own URL
     assert {op.path for op in operations} == {CLOSE_PATH, "/healthz", "/readyz", "/metrics"}
@@ -222,12 +229,13 @@ def test_schemathesis_finds_no_server_error_and_no_reply_outside_the_document(
 
     for operation, mode, headers in passes:
         fuzz(operation, mode, headers)
+    server_errors = sum(n for status, n in statuses.items() if status >= 500)
     report_counts(
         requests=statuses.total(),
-        server_errors=sum(n for status, n in statuses.items() if status >= 500),
+        server_errors=server_errors,
         **{f"status_{status}": n for status, n in sorted(statuses.items())},
     )
     # the run reached every kind of reply the close endpoint gives to a client
     assert {200, 400, 401, 404, 415} <= statuses.keys(), statuses
     assert statuses.total() >= 150
-    assert time.monotonic() - begun < 50
+    assert server_errors == 0

@@ -19,15 +19,16 @@ from session_close.cli import create_session, create_token
 from session_close.keys import Keys
 from session_close.settings import Settings
 from tests.conftest import through
-from tests.support.processes import free_port, running, settings_env, wait_for_port
+from tests.support.processes import listening_port, running, settings_env
 from tests.support.proxy import TcpProxy
 
 TOKEN = "tok-secret-4f9a2c"
 SESSION_ID = "sess-ops-0123456789abcdef"
 
 
-def api_env(settings: Settings, port: int) -> dict[str, str]:
-    return settings_env(settings, HTTP_HOST="127.0.0.1", HTTP_PORT=str(port), LOG_LEVEL="INFO")
+def api_env(settings: Settings) -> dict[str, str]:
+    # port 0: the API binds a free port itself and logs it (no race for a port)
+    return settings_env(settings, HTTP_HOST="127.0.0.1", HTTP_PORT="0", LOG_LEVEL="INFO")
 
 
 def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -54,9 +55,9 @@ def json_lines(log: Path) -> list[dict[str, object]]:
 async def test_access_log_is_one_json_line_per_request_without_secrets(
     settings: Settings, redis: Redis, amqp_cleanup: None, tmp_path: Path
 ) -> None:
-    port, log = free_port(), tmp_path / "api.log"
-    with running(["service"], api_env(settings, port), log) as proc:
-        wait_for_port(port, proc)
+    log = tmp_path / "api.log"
+    with running(["service"], api_env(settings), log) as proc:
+        port = listening_port(log, proc)
         wait_ready(port)
         assert get(port, "/healthz", {"X-Request-ID": "ops-req-1"})[0] == 200
         status, _ = get(port, "/no/such/path?token=abc", {"X-Request-ID": "ops-req-2"})
@@ -118,7 +119,7 @@ def until(condition: Callable[[], bool], failure: str, deadline: float = 10.0) -
 
 def refuses_connections(port: int) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
             return False
     except OSError:
         return True
@@ -134,8 +135,8 @@ async def test_sigterm_finishes_the_request_in_flight_and_exits_0(
 ) -> None:
     await create_token(redis, keys, "u-shutdown", TOKEN, 60)
     await create_session(redis, keys, "u-shutdown", SESSION_ID, ttl=60)
-    port, log = free_port(), tmp_path / "api.log"
-    env = api_env(settings, port) | {
+    log = tmp_path / "api.log"
+    env = api_env(settings) | {
         "REDIS_URL": through(settings.redis_url, redis_proxy),
         "REDIS_TIMEOUT_SECONDS": "10",
         "SHUTDOWN_TIMEOUT_SECONDS": "20",
@@ -145,7 +146,7 @@ async def test_sigterm_finishes_the_request_in_flight_and_exits_0(
     }
     body = b'{"requestContent": {}}'
     with running(["service"], env, log) as proc:
-        wait_for_port(port, proc)
+        port = listening_port(log, proc)
         wait_ready(port)
         # First drop the app's idle Redis connection (readyz sees it fail and lets it go),
         # so the close below starts on a new one and keeps its one retry for restore().

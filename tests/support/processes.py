@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -16,6 +17,8 @@ from session_close.settings import Settings
 
 
 def free_port() -> int:
+    """A port free now; another process may take it before the caller binds it. For the
+    API, prefer HTTP_PORT=0 and `listening_port`."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -44,6 +47,21 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], deadline: float = 15
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {port} after {deadline}s")
+
+
+def listening_port(log: Path, proc: subprocess.Popen[bytes], deadline: float = 30.0) -> int:
+    """The port `python -m service` bound (started with HTTP_PORT=0, LOG_LEVEL INFO or
+    lower, its output in `log`), read from its `listening` log line."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited early with {proc.returncode}")
+        for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+            if line.startswith("{") and '"listening"' in line:
+                port: int = json.loads(line)["port"]
+                return port
+        time.sleep(0.05)
+    raise TimeoutError(f"no listening line in {log} after {deadline}s")
 
 
 @contextmanager

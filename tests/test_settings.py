@@ -26,6 +26,7 @@ SPEC_DEFAULTS = {
     "TOMBSTONE_TTL_SECONDS": 86400,
     "EVENT_SOURCE": "/eliab/session-service",
     "LOG_LEVEL": "INFO",
+    "WORKER_MAX_ATTEMPTS": 5,
 }
 
 # One valid, non-default value for every variable, and what it must become.
@@ -51,6 +52,7 @@ VALID = {
     "WORKER_PREFETCH": ("7", 7),
     "WORKER_CONCURRENCY": ("3", 3),
     "WORKER_METRICS_PORT": ("9100", 9100),
+    "WORKER_MAX_ATTEMPTS": ("3", 3),
     "SHUTDOWN_TIMEOUT_SECONDS": ("4", 4.0),
 }
 
@@ -73,6 +75,7 @@ INVALID = [
     ("RELAY_BATCH_SIZE", "0"),
     ("PUBLISH_TIMEOUT_SECONDS", "-1"),
     ("WORKER_PREFETCH", "many"),
+    ("WORKER_MAX_ATTEMPTS", "0"),
 ]
 
 

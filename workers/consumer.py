@@ -248,7 +248,9 @@ class Worker:
                     failed_attempts += 1
                     if failed_attempts >= self._settings.worker_max_attempts:
                         return await self._dead_letter(
-                            held, "poison", f"failed {failed_attempts} attempts: {exc!r}"
+                            held,
+                            "poison",
+                            f"failed {failed_attempts} attempts: {type(exc).__name__}: {exc}",
                         )
                 retried = True
                 self.metrics.retried()

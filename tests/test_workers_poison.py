@@ -102,7 +102,7 @@ async def test_a_value_no_consumer_can_store_is_dead_lettered_at_first_delivery(
     why: str,
 ) -> None:
     good = [make_event(n) for n in range(10)]
-    bad = make_event(**{field: value})
+    bad = make_event(closed_at=value) if field == "closed_at" else make_event(user_id=value)
     worker = in_process(settings, "audit", open_audit, worker_max_attempts=MAX_ATTEMPTS)
     caplog.set_level(logging.INFO, logger="workers")
     async with running(worker):

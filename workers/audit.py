@@ -95,6 +95,7 @@ class AuditTrail:
         log.info(
             "session close audited" if inserted else "session close already audited",
             extra={
+                "event_id": event.event_id,
                 "session_id": short_id(event.session_id),
                 "user_id": event.user_id,
                 "closed_at": event.closed_at,

@@ -22,6 +22,7 @@ from service.app import create_app
 from session_close.redis_client import DURABLE
 from session_close.settings import Settings, SettingsSchema
 from session_close.topology import WORKERS, Topology
+from workers.metrics import STALE_AFTER_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -324,9 +325,13 @@ def test_worker_probes_use_their_metrics_port() -> None:
         if worker_of(container["command"]) is None:
             continue
         assert [p["containerPort"] for p in container["ports"]] == [settings.worker_metrics_port]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/metrics"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
         for probe in ("readinessProbe", "livenessProbe"):
-            assert container[probe]["httpGet"]["path"] == "/metrics"
             assert probe_port(container, container[probe]) == settings.worker_metrics_port
+        # The loop's heartbeat goes stale, then the probe fails failureThreshold times.
+        liveness = container["livenessProbe"]
+        assert STALE_AFTER_SECONDS + liveness["periodSeconds"] * liveness["failureThreshold"] <= 60
 
 
 def test_pod_disruption_budgets_cover_every_deployment() -> None:

@@ -208,3 +208,77 @@ async def test_the_event_body_round_trips_through_the_workers_decoder(
     message = await one_event(audit_messages)
     event: Any = SessionClosed.decode(message.body)
     assert (event.session_id, event.user_id, event.event_id) == (SID, USER, message.message_id)
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def _event(**changes: Any) -> dict[str, Any]:
+    from session_close.events import SessionClosed
+
+    event = SessionClosed(
+        event_id=str(uuid.uuid4()),
+        session_id=SID,
+        user_id=USER,
+        closed_at="2026-01-02T03:04:05+00:00",
+        os="Android",
+        app_version=None,
+        request_id="req-1",
+    ).to_cloudevent("/elsewhere")
+    event.update(changes)
+    return event
+
+
+def test_a_consumer_reads_past_extensions_extra_data_and_missing_optional_attributes() -> None:
+    from session_close.events import SessionClosed
+
+    raw = _event(dataschema="https://example.com/s.json", somethingelse={"a": 1})
+    del raw["subject"], raw["time"]
+    raw["data"] = {k: v for k, v in raw["data"].items() if k not in ("os", "requestId")}
+    raw["data"]["addedLater"] = "ignored"
+    event = SessionClosed.decode(json.dumps(raw).encode())
+    assert (event.session_id, event.user_id, event.os, event.request_id) == (SID, USER, None, None)
+
+
+@pytest.mark.parametrize(
+    ("value", "trace_id"),
+    [
+        (TRACEPARENT, "4bf92f3577b34da6a3ce929d0e0e4736"),
+        (
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future",
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+        ),
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra", None),
+        ("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None),
+        ("00-00000000000000000000000000000000-00f067aa0ba902b7-01", None),
+        ("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", None),
+        ("garbage", None),
+        (42, None),
+    ],
+)
+def test_the_trace_id_is_read_from_a_valid_traceparent_and_a_malformed_one_is_ignored(
+    value: object, trace_id: str | None
+) -> None:
+    from session_close.events import SessionClosed
+
+    event = SessionClosed.decode(json.dumps(_event(traceparent=value)).encode())
+    assert event.trace_id == trace_id
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"userId": "user\x00nul"},
+        {"sessionId": "session\x00nul"},
+        {"os": "And\x00roid"},
+        {"closedAt": "0001-01-01T00:00:00+01:00"},
+        {"closedAt": "9999-12-31T23:59:59-01:00"},
+    ],
+)
+def test_a_value_no_consumer_can_store_makes_the_event_malformed(data: dict[str, str]) -> None:
+    from session_close.events import MalformedEvent, SessionClosed
+
+    raw = _event()
+    raw["data"].update(data)
+    with pytest.raises(MalformedEvent, match=next(iter(data))):
+        SessionClosed.decode(json.dumps(raw).encode())

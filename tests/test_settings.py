@@ -28,6 +28,7 @@ SPEC_DEFAULTS = {
     "LOG_LEVEL": "INFO",
     "HTTP_READ_TIMEOUT_SECONDS": 30,
     "HTTP_KEEPALIVE_TIMEOUT_SECONDS": 75,
+    "WORKER_MAX_ATTEMPTS": 5,
 }
 
 # One valid, non-default value for every variable, and what it must become.
@@ -56,6 +57,7 @@ VALID = {
     "WORKER_PREFETCH": ("7", 7),
     "WORKER_CONCURRENCY": ("3", 3),
     "WORKER_METRICS_PORT": ("9100", 9100),
+    "WORKER_MAX_ATTEMPTS": ("3", 3),
     "SHUTDOWN_TIMEOUT_SECONDS": ("4", 4.0),
     "SESSION_EXPIRY_GRACE_SECONDS": ("600", 600),
     "SWEEPER_ENABLED": ("false", False),
@@ -89,6 +91,7 @@ INVALID = [
     ("SESSION_EXPIRY_GRACE_SECONDS", "-1"),
     ("SWEEP_INTERVAL_SECONDS", "0"),
     ("SWEEP_BATCH_SIZE", "0"),
+    ("WORKER_MAX_ATTEMPTS", "0"),
 ]
 
 

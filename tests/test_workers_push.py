@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -67,6 +69,7 @@ async def test_push_cleanup_retries_while_redis_is_cut_and_cleans_up_after_resto
         "push-cleanup",
         open_push_cleanup,
         redis_url=through(settings.redis_url, redis_proxy),
+        worker_max_attempts=2,  # fewer than the retries: an outage never counts
     )
     async with running(worker):
         redis_proxy.cut("reset")
@@ -101,3 +104,49 @@ async def test_one_cleanup_failing_inside_redis_fails_alone_and_leaves_its_batch
     assert "WRONGTYPE" in str(replies[1])
     assert await redis.hgetall(good_a) == {"token-a2": "s-other"}
     assert await redis.exists(good_c) == 0
+
+
+async def test_tokens_reregistered_while_the_cleanup_runs_are_never_removed(
+    settings: Settings,
+    broker: Broker,
+    redis: Redis,
+    keys: Keys,
+    report_counts: Callable[..., None],
+) -> None:
+    """The compare-and-delete must be one step in Redis. Many devices re-register their
+    tokens (to a newer session) while the cleanup of the old session runs: a cleanup that
+    read the hash and then deleted what it had read would remove the tokens re-registered
+    between its two steps."""
+    push = keys.user_push("u-race")
+    tokens = [f"token-{n:05d}" for n in range(20_000)]
+    for start in range(0, len(tokens), 5_000):
+        await redis.hset(push, mapping={t: "s-old" for t in tokens[start : start + 5_000]})
+    worker = in_process(settings, "push-cleanup", open_push_cleanup)
+    created: list[int] = []
+    async with running(worker):
+        for start in range(0, len(tokens), 100):
+            if start == len(tokens) // 4:
+                await broker.publish(make_event(session_id="s-old", user_id="u-race"))
+            pipe = redis.pipeline(transaction=False)
+            for token in tokens[start : start + 100]:
+                pipe.hset(push, token, "s-new")
+            created += await pipe.execute()
+
+        async def handled() -> bool:
+            return worker.metrics.count("acked") == 1
+
+        await wait_until(handled, "the cleanup handled")
+    left = await redis.hgetall(push)
+    before_cleanup, after_cleanup = created.count(0), created.count(1)
+    report_counts(
+        tokens=len(tokens),
+        reregistered_before_cleanup=before_cleanup,
+        reregistered_after_cleanup=after_cleanup,
+        kept=len(left),
+    )
+    # The cleanup ran while the devices re-registered: some found their old entry, some
+    # found it already removed and wrote it anew. Otherwise nothing raced.
+    assert before_cleanup > 0
+    assert after_cleanup > 0
+    assert before_cleanup + after_cleanup == len(tokens)
+    assert left == dict.fromkeys(tokens, "s-new")

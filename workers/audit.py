@@ -3,6 +3,8 @@
 Rows are keyed by event id and inserted with ON CONFLICT DO NOTHING, so a redelivered
 event (or one taken by a second copy of the worker) adds nothing. The messages in hand
 share one INSERT (session_close.batching.Batcher); each is acked only after that commit.
+An INSERT that PostgreSQL rejects for a row's content is split into one per event, so
+only the bad event fails (and is retried, then dead-lettered by the runner).
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from datetime import datetime
 import asyncpg
 
 from session_close.batching import Batcher
-from session_close.events import REASON, MalformedEvent, SessionClosed
+from session_close.events import REASON, SessionClosed
 from session_close.logs import short_id
 from session_close.retry import retry
 from session_close.settings import Settings
-from workers.consumer import Effect
+from workers.consumer import Effect, split_on_content_failure
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +33,14 @@ DB_TIMEOUT_SECONDS = 5.0
 BATCH_LINGER_SECONDS = 0.005
 POOL_MAX_SIZE = 4
 
+# PostgreSQL unreachable or out of resources: retried for as long as it takes. Anything
+# else (a DataError, a constraint) is the event's own failure.
 TRANSIENT: tuple[type[BaseException], ...] = (
-    OSError,
+    OSError,  # refused, reset
     TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
+    asyncpg.PostgresConnectionError,  # class 08, the connection lost mid-statement
+    asyncpg.InsufficientResourcesError,  # class 53: too many connections, disk full
+    asyncpg.OperatorInterventionError,  # class 57: shutting down, starting up, cancelled
 )
 
 
@@ -82,15 +85,17 @@ class AuditTrail:
         self._pool = pool
         self._insert = insert_sql(table)
         self.batcher: Batcher[SessionClosed, bool] = Batcher(
-            self._write, max_size=max_batch, linger=BATCH_LINGER_SECONDS
+            split_on_content_failure(self._write, TRANSIENT),
+            max_size=max_batch,
+            linger=BATCH_LINGER_SECONDS,
         )
 
     async def apply(self, event: SessionClosed) -> None:
-        _check_storable(event)
         inserted = await self.batcher.submit(event)
         log.info(
             "session close audited" if inserted else "session close already audited",
             extra={
+                "event_id": event.event_id,
                 "session_id": short_id(event.session_id),
                 "user_id": event.user_id,
                 "closed_at": event.closed_at,
@@ -116,13 +121,6 @@ class AuditTrail:
         )
         new = {row["event_id"] for row in rows}
         return [uuid.UUID(e.event_id) in new for e in events]
-
-
-def _check_storable(event: SessionClosed) -> None:
-    # PostgreSQL text cannot hold NUL: such an event would fail its whole batch forever.
-    for value in (event.session_id, event.user_id, event.os, event.app_version, event.request_id):
-        if value is not None and "\x00" in value:
-            raise MalformedEvent("a field contains a NUL character")
 
 
 async def keep_session(connection: asyncpg.Connection) -> None:

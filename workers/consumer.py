@@ -2,11 +2,18 @@
 ack after it.
 
 - Prefetch (channel QoS) bounds what the broker hands over; a semaphore bounds how many
-  messages are worked on at once.
+  messages are worked on at once. Every message is settled through workers.settler,
+  which coalesces acks without ever acking past a message still held.
 - A malformed message is rejected without requeue: the queue's dead-letter exchange
   moves it to `<queue>.dlq` at once, and a log line says why.
-- Any other failure (PostgreSQL or Redis unreachable) is retried with capped exponential
-  backoff while the message is held; a good message is never dead-lettered.
+- A failure of the effect's `transient` kinds (a backend unreachable or out of
+  resources) is retried with capped exponential backoff while the message is held, for
+  as long as it takes: a good message is never dead-lettered. Any other failure is the
+  message's own: it is retried until WORKER_MAX_ATTEMPTS attempts (counted here, while
+  the message is held; a redelivery starts again), then dead-lettered as poison. A batch
+  that fails for its content is split (split_on_content_failure) so that only the bad
+  message pays.
+- The loop itself beats (WorkerMetrics.beat) so that liveness fails when it is stuck.
 - SIGTERM, the way arq stops: cancel the consumer so nothing new arrives, let the
   messages in hand finish within SHUTDOWN_TIMEOUT_SECONDS (those waiting or retrying go
   back to the queue at once), return the rest, close the connections, exit 0.
@@ -21,9 +28,9 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
@@ -35,26 +42,56 @@ from session_close.retry import Backoff, Policy
 from session_close.runtime import tune_gc
 from session_close.settings import Settings
 from session_close.topology import Topology
-from workers.metrics import WorkerMetrics
+from workers.metrics import HEARTBEAT_SECONDS, WorkerMetrics
+from workers.settler import BROKER_CALL_TIMEOUT_SECONDS, Disposition, Held, Settler
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+R = TypeVar("R")
 
 RETRY = Policy(first=0.1, cap=5.0)
-# Bounds on broker round trips during shutdown, so a dead broker cannot hold it up.
-BROKER_CALL_TIMEOUT_SECONDS = 2.0
 
 
 class Effect(Protocol):
-    """What a worker does with one event. It must be idempotent; it raises MalformedEvent
-    for an event it can never store, anything else for a failure worth retrying."""
+    """What a worker does with one event. It must be idempotent. It raises MalformedEvent
+    for an event it can never act on, one of `transient` when its backend cannot be
+    reached or is out of resources, anything else when the event itself failed."""
 
-    transient: tuple[type[BaseException], ...]  # expected failures, logged without traceback
+    transient: tuple[type[BaseException], ...]  # retried without limit, logged without traceback
 
     async def apply(self, event: SessionClosed) -> None: ...
 
 
 EffectFactory = Callable[[Settings], AbstractAsyncContextManager[Effect]]
+
+
+def split_on_content_failure(
+    flush: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
+    transient: tuple[type[BaseException], ...],
+) -> Callable[[list[T]], Awaitable[Sequence[R | BaseException]]]:
+    """A batch flush that, when the batch fails for something other than its backend,
+    flushes each item alone: the items that fail alone get their own error, the others
+    their result, so one bad item cannot fail the batch it shared."""
+
+    async def alone(item: T) -> R:
+        [result] = await flush([item])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def flush_or_split(items: list[T]) -> Sequence[R | BaseException]:
+        try:
+            return await flush(items)
+        except transient:
+            raise
+        except Exception:
+            if len(items) == 1:
+                raise
+            log.warning("a batch failed for its content; applying its items one by one")
+            return await asyncio.gather(*(alone(item) for item in items), return_exceptions=True)
+
+    return flush_or_split
 
 
 class Worker:
@@ -66,9 +103,12 @@ class Worker:
         *,
         metrics: WorkerMetrics | None = None,
         retry_policy: Policy = RETRY,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
     ) -> None:
         self.name = name
         self.metrics = metrics or WorkerMetrics(name)
+        self._settler = Settler(self.metrics)
+        self._heartbeat_seconds = heartbeat_seconds
         self._settings = settings
         self._open_effect = open_effect
         self._retry_policy = retry_policy
@@ -93,6 +133,7 @@ class Worker:
     async def run(self) -> None:
         """Consume until stop(); returns once everything in hand is settled and closed."""
         self._main = asyncio.current_task()
+        heartbeat = asyncio.create_task(self._beat())
         try:
             async with AsyncExitStack() as stack:
                 self._effect = await stack.enter_async_context(self._open_effect(self._settings))
@@ -114,7 +155,16 @@ class Worker:
             if not self._stopping.is_set() or self.consuming.is_set():
                 raise
             log.info("worker %s stopped before it started consuming", self.name)
+        finally:
+            heartbeat.cancel()
         log.info("worker %s stopped", self.name)
+
+    async def _beat(self) -> None:
+        # A task of the loop itself: when the loop is stuck, the beat stops and the
+        # liveness check (WorkerMetrics, /healthz) fails.
+        while True:
+            self.metrics.beat()
+            await asyncio.sleep(self._heartbeat_seconds)
 
     async def _declare(self, connection: AbstractRobustConnection) -> AbstractQueue:
         # A robust channel re-declares all of this, QoS included, after a reconnect, and
@@ -152,62 +202,79 @@ class Worker:
                 await connection.close()
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        held = self._settler.hold(message)  # before any await: in delivery order
         task = asyncio.current_task()
         assert task is not None
         self._in_hand.add(task)
         started = asyncio.get_running_loop().time()
         try:
-            outcome = await self._process(message)
+            outcome = await self._process(held)
         except asyncio.CancelledError:
-            await self._settle(message, requeue=True)
+            await self._settle(held, "requeue")
             self.metrics.settled("requeued", asyncio.get_running_loop().time() - started)
             raise
         finally:
             self._in_hand.discard(task)
         self.metrics.settled(outcome, asyncio.get_running_loop().time() - started)
 
-    async def _process(self, message: AbstractIncomingMessage) -> str:
+    async def _process(self, held: Held) -> str:
         if self._stopping.is_set():
-            return await self._settle(message, requeue=True)
+            return await self._settle(held, "requeue")
         try:
-            event = SessionClosed.decode(message.body)
+            event = SessionClosed.decode(held.message.body)
         except MalformedEvent as exc:
-            return await self._dead_letter(message, str(exc))
+            return await self._dead_letter(held, "malformed", str(exc))
         with structlog.contextvars.bound_contextvars(
-            request_id=event.request_id, event_id=event.event_id
+            request_id=event.request_id, event_id=event.event_id, trace_id=event.trace_id
         ):
             async with self._slots:
                 if self._stopping.is_set():
-                    return await self._settle(message, requeue=True)
-                return await self._apply(message, event)
+                    return await self._settle(held, "requeue")
+                return await self._apply(held, event)
 
-    async def _apply(self, message: AbstractIncomingMessage, event: SessionClosed) -> str:
+    async def _apply(self, held: Held, event: SessionClosed) -> str:
         assert self._effect is not None
+        transient = self._effect.transient
         backoff = Backoff(self._retry_policy)
+        failed_attempts = 0
         retried = False
         while True:
             try:
                 await self._effect.apply(event)
             except MalformedEvent as exc:
-                return await self._dead_letter(message, str(exc))
+                return await self._dead_letter(held, "malformed", str(exc))
             except Exception as exc:
+                if not isinstance(exc, transient):
+                    failed_attempts += 1
+                    if failed_attempts >= self._settings.worker_max_attempts:
+                        return await self._dead_letter(
+                            held,
+                            "poison",
+                            f"failed {failed_attempts} attempts: {type(exc).__name__}: {exc}",
+                        )
                 retried = True
                 self.metrics.retried()
                 delay = backoff.next_delay()
                 log.warning(
                     "worker could not apply event; retrying",
-                    exc_info=not isinstance(exc, self._effect.transient),
-                    extra={"worker": self.name, "error": repr(exc), "delay": delay},
+                    exc_info=not isinstance(exc, transient),
+                    extra={
+                        "worker": self.name,
+                        "error": repr(exc),
+                        "delay": delay,
+                        "transient": isinstance(exc, transient),
+                        "failed_attempts": failed_attempts,
+                    },
                 )
                 if await self._stopped_within(delay):
-                    return await self._settle(message, requeue=True)
-                if _channel_closed(message):
+                    return await self._settle(held, "requeue")
+                if _channel_closed(held.message):
                     # The broker has already given it to another consumer (or to us again
                     # after the reconnect): working on this copy too would only race it.
                     log.warning("worker %s dropped a held message: its channel closed", self.name)
-                    return "requeued"
+                    return await self._settle(held, "requeue")
                 continue
-            outcome = await self._settle(message, requeue=None)
+            outcome = await self._settle(held, "ack")
             return "retried" if retried and outcome == "acked" else outcome
 
     async def _stopped_within(self, seconds: float) -> bool:
@@ -216,33 +283,28 @@ class Worker:
                 await self._stopping.wait()
         return self._stopping.is_set()
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> str:
+    async def _dead_letter(self, held: Held, kind: str, reason: str) -> str:
+        """kind: malformed (at once) or poison (after its attempts); reason: why."""
         log.error(
-            "worker %s dead-lettered message %s: %s",
-            self.name,
-            message.message_id,
-            reason,
-            extra={"reason": reason, "message_id": message.message_id},
+            "worker dead-lettered a message",
+            extra={
+                "worker": self.name,
+                "dead_letter": kind,
+                "reason": reason,
+                "message_id": held.message.message_id,
+            },
         )
-        return await self._settle(message, requeue=False)
+        outcome = await self._settle(held, "dead_letter")
+        if outcome == "dead_lettered":
+            self.metrics.dead_lettered(kind)
+        return outcome
 
-    async def _settle(self, message: AbstractIncomingMessage, *, requeue: bool | None) -> str:
-        """Ack (requeue None), reject to the dead-letter queue (False) or return (True)."""
-        try:
-            async with asyncio.timeout(BROKER_CALL_TIMEOUT_SECONDS):
-                if requeue is None:
-                    await message.ack()
-                    return "acked"
-                if requeue:
-                    await message.nack(requeue=True)
-                    return "requeued"
-                await message.reject(requeue=False)
-                return "dead_lettered"
-        except Exception as exc:
+    async def _settle(self, held: Held, disposition: Disposition) -> str:
+        if not await self._settler.settle(held, disposition):
             # The channel it came on is gone; the broker redelivers it, and the effect
             # being idempotent, the second pass changes nothing.
-            log.warning("worker %s lost the settle of a message (%r)", self.name, exc)
             return "requeued"
+        return {"ack": "acked", "dead_letter": "dead_lettered", "requeue": "requeued"}[disposition]
 
 
 def _channel_closed(message: AbstractIncomingMessage) -> bool:

@@ -1,4 +1,7 @@
-"""Prometheus metrics of one worker process, on their own port when asked for.
+"""Prometheus metrics of one worker process and its liveness, on their own port when
+asked for: `/healthz` answers 503 once the event loop's heartbeat is older than
+`stale_after` seconds, so a loop that is stuck (while this server's thread still answers)
+fails the liveness probe; every other path serves the metrics.
 
 Each Worker gets its own CollectorRegistry, so two workers in one process (as in the
 tests) never share counters, and nothing lives in module globals.
@@ -7,26 +10,47 @@ tests) never share counters, and nothing lives in module globals.
 from __future__ import annotations
 
 import logging
-from wsgiref.simple_server import WSGIServer
+import threading
+import time
+from collections.abc import Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import orjson
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
     ProcessCollector,
-    start_http_server,
+    make_wsgi_app,
 )
 
 log = logging.getLogger(__name__)
 
-# acked: effect done; dead_lettered: malformed; requeued: handed back to the broker
-# (shutdown, or an ack lost with the connection); retried: settled after >= 1 retry.
+# acked: effect done; dead_lettered: malformed or poison; requeued: handed back to the
+# broker (shutdown, or a settle lost with the connection); retried: acked after >= 1 retry.
 OUTCOMES = ("acked", "dead_lettered", "requeued", "retried")
+DEAD_LETTER_REASONS = ("malformed", "poison")
+# The worker's loop beats every HEARTBEAT_SECONDS; the deploy/ probes allow for this bound.
+HEARTBEAT_SECONDS = 5.0
+STALE_AFTER_SECONDS = 20.0
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Probes every few seconds: no access log."""
 
 
 class WorkerMetrics:
-    def __init__(self, worker: str) -> None:
+    def __init__(self, worker: str, *, stale_after: float = STALE_AFTER_SECONDS) -> None:
         self.worker = worker
+        self.stale_after = stale_after
+        self._last_beat = time.monotonic()
         self.registry = CollectorRegistry()
         self.messages = Counter(
             "worker_messages",
@@ -43,14 +67,43 @@ class WorkerMetrics:
         )
         self.retries = Counter(
             "worker_retries",
-            "Attempts retried after a failure (backend unreachable)",
+            "Attempts retried after a failure (backend unreachable, or the message's own)",
+            ["worker"],
+            registry=self.registry,
+        )
+        self.dead_letters = Counter(
+            "worker_dead_letters",
+            "Messages dead-lettered: malformed at once, poison after WORKER_MAX_ATTEMPTS",
+            ["worker", "reason"],
+            registry=self.registry,
+        )
+        self.ack_frames = Counter(
+            "worker_ack_frames",
+            "basic.ack frames sent; one acks a run of messages",
             ["worker"],
             registry=self.registry,
         )
         for outcome in OUTCOMES:
             self.messages.labels(worker, outcome)
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_letters.labels(worker, reason)
+        self._metrics_app = make_wsgi_app(self.registry)
         self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        """Called from the worker's event loop: it is alive."""
+        self._last_beat = time.monotonic()
+
+    def heartbeat_age(self) -> float:
+        return time.monotonic() - self._last_beat
+
+    def dead_lettered(self, reason: str) -> None:
+        self.dead_letters.labels(self.worker, reason).inc()
+
+    def ack_frame(self) -> None:
+        self.ack_frames.labels(self.worker).inc()
 
     def settled(self, outcome: str, seconds: float) -> None:
         self.messages.labels(self.worker, outcome).inc()
@@ -68,16 +121,37 @@ class WorkerMetrics:
         )
 
     def retry_count(self) -> float:
-        return (
-            self.registry.get_sample_value("worker_retries_total", {"worker": self.worker}) or 0.0
-        )
+        return self._sample("worker_retries_total")
+
+    def dead_letter_count(self, reason: str) -> float:
+        return self._sample("worker_dead_letters_total", reason=reason)
+
+    def ack_frame_count(self) -> float:
+        return self._sample("worker_ack_frames_total")
+
+    def _sample(self, name: str, **labels: str) -> float:
+        value = self.registry.get_sample_value(name, {"worker": self.worker, **labels})
+        return value or 0.0
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Expose /metrics on `port` (0: any free port); returns the port bound."""
-        self._server, _ = start_http_server(port, host, registry=self.registry)
+        """Serve /healthz and /metrics on `port` (0: any free port); returns the port bound."""
+        self._server = make_server(host, port, self._app, _Server, _QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
         bound = int(self._server.server_address[1])
         log.info("worker metrics on port %d", bound)
         return bound
+
+    def _app(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/healthz":
+            return self._metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        age = self.heartbeat_age()
+        alive = age <= self.stale_after
+        start_response(
+            "200 OK" if alive else "503 Service Unavailable",
+            [("Content-Type", "application/json")],
+        )
+        return [orjson.dumps({"alive": alive, "heartbeatAgeSeconds": round(age, 3)})]
 
     def close(self) -> None:
         if self._server is not None:

@@ -3,7 +3,9 @@ to the closed session.
 
 The compare-and-delete runs in Redis (session_close/lua/remove_push_tokens.lua), so a token that a
 newer session on the same device re-registered, mapping it to the new session id, is
-kept even when this event arrives late or twice.
+kept even when this event arrives late or twice. One session's failure inside the script
+(a key of the wrong type) comes back as its own error, for the runner to retry and then
+dead-letter; a whole run failing for its content is split one session per run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from contextlib import asynccontextmanager
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from session_close.batching import Batcher
@@ -23,19 +26,32 @@ from session_close.logs import short_id
 from session_close.redis_client import connect_redis
 from session_close.scripts import REMOVE_PUSH_TOKENS
 from session_close.settings import Settings
-from workers.consumer import Effect
+from workers.consumer import Effect, split_on_content_failure
 
 log = logging.getLogger(__name__)
 
+# Redis unreachable (loading included), out of memory, or a replica for now: retried for
+# as long as it takes. Any other error reply (WRONGTYPE) is the event's own failure.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    TryAgainError,
+)
+
 
 class PushCleanup:
-    transient: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+    transient = TRANSIENT
 
     def __init__(self, redis: Redis, keys: Keys, *, max_batch: int) -> None:
         self._redis = redis
         self._keys = keys
         # The messages in hand share one script run: one command instead of one each.
-        self.batcher: Batcher[SessionClosed, int] = Batcher(self._remove, max_size=max_batch)
+        self.batcher: Batcher[SessionClosed, int] = Batcher(
+            split_on_content_failure(self._remove, TRANSIENT), max_size=max_batch
+        )
 
     async def apply(self, event: SessionClosed) -> None:
         removed = await self.batcher.submit(event)

@@ -25,7 +25,9 @@ from session_close.events import CONTENT_TYPE, SessionClosed
 from session_close.retry import Policy
 from session_close.settings import Settings
 from session_close.topology import ROUTING_KEY, Topology
+from workers.audit import create_table_sql
 from workers.consumer import EffectFactory, Worker
+from workers.metrics import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,16 +46,41 @@ async def wait_until(
         await asyncio.sleep(0.02)  # a poll interval, not a wait for the condition
 
 
-def make_event(n: int = 0, *, session_id: str | None = None, user_id: str = "u1") -> SessionClosed:
+def make_event(
+    n: int = 0,
+    *,
+    session_id: str | None = None,
+    user_id: str = "u1",
+    closed_at: str = "2026-01-02T03:04:05.123456+00:00",
+) -> SessionClosed:
     return SessionClosed(
         event_id=str(uuid.uuid4()),
         session_id=session_id or f"session-{n:05d}-{uuid.uuid4().hex[:8]}",
         user_id=user_id,
-        closed_at="2026-01-02T03:04:05.123456+00:00",
+        closed_at=closed_at,
         os="Android",
         app_version="1.0.10",
         request_id=f"req-{uuid.uuid4().hex[:12]}",
     )
+
+
+# A user id that the audit table of `table_rejecting` refuses: a value the database
+# rejects for its content on every attempt, though the event itself is well formed.
+REJECTED_USER = "rejected-by-the-database"
+
+
+async def table_rejecting(settings: Settings, user_id: str = REJECTED_USER) -> None:
+    """Create the test's audit table (as the worker would) with a CHECK constraint that
+    fails every row of `user_id`."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute(create_table_sql(settings.audit_table))
+        await conn.execute(
+            f'ALTER TABLE "{settings.audit_table}" ADD CONSTRAINT refuses_a_user '
+            f"CHECK (user_id <> '{user_id}')"
+        )
+    finally:
+        await conn.close()
 
 
 class Broker:
@@ -76,15 +103,25 @@ class Broker:
             *(self.publish_raw(e.encode(self.settings.event_source), e.event_id) for e in events)
         )
 
+    async def publish_in_order(self, *events: SessionClosed) -> None:
+        """One after the other, each confirmed: the queue holds them in this order."""
+        for event in events:
+            await self.publish_raw(event.encode(self.settings.event_source), event.event_id)
+
     async def publish_raw(
-        self, body: bytes, message_id: str | None = None, *, to_dead_letters: str | None = None
+        self,
+        body: bytes,
+        message_id: str | None = None,
+        *,
+        to_dead_letters: str | None = None,
+        content_type: str = CONTENT_TYPE,
     ) -> None:
         """Publish to the test's exchange, or (to_dead_letters=worker) the way the broker
         dead-letters: through the dead-letter exchange to that worker's DLQ."""
         channel = await self.channel()
         message = aio_pika.Message(
             body,
-            content_type=CONTENT_TYPE,
+            content_type=content_type,
             message_id=message_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             headers={"x-test": "kept"},
@@ -171,13 +208,21 @@ async def running(worker: Worker) -> AsyncIterator[Worker]:
 
 
 def in_process(
-    settings: Settings, name: str, open_effect: EffectFactory, **overrides: Any
+    settings: Settings,
+    name: str,
+    open_effect: EffectFactory,
+    *,
+    metrics: WorkerMetrics | None = None,
+    heartbeat_seconds: float = 0.1,
+    **overrides: Any,
 ) -> Worker:
     return Worker(
         dataclasses.replace(settings, **overrides),
         name,
         open_effect,
+        metrics=metrics,
         retry_policy=Policy(first=0.1, cap=0.5),
+        heartbeat_seconds=heartbeat_seconds,
     )
 
 

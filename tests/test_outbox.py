@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import aio_pika
+import orjson
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp.pytest_plugin import AiohttpClient
@@ -57,6 +58,18 @@ async def message_ids(amqp_url: str, queue: str) -> list[str]:
     return ids
 
 
+async def message_bodies(amqp_url: str, queue: str) -> list[dict[str, object]]:
+    """Take every message off the queue; their JSON bodies, in order."""
+    bodies = []
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.get_queue(queue)
+        while (message := await declared.get(fail=False, no_ack=True)) is not None:
+            bodies.append(orjson.loads(message.body))
+    return bodies
+
+
 async def write_outbox(redis: Redis, keys: Keys, count: int) -> list[str]:
     """Close `count` sessions the way the API closes a batch (one script run, atomic), so
     that a waiting relay reads them together; their event ids."""
@@ -65,7 +78,7 @@ async def write_outbox(redis: Redis, keys: Keys, count: int) -> list[str]:
     args: list[object] = [keys.prefix, 600, "2026-01-01T00:00:00.000Z"]
     for sid, event_id in zip(sids, event_ids, strict=True):
         await open_session(redis, keys, USER, sid, TOKEN)
-        args += [token_digest(TOKEN), sid, event_id, "", "", "r"]
+        args += [token_digest(TOKEN), sid, event_id, "", "", "r", ""]
     assert await CLOSE_SESSIONS(redis, [keys.outbox], args) == ["closed"] * count
     return event_ids
 
@@ -382,3 +395,54 @@ async def test_a_dead_relays_name_leaves_the_group_once_its_entries_are_taken_ov
     names = [c["name"] for c in await redis.xinfo_consumers(keys.outbox, OUTBOX_GROUP)]
     assert len(names) == 1
     assert names[0] != "dead-relay"
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.mark.parametrize(
+    ("header", "carried"),
+    [
+        (TRACEPARENT, TRACEPARENT),
+        (
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+        ),
+        (None, None),
+        ("00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01", None),  # upper case
+        ("00-00000000000000000000000000000000-00f067aa0ba902b7-01", None),  # zero trace id
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", None),  # zero parent id
+        ("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None),  # version ff
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7", None),  # no flags
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x", None),
+        ("not a traceparent", None),
+    ],
+)
+async def test_the_event_carries_the_requests_traceparent_and_a_malformed_one_is_ignored(
+    client: Client,
+    redis: Redis,
+    keys: Keys,
+    settings: Settings,
+    header: str | None,
+    carried: str | None,
+) -> None:
+    await open_session(redis, keys, USER, "session-0001", TOKEN)
+    extra = {} if header is None else {"traceparent": header}
+    resp = await client.post(
+        CLOSE_PATH, headers=app_headers(TOKEN, "session-0001", **extra), data=BODY
+    )
+    assert resp.status == 200
+    assert (await resp.json())["info"]["type"] == "success"
+    queue = Topology.from_settings(settings).queue("audit")
+
+    async def published() -> bool:
+        return await queue_depth(settings.amqp_url, queue) == 1
+
+    await wait_until(published, 10, "the event")
+    (event,) = await message_bodies(settings.amqp_url, queue)
+    if carried is None:
+        assert "traceparent" not in event
+        # a header that was sent does not leak into the event in any other form
+        assert header is None or header not in orjson.dumps(event).decode()
+    else:
+        assert event["traceparent"] == carried

@@ -29,3 +29,4 @@ class LuaScript:
 
 CLOSE_SESSIONS = LuaScript("close_sessions.lua")
 REMOVE_PUSH_TOKENS = LuaScript("remove_push_tokens.lua")
+TAKE_OVER_RELAYS = LuaScript("take_over_relays.lua")

@@ -45,7 +45,7 @@ VALID = {
     "LOG_LEVEL": ("DEBUG", "DEBUG"),
     "RELAY_ENABLED": ("false", False),
     "RELAY_BATCH_SIZE": ("10", 10),
-    "RELAY_CLAIM_IDLE_SECONDS": ("2.5", 2.5),
+    "RELAY_HEARTBEAT_SECONDS": ("2.5", 2.5),
     "PUBLISH_TIMEOUT_SECONDS": ("3", 3.0),
     "READY_MAX_BACKLOG": ("50", 50),
     "WORKER_PREFETCH": ("7", 7),
@@ -71,6 +71,7 @@ INVALID = [
     ("LOG_LEVEL", "LOUD"),
     ("RELAY_ENABLED", "perhaps"),
     ("RELAY_BATCH_SIZE", "0"),
+    ("RELAY_HEARTBEAT_SECONDS", "0.1"),
     ("PUBLISH_TIMEOUT_SECONDS", "-1"),
     ("WORKER_PREFETCH", "many"),
 ]

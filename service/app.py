@@ -17,6 +17,8 @@ from service.middlewares import info_replies, whole_requests
 from service.ops import measure_requests, setup_ops
 from service.relay import Relay, ensure_group, open_exchange
 from service.schemas import MAX_BODY_BYTES
+from service.sweeper import Sweeper
+from service.sweeper import stop as stop_sweeper
 from session_close import amqp
 from session_close.keys import Keys
 from session_close.redis_client import connect_redis, warn_unless_durable
@@ -76,6 +78,13 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     await relay.stop(task)
 
 
+async def sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
+    sweeper = Sweeper(app[REDIS], app[SETTINGS], on_sweep=app[METRICS].sweep)
+    task = asyncio.create_task(sweeper.run(), name="expiry-sweeper")
+    yield
+    await stop_sweeper(task)
+
+
 def create_app(settings: Settings) -> web.Application:
     # measure_requests comes first so it sees the reply info_replies made of any failure,
     # whole_requests last so that info_replies answers its failures too.
@@ -88,6 +97,8 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(amqp_ctx)
     if settings.relay_enabled:
         app.cleanup_ctx.append(relay_ctx)
+    if settings.sweeper_enabled:
+        app.cleanup_ctx.append(sweeper_ctx)
     app.router.add_post("/v1.0/session/close", close_session)
     app.router.add_post("/v1.0/session/close-all", close_all_sessions)
     setup_ops(app)

@@ -38,12 +38,28 @@ class CloseRequest:
     request_id: str
     # Fixed per request, so a retried script run is recognised by the tombstone.
     event_id: str
+    # The request's W3C traceparent, carried into the event; "" when it sent none.
+    traceparent: str = ""
 
     @classmethod
     def new(
-        cls, token: str, session_id: str, os: str | None, app_version: str | None, request_id: str
+        cls,
+        token: str,
+        session_id: str,
+        os: str | None,
+        app_version: str | None,
+        request_id: str,
+        traceparent: str | None = None,
     ) -> CloseRequest:
-        return cls(token, session_id, os or "", app_version or "", request_id, str(uuid.uuid4()))
+        return cls(
+            token,
+            session_id,
+            os or "",
+            app_version or "",
+            request_id,
+            str(uuid.uuid4()),
+            traceparent or "",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,10 +134,13 @@ class SessionCloser:
                 r.os,
                 r.app_version,
                 r.request_id,
+                r.traceparent,
             )
         # One bound for the whole batch (each caller waits at most one loop iteration
         # before it starts): every caller of a batch that times out gets TimeoutError.
         async with asyncio.timeout(self._timeout):
-            replies = await CLOSE_SESSIONS(self._redis, [self._keys.outbox], args)
+            replies = await CLOSE_SESSIONS(
+                self._redis, [self._keys.outbox, self._keys.expiry], args
+            )
         # A close that failed inside Redis comes back as its own ResponseError.
         return [r if isinstance(r, BaseException) else CloseOutcome(r) for r in replies]

@@ -88,10 +88,18 @@ def _flat(errors: dict[str, Any], parent: str = "") -> dict[str, list[str]]:
 _AUTHORIZATION = re.compile(AUTHORIZATION_RE)
 _SESSION_ID = re.compile(SESSION_ID_RE.pattern + r"\Z")
 _SEMVER = re.compile(SEMVER_RE)
+# W3C Trace Context, version 00: lower-case hex, and neither id may be all zeros.
+_TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}\Z")
 
 
 def _plain_authorization(value: str | None) -> bool:
     return value is not None and _AUTHORIZATION.match(value) is not None
+
+
+def traceparent(value: str | None) -> str | None:
+    """The header when well formed; a malformed one is ignored, as W3C Trace Context
+    asks, rather than failing the close."""
+    return value if value is not None and _TRACEPARENT.match(value) else None
 
 
 def _plain_request(headers: dict[str, str], body: bytes) -> bool:
@@ -150,7 +158,12 @@ async def close_session(request: web.Request) -> web.Response:
     sid = headers["SessionID"]
     outcome = await request.app[CLOSER].close(
         CloseRequest.new(
-            token, sid, headers.get("OS"), headers.get("AppVersion"), request[REQUEST_ID]
+            token,
+            sid,
+            headers.get("OS"),
+            headers.get("AppVersion"),
+            request[REQUEST_ID],
+            traceparent(request.headers.get("traceparent")),
         )
     )
     request.app[METRICS].close_outcome(outcome)
@@ -180,7 +193,7 @@ async def close_all_sessions(request: web.Request) -> web.Response:
             token,
             headers["SessionID"] if keep_current else None,
             request[REQUEST_ID],
-            traceparent=None,
+            traceparent(request.headers.get("traceparent")),
         )
     )
     request.app[METRICS].close_all_outcome(result)

@@ -4,9 +4,11 @@ confirms and deletes an entry only after the broker confirmed it.
 close_sessions.lua appends one entry per close to the stream. Relays share the consumer
 group `relay`; each reads new entries, publishes a window of them concurrently, then
 XACKs and XDELs the confirmed ones. An entry whose publish failed stays pending and is
-retried by the same relay; entries a dead relay left pending are taken over with
-XAUTOCLAIM once idle for RELAY_CLAIM_IDLE_SECONDS. Delivery is therefore at least once;
-the event id (message_id) lets consumers drop repeats.
+retried by the same relay. Each relay refreshes a heartbeat key (TTL
+RELAY_HEARTBEAT_SECONDS) from its event loop; the entries of a relay whose heartbeat is
+gone are claimed at once by another (take_over_relays.lua). A relay judged dead that was
+merely slow may still publish what it read: delivery is at least once, and the event id
+(message_id) lets consumers drop repeats.
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ from pamqp.commands import Basic
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from session_close.events import CONTENT_TYPE, SessionClosed
+from session_close.events import CONTENT_TYPE, SessionEvent
 from session_close.keys import OUTBOX_GROUP, Keys
 from session_close.retry import Backoff, Policy, retry
+from session_close.scripts import TAKE_OVER_RELAYS
 from session_close.settings import Settings
-from session_close.topology import ROUTING_KEY
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +82,12 @@ class Relay:
         self._keys = Keys(settings.redis_key_prefix)
         self._settings = settings
         self._consumer = consumer_name()
+        self._heartbeat = self._keys.relay_heartbeat(self._consumer)
         self._on_published = on_published
         self._on_failed = on_failed
         self._retry_own = True  # first look at what this consumer already holds
-        self._next_claim = 0.0
+        self._next_takeover = 0.0
+        self._beating: asyncio.Task[None] | None = None
         self._batch_done = asyncio.Event()
         self._batch_done.set()
         self._stopping = False
@@ -97,6 +101,11 @@ class Relay:
         # Quietly: Redis may be down as the relay starts; the loop below retries until
         # it is back (a missing group fails XREADGROUP, which recreates it).
         await self._ensure_group_quietly()
+        # Beat before the first read, so no other relay takes this one's entries for a
+        # dead relay's.
+        with contextlib.suppress(RedisError, OSError):
+            await self._beat_once()
+        self._beating = asyncio.create_task(self._beat(), name="outbox-relay-heartbeat")
         while not self._stopping:
             try:
                 entries = await self._next_entries()
@@ -128,9 +137,29 @@ class Relay:
             )
         except TimeoutError:
             log.warning("outbox relay stopped with publishes unconfirmed; they stay pending")
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for running in (task, self._beating):
+            if running is not None:
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running
+        # Whatever this relay still holds is taken over at once, not after the TTL.
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.delete(self._heartbeat)
+
+    async def _beat_once(self) -> None:
+        await self._redis.set(
+            self._heartbeat, "1", px=int(self._settings.relay_heartbeat_seconds * 1000)
+        )
+
+    async def _beat(self) -> None:
+        """Refreshed from the event loop, apart from the publishing: a relay whose loop
+        stalls stops beating, and another publishes its entries (a repeat at worst)."""
+        while True:
+            await asyncio.sleep(self._settings.relay_heartbeat_seconds / 3)
+            try:
+                await self._beat_once()
+            except (RedisError, OSError) as exc:
+                log.warning("outbox relay cannot refresh its heartbeat", extra={"error": repr(exc)})
 
     async def _ensure_group_quietly(self) -> None:
         # A Redis restarted without persistence has lost the stream and its group.
@@ -140,20 +169,20 @@ class Relay:
     async def _next_entries(self) -> list[Entry]:
         loop = asyncio.get_running_loop()
         count = self._settings.relay_batch_size
-        if loop.time() >= self._next_claim:
-            self._next_claim = loop.time() + self._settings.relay_claim_idle_seconds / 2
-            claimed = await self._redis.xautoclaim(
-                self._keys.outbox,
-                OUTBOX_GROUP,
-                self._consumer,
-                min_idle_time=int(self._settings.relay_claim_idle_seconds * 1000),
-                start_id="0-0",
-                count=count,
+        if loop.time() >= self._next_takeover:
+            # Often enough that a dead relay's entries move within a fifth of the TTL
+            # after its heartbeat expired.
+            self._next_takeover = loop.time() + self._settings.relay_heartbeat_seconds / 5
+            claimed = await TAKE_OVER_RELAYS(
+                self._redis,
+                [self._keys.outbox],
+                [OUTBOX_GROUP, self._keys.relay_heartbeat(""), self._consumer, count],
             )
-            if claimed[1]:
-                log.info("outbox relay took over %d entries of a stalled relay", len(claimed[1]))
-                return self._decode(claimed[1])
-            await self._forget_dead_relays()
+            if claimed:
+                log.info(
+                    "outbox relay took over a dead relay's entries", extra={"entries": len(claimed)}
+                )
+                return self._decode([(entry_id, _pairs(flat)) for entry_id, flat in claimed])
         stream_id = "0" if self._retry_own else ">"
         reply = await self._redis.xreadgroup(
             OUTBOX_GROUP,
@@ -167,25 +196,9 @@ class Relay:
             self._retry_own = False
         return entries
 
-    async def _forget_dead_relays(self) -> None:
-        """Every relay process joins the group under a name of its own, so without this
-        the group would grow by one consumer per restart. A live relay touches the group
-        at least every PUBLISH_TIMEOUT_SECONDS + 5 s; one idle for twice the claim time
-        with nothing pending (its entries were claimed) is gone."""
-        idle_ms = 2 * self._settings.relay_claim_idle_seconds * 1000
-        for consumer in await self._redis.xinfo_consumers(self._keys.outbox, OUTBOX_GROUP):
-            if (
-                consumer["pending"] == 0
-                and consumer["idle"] > idle_ms
-                and consumer["name"] != self._consumer
-            ):
-                await self._redis.xgroup_delconsumer(
-                    self._keys.outbox, OUTBOX_GROUP, consumer["name"]
-                )
-
     @staticmethod
     def _decode(raw: list[Any]) -> list[Entry]:
-        # XAUTOCLAIM and XREADGROUP '0' give a None body for entries deleted meanwhile.
+        # XREADGROUP '0' gives a None body for entries deleted meanwhile.
         return [(entry_id, fields) for entry_id, fields in raw if fields]
 
     async def _publish(self, entries: list[Entry]) -> int:
@@ -199,7 +212,10 @@ class Relay:
                 raise ChannelInvalidStateError(f"{exchange_channel!r} closed")
             channel = cast(aiormq.Channel, await exchange_channel.get_underlay_channel())
         except Exception as exc:  # the broker is gone; the robust channel comes back
-            log.warning("cannot publish %d events (%r); they stay in the outbox", len(entries), exc)
+            log.warning(
+                "cannot publish; the events stay in the outbox",
+                extra={"events": len(entries), "error": repr(exc)},
+            )
             self._on_failed(len(entries))
             return len(entries)
         source, timeout = self._settings.event_source, self._settings.publish_timeout_seconds
@@ -208,9 +224,12 @@ class Relay:
         dropped: list[str] = []
         for entry_id, fields in entries:
             try:
-                event = SessionClosed.from_outbox(fields)
+                event = SessionEvent.from_outbox(fields)
             except KeyError:
-                log.error("outbox entry %s is incomplete; dropped: %s", entry_id, sorted(fields))
+                log.error(
+                    "outbox entry is incomplete; dropped",
+                    extra={"entry_id": entry_id, "fields": sorted(fields)},
+                )
                 dropped.append(entry_id)  # it can never succeed; deleting it moves on
                 continue
             # Straight to aiormq, with the properties aio_pika.Message would build:
@@ -223,13 +242,13 @@ class Relay:
             publish = channel.basic_publish(
                 event.encode(source),
                 exchange=exchange.name,
-                routing_key=ROUTING_KEY,
+                routing_key=event.type,
                 properties=Basic.Properties(
                     content_type=CONTENT_TYPE,
                     message_id=event.event_id,
                     delivery_mode=PERSISTENT,
                     priority=0,
-                    message_type=ROUTING_KEY,
+                    message_type=event.type,
                     headers={"x-request-id": event.request_id or ""},
                 ),
                 mandatory=True,
@@ -253,13 +272,15 @@ class Relay:
             self._on_published(len(done) - len(dropped))
         if failures:
             log.warning(
-                "publish of %d of %d events failed; they stay in the outbox (first: %r)",
-                len(failures),
-                len(sent),
-                failures[0],
+                "publishes failed; the events stay in the outbox",
+                extra={"failed": len(failures), "sent": len(sent), "first": repr(failures[0])},
             )
             self._on_failed(len(failures))
         return len(failures)
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 async def open_exchange(

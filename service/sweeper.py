@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,3 +104,22 @@ async def stop(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def run_standalone(settings: Settings) -> None:
+    """The sweeper as its own process (`python -m service sweeper`), until SIGTERM/SIGINT.
+    Its events wait in the outbox for the relays."""
+    from session_close.redis_client import connect_redis
+    from session_close.runtime import tune_gc
+
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    redis = connect_redis(settings)
+    task = asyncio.create_task(Sweeper(redis, settings).run())
+    tune_gc()
+    log.info("expiry sweeper running")
+    await stop_requested.wait()
+    await stop(task)
+    await redis.aclose()

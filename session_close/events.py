@@ -1,5 +1,6 @@
-"""The session.closed event: built from an outbox entry, sent as a CloudEvents 1.0
-structured-mode JSON message, and read back (and validated) by the workers.
+"""The session events, `session.closed` and `session.expired`: built from an outbox
+entry, sent as CloudEvents 1.0 structured-mode JSON messages (the type is also the
+routing key), and read back (and validated) by the workers.
 
 One schema serves both sides. The producer's is strict; consumers read with it as
 tolerant readers, as CloudEvents requires: unknown attributes (extensions such as
@@ -18,15 +19,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
-EVENT_TYPE = "session.closed"
-REASON = "user_logout"
+CLOSED = "session.closed"
+EXPIRED = "session.expired"
+# Each event type, the reasons it comes with: a close, a close-all, the sweeper.
+REASONS = {CLOSED: ("user_logout", "user_logout_all"), EXPIRED: ("expired",)}
+EVENT_TYPES = tuple(REASONS)
 CONTENT_TYPE = "application/cloudevents+json"
 
 
 class MalformedEvent(ValueError):
-    """A message that is not a valid session.closed CloudEvent; never worth a retry."""
+    """A message that is not a valid session event; never worth a retry."""
 
 
 def _storable_text(value: str) -> None:
@@ -48,11 +52,18 @@ def _storable_id(*more: validate.Validator) -> list[Any]:
     return [validate.Length(min=1), _storable_text, *more]
 
 
-class SessionClosedDataSchema(Schema):
+class SessionEventDataSchema(Schema):
     sessionId = fields.String(required=True, validate=_storable_id())
     userId = fields.String(required=True, validate=_storable_id())
     closedAt = fields.AwareDateTime(required=True, format="iso", validate=_storable_time)
-    reason = fields.String(required=True, validate=validate.Equal(REASON))
+    reason = fields.String(
+        required=True, validate=validate.OneOf([r for rs in REASONS.values() for r in rs])
+    )
+    expiredAt = fields.AwareDateTime(
+        format="iso",
+        validate=_storable_time,
+        metadata={"description": "session.expired only: the session's expires_at."},
+    )
     os = fields.String(required=True, allow_none=True, validate=_storable_text)
     appVersion = fields.String(required=True, allow_none=True, validate=_storable_text)
     requestId = fields.String(required=True, allow_none=True, validate=_storable_text)
@@ -62,11 +73,21 @@ class CloudEventSchema(Schema):
     specversion = fields.String(required=True, validate=validate.Equal("1.0"))
     id = fields.UUID(required=True)
     source = fields.String(required=True, validate=validate.Length(min=1))
-    type = fields.String(required=True, validate=validate.Equal(EVENT_TYPE))
+    type = fields.String(required=True, validate=validate.OneOf(EVENT_TYPES))
     time = fields.AwareDateTime(required=True, format="iso")
     subject = fields.String(required=True, validate=validate.Length(min=1))
     datacontenttype = fields.String(required=True, validate=validate.Equal("application/json"))
-    data = fields.Nested(SessionClosedDataSchema, required=True)
+    data = fields.Nested(SessionEventDataSchema, required=True)
+
+    @validates_schema
+    def reason_of_its_type(self, event: dict[str, Any], **_: Any) -> None:
+        data = event.get("data")
+        if data is None:  # invalid, or left to the consumers' data reader
+            return
+        if data.get("reason") not in REASONS.get(event.get("type", ""), ()):
+            raise ValidationError(f"Must be one of {REASONS} by type.", "reason")
+        if (event.get("type") == EXPIRED) != ("expiredAt" in data):
+            raise ValidationError("Present in session.expired events only.", "expiredAt")
 
 
 _schema = CloudEventSchema()
@@ -76,11 +97,11 @@ _schema = CloudEventSchema()
 _OPTIONAL_ATTRIBUTES = ("subject", "time")
 _OPTIONAL_DATA = ("os", "appVersion", "requestId")
 _envelope_reader = CloudEventSchema(unknown=EXCLUDE, partial=_OPTIONAL_ATTRIBUTES, exclude=["data"])
-_data_reader = SessionClosedDataSchema(unknown=EXCLUDE, partial=_OPTIONAL_DATA)
+_data_reader = SessionEventDataSchema(unknown=EXCLUDE, partial=_OPTIONAL_DATA)
 
 
 def read_errors(raw: dict[str, Any]) -> dict[str, Any]:
-    """What makes `raw` unreadable as a session.closed event ({} when it is readable)."""
+    """What makes `raw` unreadable as a session event ({} when it is readable)."""
     errors: dict[str, Any] = _envelope_reader.validate(raw)
     data = raw.get("data")
     data_errors: dict[str, Any] | list[str]
@@ -116,7 +137,10 @@ def _traceparent(value: object) -> str | None:
 # decides and words the error.
 _EVENT_KEYS = frozenset(_schema.fields)
 _TRACED_EVENT_KEYS = _EVENT_KEYS | {"traceparent"}
-_DATA_KEYS = frozenset(SessionClosedDataSchema().fields)
+_DATA_KEYS = {
+    CLOSED: frozenset(SessionEventDataSchema().fields) - {"expiredAt"},
+    EXPIRED: frozenset(SessionEventDataSchema().fields),
+}
 _CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}\Z")
 
 
@@ -142,12 +166,14 @@ def _aware_time(value: object, *, storable: bool = False) -> bool:
 
 def _plain_event(raw: dict[str, Any]) -> bool:
     data = raw.get("data")
+    event_type = raw.get("type")
     return (
         (raw.keys() == _EVENT_KEYS or raw.keys() == _TRACED_EVENT_KEYS)
+        and isinstance(event_type, str)
+        and event_type in REASONS
         and isinstance(data, dict)
-        and data.keys() == _DATA_KEYS
+        and data.keys() == _DATA_KEYS[event_type]
         and raw["specversion"] == "1.0"
-        and raw["type"] == EVENT_TYPE
         and raw["datacontenttype"] == "application/json"
         and isinstance(raw["id"], str)
         and _CANONICAL_UUID.match(raw["id"]) is not None
@@ -157,13 +183,14 @@ def _plain_event(raw: dict[str, Any]) -> bool:
         and _text(data["sessionId"])
         and _text(data["userId"])
         and _aware_time(data["closedAt"], storable=True)
-        and data["reason"] == REASON
+        and data["reason"] in REASONS[event_type]
+        and (event_type == CLOSED or _aware_time(data["expiredAt"], storable=True))
         and all(_storable(data[k]) for k in ("sessionId", "userId", *_OPTIONAL_DATA))
     )
 
 
 @dataclass(frozen=True, slots=True)
-class SessionClosed:
+class SessionEvent:
     event_id: str
     session_id: str
     user_id: str
@@ -174,6 +201,9 @@ class SessionClosed:
     # W3C Trace Context of the HTTP request that closed the session, when it sent one;
     # carried as the CloudEvents distributed-tracing extension attribute.
     traceparent: str | None = None
+    type: str = CLOSED
+    reason: str = "user_logout"
+    expired_at: str | None = None  # RFC 3339, UTC; session.expired only
 
     @property
     def trace_id(self) -> str | None:
@@ -181,8 +211,10 @@ class SessionClosed:
         return None if self.traceparent is None else self.traceparent[3:35]
 
     @classmethod
-    def from_outbox(cls, entry: Mapping[str, str]) -> SessionClosed:
-        """An outbox stream entry, as close_sessions.lua wrote it."""
+    def from_outbox(cls, entry: Mapping[str, str]) -> SessionEvent:
+        """An outbox stream entry, as the close, close-all and sweeper scripts write it
+        (entries written before there were several types have no type and reason)."""
+        expired_at = entry.get("expired_at")
         return cls(
             event_id=entry["event_id"],
             session_id=entry["session_id"],
@@ -192,6 +224,9 @@ class SessionClosed:
             app_version=entry.get("app_version") or None,
             request_id=entry.get("request_id") or None,
             traceparent=entry.get("traceparent") or None,
+            type=entry.get("type", CLOSED),
+            reason=entry.get("reason", "user_logout"),
+            expired_at=None if expired_at is None else _rfc3339(float(expired_at)),
         )
 
     def to_cloudevent(self, source: str) -> dict[str, Any]:
@@ -199,7 +234,7 @@ class SessionClosed:
             "specversion": "1.0",
             "id": self.event_id,
             "source": source,
-            "type": EVENT_TYPE,
+            "type": self.type,
             "time": self.closed_at,
             "subject": self.session_id,
             "datacontenttype": "application/json",
@@ -207,12 +242,14 @@ class SessionClosed:
                 "sessionId": self.session_id,
                 "userId": self.user_id,
                 "closedAt": self.closed_at,
-                "reason": REASON,
+                "reason": self.reason,
                 "os": self.os,
                 "appVersion": self.app_version,
                 "requestId": self.request_id,
             },
         }
+        if self.expired_at is not None:
+            event["data"]["expiredAt"] = self.expired_at
         if self.traceparent is not None:
             event["traceparent"] = self.traceparent
         return event
@@ -221,7 +258,7 @@ class SessionClosed:
         return orjson.dumps(self.to_cloudevent(source))
 
     @classmethod
-    def decode(cls, body: bytes) -> SessionClosed:
+    def decode(cls, body: bytes) -> SessionEvent:
         """Parse and validate a message body; raise MalformedEvent saying what is wrong."""
         try:
             raw = orjson.loads(body)
@@ -232,7 +269,7 @@ class SessionClosed:
         if not _plain_event(raw):
             errors = read_errors(raw)
             if errors:
-                raise MalformedEvent(f"not a session.closed CloudEvent: {errors}")
+                raise MalformedEvent(f"not a session event: {errors}")
         data = raw["data"]
         return cls(
             event_id=raw["id"],
@@ -243,4 +280,13 @@ class SessionClosed:
             app_version=data.get("appVersion"),
             request_id=data.get("requestId"),
             traceparent=_traceparent(raw.get("traceparent")),
+            type=raw["type"],
+            reason=data["reason"],
+            expired_at=data.get("expiredAt"),
         )
+
+
+def _rfc3339(unix: float) -> str:
+    return (
+        datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )

@@ -40,3 +40,7 @@ class Keys:
     @property
     def outbox(self) -> str:
         return f"{self.prefix}outbox:session.closed"
+
+    def relay_heartbeat(self, consumer: str) -> str:
+        """Refreshed by a live outbox relay; gone (expired) once the relay is dead."""
+        return f"{self.prefix}outbox:relay:{consumer}"

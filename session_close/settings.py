@@ -71,7 +71,7 @@ class Settings:
     )
     relay_enabled: bool = setting(True, mf.Boolean())
     relay_batch_size: int = setting(200, mf.Integer(validate=validate.Range(min=1, max=10000)))
-    relay_claim_idle_seconds: float = setting(30.0, mf.Float(validate=_positive))
+    relay_heartbeat_seconds: float = setting(5.0, mf.Float(validate=validate.Range(min=0.5)))
     publish_timeout_seconds: float = setting(5.0, mf.Float(validate=_positive))
     worker_prefetch: int = setting(100, mf.Integer(validate=validate.Range(min=1, max=65535)))
     worker_concurrency: int = setting(32, mf.Integer(validate=validate.Range(min=1, max=10000)))

@@ -1,9 +1,9 @@
 """The AMQP topology, declared identically by the API and by every worker.
 
-Exchange `<AMQP_EXCHANGE>` (topic) routes `session.closed` to one quorum queue per
-worker; a message a worker rejects goes through `<AMQP_EXCHANGE>.dlx` to that worker's
-`<queue>.dlq`. Declaring is idempotent as long as the arguments never differ, which is
-why this is the only place that names them.
+Exchange `<AMQP_EXCHANGE>` (topic) routes `session.closed` and `session.expired` to one
+quorum queue per worker; a message a worker rejects goes through `<AMQP_EXCHANGE>.dlx`
+to that worker's `<queue>.dlq`. Declaring is idempotent as long as the arguments never
+differ, which is why this is the only place that names them.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 from pamqp.common import FieldTable
 
-from session_close.events import EVENT_TYPE
+from session_close.events import EVENT_TYPES
 from session_close.settings import Settings
 
-ROUTING_KEY = EVENT_TYPE
+# Each event type is its own routing key; every worker's queue takes them all.
+ROUTING_KEYS = EVENT_TYPES
 WORKERS = ("audit", "push-cleanup")
 
 
@@ -59,7 +60,8 @@ class Topology:
             queue = await channel.declare_queue(
                 self.queue(worker), durable=True, arguments=self.queue_arguments(worker)
             )
-            await queue.bind(exchange, ROUTING_KEY)
+            for routing_key in ROUTING_KEYS:
+                await queue.bind(exchange, routing_key)
             dlq = await channel.declare_queue(
                 self.dead_letter_queue(worker),
                 durable=True,

@@ -42,7 +42,6 @@ def settings(test_id: str) -> Settings:
         amqp_exchange=f"test.{test_id}.sessions",
         amqp_queue_prefix=f"test.{test_id}.",
         audit_table=f"audit_{test_id}",
-        relay_claim_idle_seconds=1.0,
         publish_timeout_seconds=1.0,
     )
 

@@ -31,6 +31,7 @@ from tests.support.closing import (
     Client,
     app_headers,
     open_session,
+    outbox_entries,
     snapshot,
 )
 
@@ -78,11 +79,6 @@ async def sessions(redis: Redis, keys: Keys) -> list[str]:
     return SIDS
 
 
-async def outbox(redis: Redis, keys: Keys) -> list[dict[str, str]]:
-    entries: list[tuple[str, dict[str, str]]] = await redis.xrange(keys.outbox)  # type: ignore[assignment]
-    return [fields for _, fields in entries]
-
-
 @dataclasses.dataclass
 class Unchanged:
     redis: Redis
@@ -112,7 +108,7 @@ async def test_every_open_session_is_closed_with_its_own_event(
         "sessionId": "session-phone",
         "closedSessions": 3,
     }
-    entries = await outbox(redis, keys)
+    entries = await outbox_entries(redis, keys)
     assert sorted(e["session_id"] for e in entries) == sorted(sessions)
     for entry in entries:
         i = SIDS.index(entry["session_id"])
@@ -140,7 +136,7 @@ async def test_keep_current_keeps_the_requesting_session(
     )
     info = await info_of(resp, 200, "success")
     assert info["closedSessions"] == 2
-    assert sorted(e["session_id"] for e in await outbox(redis, keys)) == [
+    assert sorted(e["session_id"] for e in await outbox_entries(redis, keys)) == [
         "session-laptop",
         "session-tablet",
     ]
@@ -159,7 +155,7 @@ async def test_a_single_close_after_close_all_is_already_closed(
     resp = await client.post(CLOSE_PATH, headers=app_headers(TOKEN, "session-tablet"), data=BODY)
     info = await info_of(resp, 200, "info")
     assert info["title"] == "Session already closed"
-    assert len(await outbox(redis, keys)) == 3
+    assert len(await outbox_entries(redis, keys)) == 3
 
 
 async def test_nothing_to_close_is_200_info_with_zero(
@@ -210,7 +206,7 @@ async def test_other_users_stale_and_expired_sessions_are_not_closed(
     resp = await client.post(CLOSE_ALL_PATH, headers=close_all_headers(), data=close_all_body())
 
     assert (await info_of(resp, 200, "success"))["closedSessions"] == 3
-    assert sorted(e["session_id"] for e in await outbox(redis, keys)) == sorted(sessions)
+    assert sorted(e["session_id"] for e in await outbox_entries(redis, keys)) == sorted(sessions)
     assert await redis.exists(keys.session("session-theirs"))
     assert await redis.exists(keys.session("session-expired"))  # the sweeper's to expire
     # The gone one is dropped from the set without an event; the others are left.
@@ -337,7 +333,7 @@ async def test_close_all_racing_single_closes_gives_one_event_per_session(
     statuses = Counter(r.status for r in replies)
     assert statuses == {200: len(requests)}
 
-    entries = await outbox(redis, keys)
+    entries = await outbox_entries(redis, keys)
     per_session = Counter(e["session_id"] for e in entries)
     assert per_session == dict.fromkeys(sids, 1)
     closed_by_all = 0

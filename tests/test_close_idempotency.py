@@ -6,10 +6,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
+from collections.abc import Callable
 
+import pytest
+from aiohttp.pytest_plugin import AiohttpClient
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from service.app import create_app
+from service.appkeys import AMQP
 from session_close.keys import Keys, token_digest
 from session_close.scripts import CLOSE_SESSIONS
 from session_close.settings import Settings
@@ -79,8 +84,8 @@ def script_call(keys: Keys, *closes: tuple[str, str]) -> tuple[list[str], list[o
     """close_sessions.lua's call for a batch of (session id, event id) closes."""
     args: list[object] = [keys.prefix, 600, "2026-01-01T00:00:00.000Z"]
     for sid, event_id in closes:
-        args += [token_digest(TOKEN), sid, event_id, "Android", "1.0.10", "r1"]
-    return [keys.outbox], args
+        args += [token_digest(TOKEN), sid, event_id, "Android", "1.0.10", "r1", ""]
+    return [keys.outbox, keys.expiry], args
 
 
 async def test_a_retried_script_call_with_the_same_event_id_succeeds_without_a_second_event(
@@ -153,3 +158,72 @@ async def test_a_session_closed_by_another_user_is_404_not_case_8(
     assert resp.status == 404
     assert (await resp.json())["info"]["type"] == "error"
     assert await snapshot(redis, keys.prefix) == before
+
+
+async def test_two_api_processes_closing_the_same_sessions_give_one_success_and_one_event_each(
+    client: Client,
+    redis: Redis,
+    keys: Keys,
+    settings: Settings,
+    aiohttp_client: AiohttpClient,
+    report_counts: Callable[..., None],
+) -> None:
+    """Two apps, each with its own Redis client, batcher and relay, as two API processes
+    are: their closes of one session run in different script runs, not one batch."""
+    other = await aiohttp_client(create_app(settings))
+    await asyncio.wait_for(asyncio.shield(other.app[AMQP]), 10)
+    sids = [f"session-{n:04d}" for n in range(20)]
+    for sid in sids:
+        await open_session(redis, keys, USER, sid, TOKEN)
+
+    async def close(api: Client, sid: str) -> tuple[str, str]:
+        resp = await api.post(CLOSE_PATH, headers=app_headers(TOKEN, sid), data=BODY)
+        assert resp.status == 200
+        return sid, (await resp.json())["info"]["type"]
+
+    replies = await asyncio.gather(
+        *(close(api, sid) for sid in sids for api in (client, other) for _ in range(5))
+    )
+    successes = Counter(sid for sid, kind in replies if kind == "success")
+    events = await outbox_appended(redis, keys)
+    delivered = await published(redis, keys, settings, expected=len(sids))
+    report_counts(sent=len(replies), succeeded=sum(successes.values()), events=events)
+    assert successes == dict.fromkeys(sids, 1)
+    assert Counter(kind for _, kind in replies) == {"success": 20, "info": 180}
+    assert events == len(sids)
+    assert delivered == len(sids)
+
+
+WRONG_TYPE_KEYS: dict[str, Callable[[Keys], str]] = {
+    "token": lambda keys: keys.token(TOKEN),
+    "session": lambda keys: keys.session(SID),
+    "user sessions": lambda keys: keys.user_sessions(USER),
+    "tombstone": lambda keys: keys.tombstone(SID),
+    "outbox": lambda keys: keys.outbox,
+}
+
+
+@pytest.mark.parametrize("key", WRONG_TYPE_KEYS)
+async def test_a_close_failing_on_a_key_of_the_wrong_type_writes_nothing_and_a_retry_closes(
+    client: Client, redis: Redis, keys: Keys, settings: Settings, key: str
+) -> None:
+    await open_session(redis, keys, USER, SID, TOKEN)
+    broken = WRONG_TYPE_KEYS[key](keys)
+    original, ttl = await redis.dump(broken), max(await redis.pttl(broken), 0)
+    await redis.delete(broken)
+    await redis.set(broken, "a string where the close expects another type")
+    before = await snapshot(redis, keys.prefix)
+
+    resp = await client.post(CLOSE_PATH, headers=app_headers(TOKEN, SID), data=BODY)
+    assert resp.status == 500
+    assert (await resp.json())["info"]["type"] == "error"
+    assert await snapshot(redis, keys.prefix) == before
+
+    await redis.delete(broken)
+    if original is not None:  # the tombstone did not exist before
+        await redis.restore(broken, ttl, original)
+    retry = await client.post(CLOSE_PATH, headers=app_headers(TOKEN, SID), data=BODY)
+    assert retry.status == 200
+    assert (await retry.json())["info"]["type"] == "success"
+    assert await outbox_appended(redis, keys) == 1
+    assert await published(redis, keys, settings, expected=1) == 1

@@ -201,12 +201,12 @@ async def test_the_event_body_round_trips_through_the_workers_decoder(
     keys: Keys,
     audit_messages: list[AbstractIncomingMessage],
 ) -> None:
-    from session_close.events import SessionClosed
+    from session_close.events import SessionEvent
 
     await open_session(redis, keys, USER, SID, TOKEN)
     await client.post(CLOSE_PATH, headers=app_headers(TOKEN, SID), data=BODY)
     message = await one_event(audit_messages)
-    event: Any = SessionClosed.decode(message.body)
+    event: Any = SessionEvent.decode(message.body)
     assert (event.session_id, event.user_id, event.event_id) == (SID, USER, message.message_id)
 
 
@@ -214,9 +214,9 @@ TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 def _event(**changes: Any) -> dict[str, Any]:
-    from session_close.events import SessionClosed
+    from session_close.events import SessionEvent
 
-    event = SessionClosed(
+    event = SessionEvent(
         event_id=str(uuid.uuid4()),
         session_id=SID,
         user_id=USER,
@@ -230,13 +230,13 @@ def _event(**changes: Any) -> dict[str, Any]:
 
 
 def test_a_consumer_reads_past_extensions_extra_data_and_missing_optional_attributes() -> None:
-    from session_close.events import SessionClosed
+    from session_close.events import SessionEvent
 
     raw = _event(dataschema="https://example.com/s.json", somethingelse={"a": 1})
     del raw["subject"], raw["time"]
     raw["data"] = {k: v for k, v in raw["data"].items() if k not in ("os", "requestId")}
     raw["data"]["addedLater"] = "ignored"
-    event = SessionClosed.decode(json.dumps(raw).encode())
+    event = SessionEvent.decode(json.dumps(raw).encode())
     assert (event.session_id, event.user_id, event.os, event.request_id) == (SID, USER, None, None)
 
 
@@ -259,9 +259,9 @@ def test_a_consumer_reads_past_extensions_extra_data_and_missing_optional_attrib
 def test_the_trace_id_is_read_from_a_valid_traceparent_and_a_malformed_one_is_ignored(
     value: object, trace_id: str | None
 ) -> None:
-    from session_close.events import SessionClosed
+    from session_close.events import SessionEvent
 
-    event = SessionClosed.decode(json.dumps(_event(traceparent=value)).encode())
+    event = SessionEvent.decode(json.dumps(_event(traceparent=value)).encode())
     assert event.trace_id == trace_id
 
 
@@ -276,9 +276,9 @@ def test_the_trace_id_is_read_from_a_valid_traceparent_and_a_malformed_one_is_ig
     ],
 )
 def test_a_value_no_consumer_can_store_makes_the_event_malformed(data: dict[str, str]) -> None:
-    from session_close.events import MalformedEvent, SessionClosed
+    from session_close.events import MalformedEvent, SessionEvent
 
     raw = _event()
     raw["data"].update(data)
     with pytest.raises(MalformedEvent, match=next(iter(data))):
-        SessionClosed.decode(json.dumps(raw).encode())
+        SessionEvent.decode(json.dumps(raw).encode())

@@ -16,7 +16,7 @@ from service.sweeper import Sweeper, SweepResult
 from session_close.cli import create_session
 from session_close.keys import Keys
 from session_close.settings import Settings
-from tests.support.closing import wait_until
+from tests.support.closing import outbox_entries, wait_until
 
 USER = "user-7"
 
@@ -33,11 +33,6 @@ async def write_session(
     pipe.zadd(keys.expiry, {sid: expires_at})
     pipe.sadd(keys.user_sessions(user), sid)
     await pipe.execute()
-
-
-async def outbox_entries(redis: Redis, keys: Keys) -> list[dict[str, str]]:
-    entries: list[tuple[str, dict[str, str]]] = await redis.xrange(keys.outbox)  # type: ignore[assignment]
-    return [fields for _, fields in entries]
 
 
 def sweeper(redis: Redis, settings: Settings, *, sweep_batch_size: int = 500) -> Sweeper:

@@ -18,7 +18,7 @@ from service.handlers import (
     _plain_authorization,
     _plain_request,
 )
-from session_close.events import SessionClosed, _plain_event, read_errors
+from session_close.events import SessionEvent, _plain_event, read_errors
 
 header_text = st.one_of(
     st.text(max_size=80),
@@ -69,7 +69,7 @@ def test_a_body_nested_too_deep_for_the_parser_is_a_validation_error() -> None:
     assert _body_errors(b"[" * 16000) == {"body": ["Must be a JSON object."]}
 
 
-GOOD_EVENT: dict[str, Any] = SessionClosed(
+GOOD_EVENT: dict[str, Any] = SessionEvent(
     event_id="0b7e3f0c-4b8a-4c5e-9d61-3f1a2b4c5d6e",
     session_id="session-1",
     user_id="user-1",
@@ -77,6 +77,18 @@ GOOD_EVENT: dict[str, Any] = SessionClosed(
     os="Android",
     app_version=None,
     request_id="r1",
+).to_cloudevent("/eliab/session-service")
+GOOD_EXPIRED_EVENT: dict[str, Any] = SessionEvent(
+    event_id="6f0b2a1c-0d4e-5b7a-8c9d-0e1f2a3b4c5d",
+    session_id="session-2",
+    user_id="user-1",
+    closed_at="2026-01-01T00:00:01.000Z",
+    os=None,
+    app_version="1.0.0",
+    request_id=None,
+    type="session.expired",
+    reason="expired",
+    expired_at="2026-01-01T00:00:00.000Z",
 ).to_cloudevent("/eliab/session-service")
 
 json_values = st.one_of(
@@ -89,8 +101,11 @@ json_values = st.one_of(
             "",
             "1.0",
             "session.closed",
+            "session.expired",
             "application/json",
             "user_logout",
+            "user_logout_all",
+            "expired",
             "2026-01-01T00:00:00Z",
             "2026-01-01T00:00:00",  # no offset: not aware
             "2026-13-01T00:00:00Z",
@@ -112,7 +127,8 @@ json_values = st.one_of(
 def events(draw: st.DrawFn) -> dict[str, Any]:
     """The good event with a few of its fields (top level or in data) replaced, removed,
     or joined by unknown ones."""
-    event = {**GOOD_EVENT, "data": {**GOOD_EVENT["data"]}}
+    good = draw(st.sampled_from([GOOD_EVENT, GOOD_EXPIRED_EVENT]))
+    event = {**good, "data": {**good["data"]}}
     for _ in range(draw(st.integers(1, 3))):
         target = event if draw(st.booleans()) else event.get("data")
         if not isinstance(target, dict):
@@ -138,6 +154,6 @@ def test_the_relays_event_takes_the_fast_path_with_or_without_a_traceparent() ->
         **GOOD_EVENT,
         "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
     }
-    for event in (GOOD_EVENT, traced):
+    for event in (GOOD_EVENT, traced, GOOD_EXPIRED_EVENT):
         assert _plain_event(event)
         assert not read_errors(event)

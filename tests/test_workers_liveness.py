@@ -11,7 +11,7 @@ import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from session_close.events import SessionClosed
+from session_close.events import SessionEvent
 from session_close.settings import Settings
 from tests.support.workers import (
     Broker,
@@ -37,7 +37,7 @@ class BlocksTheLoop:
         self.blocked_at: float | None = None
         self.released_at: float | None = None
 
-    async def apply(self, event: SessionClosed) -> None:
+    async def apply(self, event: SessionEvent) -> None:
         self.blocked_at = time.monotonic()
         time.sleep(BLOCKED_FOR)  # noqa: ASYNC251 (the point of the test)
         self.released_at = time.monotonic()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from session_close import __version__
 from session_close.logs import configure_logging
 from session_close.settings import env_help, settings_or_exit
 from session_close.topology import WORKERS
@@ -30,9 +31,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common = {"epilog": env_help(), "formatter_class": argparse.RawDescriptionHelpFormatter}
     parser = argparse.ArgumentParser(
         prog="python -m workers",
-        description="Consumers of the session.closed events.",
+        description="Consumers of the session events (session.closed, session.expired).",
         **common,  # type: ignore[arg-type]
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, text in (
         ("audit", "write one PostgreSQL row (AUDIT_TABLE) per event"),

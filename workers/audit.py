@@ -19,7 +19,7 @@ from datetime import datetime
 import asyncpg
 
 from session_close.batching import Batcher
-from session_close.events import REASON, SessionClosed
+from session_close.events import SessionEvent
 from session_close.logs import short_id
 from session_close.retry import retry
 from session_close.settings import Settings
@@ -84,13 +84,13 @@ class AuditTrail:
     def __init__(self, pool: asyncpg.Pool, table: str, *, max_batch: int) -> None:
         self._pool = pool
         self._insert = insert_sql(table)
-        self.batcher: Batcher[SessionClosed, bool] = Batcher(
+        self.batcher: Batcher[SessionEvent, bool] = Batcher(
             split_on_content_failure(self._write, TRANSIENT),
             max_size=max_batch,
             linger=BATCH_LINGER_SECONDS,
         )
 
-    async def apply(self, event: SessionClosed) -> None:
+    async def apply(self, event: SessionEvent) -> None:
         inserted = await self.batcher.submit(event)
         log.info(
             "session close audited" if inserted else "session close already audited",
@@ -105,7 +105,7 @@ class AuditTrail:
             },
         )
 
-    async def _write(self, events: list[SessionClosed]) -> Sequence[bool]:
+    async def _write(self, events: list[SessionEvent]) -> Sequence[bool]:
         """One INSERT for the batch; per event, whether its row is new."""
         rows = await self._pool.fetch(
             self._insert,
@@ -113,7 +113,7 @@ class AuditTrail:
             [e.session_id for e in events],
             [e.user_id for e in events],
             [datetime.fromisoformat(e.closed_at) for e in events],
-            [REASON for _ in events],
+            [e.reason for e in events],
             [e.os for e in events],
             [e.app_version for e in events],
             [e.request_id for e in events],

@@ -37,7 +37,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from aio_pika.exceptions import ChannelInvalidStateError
 
 from session_close.amqp import connect
-from session_close.events import MalformedEvent, SessionClosed
+from session_close.events import MalformedEvent, SessionEvent
 from session_close.retry import Backoff, Policy
 from session_close.runtime import tune_gc
 from session_close.settings import Settings
@@ -60,7 +60,7 @@ class Effect(Protocol):
 
     transient: tuple[type[BaseException], ...]  # retried without limit, logged without traceback
 
-    async def apply(self, event: SessionClosed) -> None: ...
+    async def apply(self, event: SessionEvent) -> None: ...
 
 
 EffectFactory = Callable[[Settings], AbstractAsyncContextManager[Effect]]
@@ -221,7 +221,7 @@ class Worker:
         if self._stopping.is_set():
             return await self._settle(held, "requeue")
         try:
-            event = SessionClosed.decode(held.message.body)
+            event = SessionEvent.decode(held.message.body)
         except MalformedEvent as exc:
             return await self._dead_letter(held, "malformed", str(exc))
         with structlog.contextvars.bound_contextvars(
@@ -232,7 +232,7 @@ class Worker:
                     return await self._settle(held, "requeue")
                 return await self._apply(held, event)
 
-    async def _apply(self, held: Held, event: SessionClosed) -> str:
+    async def _apply(self, held: Held, event: SessionEvent) -> str:
         assert self._effect is not None
         transient = self._effect.transient
         backoff = Backoff(self._retry_policy)

@@ -20,7 +20,7 @@ from redis.exceptions import OutOfMemoryError, ReadOnlyError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from session_close.batching import Batcher
-from session_close.events import SessionClosed
+from session_close.events import SessionEvent
 from session_close.keys import Keys
 from session_close.logs import short_id
 from session_close.redis_client import connect_redis
@@ -49,11 +49,11 @@ class PushCleanup:
         self._redis = redis
         self._keys = keys
         # The messages in hand share one script run: one command instead of one each.
-        self.batcher: Batcher[SessionClosed, int] = Batcher(
+        self.batcher: Batcher[SessionEvent, int] = Batcher(
             split_on_content_failure(self._remove, TRANSIENT), max_size=max_batch
         )
 
-    async def apply(self, event: SessionClosed) -> None:
+    async def apply(self, event: SessionEvent) -> None:
         removed = await self.batcher.submit(event)
         log.info(
             "push tokens of a closed session removed",
@@ -64,7 +64,7 @@ class PushCleanup:
             },
         )
 
-    async def _remove(self, events: list[SessionClosed]) -> Sequence[int | BaseException]:
+    async def _remove(self, events: list[SessionEvent]) -> Sequence[int | BaseException]:
         keys = [self._keys.user_push(event.user_id) for event in events]
         replies = await REMOVE_PUSH_TOKENS(self._redis, keys, [e.session_id for e in events])
         # A session whose cleanup failed inside Redis comes back as its own ResponseError.

@@ -1,24 +1,38 @@
 -- Close a batch of sessions (the close requests of one event-loop iteration), each as
--- one atomic step: check the token and the owner, delete the session, leave a
--- tombstone and record the session.closed event in the outbox stream. One script run
+-- one atomic step: check the token, the owner and that the session has not reached its
+-- expires_at (by Redis's clock), delete the session, remove it from its user's set and
+-- from the expiry index, leave a tombstone and record the session.closed event in the
+-- outbox stream. One script run
 -- per batch instead of one per request: redis-py's per-command cost was most of the
 -- Redis part of a close.
 --
--- KEYS[1] outbox stream
+-- KEYS[1] outbox stream  KEYS[2] expiry index
 -- ARGV[1] key prefix  ARGV[2] tombstone ttl (s)  ARGV[3] closed at (RFC 3339)
--- then 6 per close: sha256 hex of the token, sid, event id, os, app version, request id
+-- then 7 per close: sha256 hex of the token, sid, event id, os, app version, request id,
+-- traceparent ('' for none)
 --
 -- Returns one reply per close, in order: 'token' (unknown token), 'missing' (no such
 -- session for this user), 'closed' (closed now, or a retry of the very call that closed
 -- it), 'already'; or an error reply for a close that failed (say, a key of the wrong
 -- type), which leaves the others of the batch alone.
+-- A close is all or nothing: Redis keeps the writes a script made before an error, so
+-- every key a close writes is checked before its first write.
 -- The keys are derived from the token and the session id, so they cannot be declared
 -- in KEYS; the service therefore needs a single Redis node (no cluster).
 
 local prefix, ttl, closed_at = ARGV[1], ARGV[2], ARGV[3]
-local outbox = KEYS[1]
+local outbox, expiry = KEYS[1], KEYS[2]
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
 
-local function close(digest, sid, event_id, os_name, app_version, request_id)
+local function expect_type(key, kind)
+  local found = redis.call('TYPE', key).ok
+  if found ~= kind and found ~= 'none' then
+    error({err = 'WRONGTYPE ' .. key .. ' holds a ' .. found .. ', not a ' .. kind})
+  end
+end
+
+local function close(digest, sid, event_id, os_name, app_version, request_id, traceparent)
   local uid = redis.call('HGET', prefix .. 'auth:token:' .. digest, 'user_id')
   if not uid then
     return 'token'
@@ -39,28 +53,45 @@ local function close(digest, sid, event_id, os_name, app_version, request_id)
   end
 
   local session_key = prefix .. 'session:' .. sid
-  local session = redis.call('HMGET', session_key, 'user_id', 'os', 'app_version')
+  local session = redis.call('HMGET', session_key, 'user_id', 'os', 'app_version', 'expires_at')
   if session[1] ~= uid then
+    return 'missing'
+  end
+  -- Past its logical end it is expired, whether or not the sweeper got to it yet.
+  local expires_at = tonumber(session[4])
+  if expires_at and expires_at <= now then
     return 'missing'
   end
 
   if os_name == '' then os_name = session[2] or '' end
   if app_version == '' then app_version = session[3] or '' end
 
+  -- The session hash and the tombstone were read above, which fails on a wrong type.
+  local user_sessions = prefix .. 'user:' .. uid .. ':sessions'
+  expect_type(user_sessions, 'set')
+  expect_type(outbox, 'stream')
+  expect_type(expiry, 'zset')
+
+  local entry = {'type', 'session.closed', 'reason', 'user_logout', 'event_id', event_id, 'session_id', sid, 'user_id', uid,
+    'closed_at', closed_at, 'os', os_name, 'app_version', app_version,
+    'request_id', request_id}
+  if traceparent ~= '' then
+    entry[#entry + 1] = 'traceparent'
+    entry[#entry + 1] = traceparent
+  end
   redis.call('DEL', session_key)
-  redis.call('SREM', prefix .. 'user:' .. uid .. ':sessions', sid)
+  redis.call('SREM', user_sessions, sid)
+  redis.call('ZREM', expiry, sid)
   redis.call('HSET', tombstone, 'user_id', uid, 'event_id', event_id, 'closed_at', closed_at)
   redis.call('EXPIRE', tombstone, ttl)
-  redis.call('XADD', outbox, '*',
-    'event_id', event_id, 'session_id', sid, 'user_id', uid, 'closed_at', closed_at,
-    'os', os_name, 'app_version', app_version, 'request_id', request_id)
+  redis.call('XADD', outbox, '*', unpack(entry))
   return 'closed'
 end
 
 local replies = {}
-for i = 4, #ARGV, 6 do
+for i = 4, #ARGV, 7 do
   local ok, reply = pcall(close, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
-    ARGV[i + 4], ARGV[i + 5])
+    ARGV[i + 4], ARGV[i + 5], ARGV[i + 6])
   if not ok then
     -- redis.call raises a table {err = ...} (Redis 7) or a string (older).
     reply = redis.error_reply(type(reply) == 'table' and reply.err or tostring(reply))

@@ -43,9 +43,13 @@ async def open_session(
 
 
 async def snapshot(redis: Redis, prefix: str) -> dict[str, Any]:
-    """Every key of the test's prefix with its type and content (for a stream, its last id)."""
+    """Every key of the test's prefix with its type and content (for a stream, its last id),
+    but the outbox relays' heartbeats, which come and go with the relays, not with closes."""
     state: dict[str, Any] = {}
+    heartbeats = Keys(prefix).relay_heartbeat("")
     async for key in redis.scan_iter(match=f"{prefix}*", count=1000):
+        if key.startswith(heartbeats):
+            continue
         kind = await redis.type(key)
         value: Any
         if kind == "hash":
@@ -62,6 +66,12 @@ async def snapshot(redis: Redis, prefix: str) -> dict[str, Any]:
             value = kind
         state[key] = (kind, value)
     return state
+
+
+async def outbox_entries(redis: Redis, keys: Keys) -> list[dict[str, str]]:
+    """The fields of every entry still in the outbox, oldest first."""
+    entries: list[tuple[str, dict[str, str]]] = await redis.xrange(keys.outbox)  # type: ignore[assignment]
+    return [fields for _, fields in entries]
 
 
 async def wait_until(

@@ -10,7 +10,7 @@ import contextlib
 import threading
 from typing import Literal
 
-Mode = Literal["reset", "blackhole"]
+Mode = Literal["reset", "blackhole", "silent"]
 
 
 class TcpProxy:
@@ -39,7 +39,10 @@ class TcpProxy:
 
     def cut(self, mode: Mode = "reset") -> None:
         """reset: drop every connection and refuse new ones at once (a dead peer);
-        blackhole: keep accepting but never forward a byte (a peer that hangs)."""
+        blackhole: drop every connection, then keep accepting but never forward a byte
+        (a peer that hangs once reconnected to);
+        silent: keep every connection open but forward nothing more, and hold new ones
+        the same way (a peer that hangs mid-conversation: only a timeout notices)."""
         self._call(self._cut(mode))
 
     def restore(self) -> None:
@@ -65,11 +68,13 @@ class TcpProxy:
 
     async def _cut(self, mode: Mode) -> None:
         self._mode = mode
-        await self._drop_all()
+        if mode != "silent":
+            await self._drop_all()
 
     async def _restore(self) -> None:
         self._mode = None
-        await self._drop_all()  # blackholed connections never worked: close them too
+        # Held connections lost bytes (or never worked): close them too.
+        await self._drop_all()
 
     async def _drop_all(self) -> None:
         for writer in list(self._writers):
@@ -82,7 +87,7 @@ class TcpProxy:
             writer.transport.abort()
             return
         self._writers.add(writer)
-        if self._mode == "blackhole":
+        if self._mode in ("blackhole", "silent"):
             return  # held open, silent, until restore() or close()
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
@@ -97,6 +102,8 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                if self._mode == "silent":
+                    continue  # swallowed: the connection stays open, nothing arrives
                 if self._mode is not None:
                     break
                 writer.write(data)

@@ -21,10 +21,10 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from session_close.events import CONTENT_TYPE, SessionClosed
+from session_close.events import CLOSED, CONTENT_TYPE, SessionEvent
 from session_close.retry import Policy
 from session_close.settings import Settings
-from session_close.topology import ROUTING_KEY, Topology
+from session_close.topology import Topology
 from workers.audit import create_table_sql
 from workers.consumer import EffectFactory, Worker
 from workers.metrics import WorkerMetrics
@@ -52,8 +52,8 @@ def make_event(
     session_id: str | None = None,
     user_id: str = "u1",
     closed_at: str = "2026-01-02T03:04:05.123456+00:00",
-) -> SessionClosed:
-    return SessionClosed(
+) -> SessionEvent:
+    return SessionEvent(
         event_id=str(uuid.uuid4()),
         session_id=session_id or f"session-{n:05d}-{uuid.uuid4().hex[:8]}",
         user_id=user_id,
@@ -98,12 +98,12 @@ class Broker:
             await self.topology.declare(self._channel)
         return self._channel
 
-    async def publish(self, *events: SessionClosed) -> None:
+    async def publish(self, *events: SessionEvent) -> None:
         await asyncio.gather(
             *(self.publish_raw(e.encode(self.settings.event_source), e.event_id) for e in events)
         )
 
-    async def publish_in_order(self, *events: SessionClosed) -> None:
+    async def publish_in_order(self, *events: SessionEvent) -> None:
         """One after the other, each confirmed: the queue holds them in this order."""
         for event in events:
             await self.publish_raw(event.encode(self.settings.event_source), event.event_id)
@@ -128,7 +128,7 @@ class Broker:
         )
         if to_dead_letters is None:
             exchange = await channel.get_exchange(self.topology.exchange, ensure=False)
-            await exchange.publish(message, ROUTING_KEY)
+            await exchange.publish(message, CLOSED)
         else:
             dlx = await channel.get_exchange(self.topology.dead_letter_exchange, ensure=False)
             await dlx.publish(message, self.topology.queue(to_dead_letters))

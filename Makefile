@@ -15,7 +15,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-setup: $(VENV)/.installed system-packages
+# The Node tools of the contract checks (redocly lint), from package-lock.json.
+node_modules/.installed: package-lock.json
+	@if command -v npm >/dev/null; then npm ci --no-audit --no-fund --loglevel=error && touch $@; \
+	else echo "npm is missing: the OpenAPI and AsyncAPI lint tests are skipped" >&2; fi
+
+setup: $(VENV)/.installed node_modules/.installed system-packages
 
 # Debian's prometheus (promtool) for the alert tests: installed when root, else named.
 system-packages:

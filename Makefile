@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 
 .PHONY: setup system-packages services run test mutants fault bench bench-sustained bench-soak \
-	clean deploy-generated
+	clean docs deploy-generated
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,12 @@ bench-soak: setup services
 
 # The files in deploy/ written by code: the Grafana dashboard's JSON and the PrometheusRule
 # (from deploy/prometheus/rules.yaml). Tests fail when the committed ones are stale.
+# The contract documents of docs/ that are generated from the code (tests compare them).
+docs: setup
+	$(BIN)/python -m service.openapi > docs/openapi.json
+	$(BIN)/python -m session_close.asyncapi > docs/asyncapi.json
+	$(BIN)/python -m session_close.asyncapi --schema > docs/session-event.schema.json
+
 deploy-generated: setup
 	$(BIN)/python deploy/grafana/dashboard.py > deploy/grafana/session-close.json
 	$(BIN)/python deploy/prometheus/prometheusrule.py > deploy/k8s/prometheusrule.yaml

@@ -78,6 +78,11 @@ class CloudEventSchema(Schema):
     subject = fields.String(required=True, validate=validate.Length(min=1))
     datacontenttype = fields.String(required=True, validate=validate.Equal("application/json"))
     data = fields.Nested(SessionEventDataSchema, required=True)
+    # The CloudEvents distributed-tracing extension, when the closing request had one.
+    traceparent = fields.String(
+        validate=validate.Regexp(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"),
+        metadata={"description": "W3C Trace Context of the request that closed the session."},
+    )
 
     @validates_schema
     def reason_of_its_type(self, event: dict[str, Any], **_: Any) -> None:
@@ -96,7 +101,10 @@ _schema = CloudEventSchema()
 # `partial` down to a nested schema, so data is read by its own reader.
 _OPTIONAL_ATTRIBUTES = ("subject", "time")
 _OPTIONAL_DATA = ("os", "appVersion", "requestId")
-_envelope_reader = CloudEventSchema(unknown=EXCLUDE, partial=_OPTIONAL_ATTRIBUTES, exclude=["data"])
+# traceparent is read on its own too: a malformed one is ignored, never a dead letter.
+_envelope_reader = CloudEventSchema(
+    unknown=EXCLUDE, partial=_OPTIONAL_ATTRIBUTES, exclude=["data", "traceparent"]
+)
 _data_reader = SessionEventDataSchema(unknown=EXCLUDE, partial=_OPTIONAL_DATA)
 
 
@@ -135,8 +143,8 @@ def _traceparent(value: object) -> str | None:
 # 40 us, an eighth of a worker's CPU per message). This accepts only what the schema
 # accepts (tests/test_validation_fast_path.py); anything else goes to the schema, which
 # decides and words the error.
-_EVENT_KEYS = frozenset(_schema.fields)
-_TRACED_EVENT_KEYS = _EVENT_KEYS | {"traceparent"}
+_TRACED_EVENT_KEYS = frozenset(_schema.fields)
+_EVENT_KEYS = _TRACED_EVENT_KEYS - {"traceparent"}
 _DATA_KEYS = {
     CLOSED: frozenset(SessionEventDataSchema().fields) - {"expiredAt"},
     EXPIRED: frozenset(SessionEventDataSchema().fields),

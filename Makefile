@@ -3,9 +3,11 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
+# The one source of the version: pyproject.toml.
+VERSION := $(shell $(PYTHON) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 
 .PHONY: setup system-packages services run test mutants fault bench bench-sustained bench-soak \
-	clean docs deploy-generated
+	clean docs deploy-generated image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +61,10 @@ bench-soak: setup services
 
 # The files in deploy/ written by code: the Grafana dashboard's JSON and the PrometheusRule
 # (from deploy/prometheus/rules.yaml). Tests fail when the committed ones are stale.
+# The one image of the API and the workers (needs a Docker engine), labelled with VERSION.
+image:
+	docker build -f deploy/Dockerfile --build-arg VERSION=$(VERSION) -t eliab-session-close:$(VERSION) .
+
 # The contract documents of docs/ that are generated from the code (tests compare them).
 docs: setup
 	$(BIN)/python -m service.openapi > docs/openapi.json

@@ -1,4 +1,4 @@
-"""Bulk seeding of tokens and sessions in the login side's form (SPEC section 2).
+"""Bulk seeding of tokens and sessions in the login side's form (docs/redis.md).
 
 Per session this writes what session_close.cli.create_session writes, but many sessions share
 one pipeline round trip, so 100k sessions take seconds. The names match close.lua:

@@ -64,21 +64,25 @@ class Edit:
 
 @dataclass(frozen=True)
 class Mutant:
-    """A guarantee broken by `edits` to `file`, and the pytest node ids that should fail.
-    A `placeholder` says why the mutant is a no-op today: its edits are checked to apply,
-    it is not run, and it counts as surviving until it is re-pointed at real code."""
+    """A guarantee broken by `edits` to `file`, and the pytest node ids that should fail."""
 
     name: str
     file: str
     edits: tuple[Edit, ...]
-    tests: tuple[str, ...] = ()
-    placeholder: str = ""
+    tests: tuple[str, ...]
 
 
 RELAY = "service/relay.py"
 CLOSE_SCRIPT = "session_close/lua/close_sessions.lua"
+CLOSE_ALL_SCRIPT = "session_close/lua/close_all_sessions.lua"
+SWEEP_SCRIPT = "session_close/lua/sweep_expired.lua"
+CONSUMER = "workers/consumer.py"
 OUTBOX = "tests/test_outbox.py::test_"
 IDEMPOTENCY = "tests/test_close_idempotency.py::test_"
+CLOSE_ALL = "tests/test_close_all.py::test_"
+SWEEPER = "tests/test_sweeper.py::test_"
+POISON = "tests/test_workers_poison.py::test_"
+ERRORS = "tests/test_close_errors.py::test_"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -95,6 +99,7 @@ MUTANTS: tuple[Mutant, ...] = (
             "tests/test_ops_process.py::test_access_log_is_one_json_line_per_request_without_secrets",
         ),
     ),
+    # The outbox and its relay: no event lost, none stranded, none unconfirmed.
     Mutant(
         "relay drops entries while the broker is down",
         RELAY,
@@ -106,11 +111,43 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         tests=(
-            f"{OUTBOX}closes_succeed_while_rabbitmq_is_down_and_the_backlog_drains_after[reset]",
+            "tests/fault/test_api_faults.py::test_broker_cut_during_closes_loses_no_event[reset]",
         ),
     ),
     Mutant(
-        "relay deletes an entry the broker did not ack",
+        "no takeover of a dead relay's entries",
+        RELAY,
+        edits=(Edit("        if loop.time() >= self._next_takeover:", "        if False:"),),
+        tests=(f"{OUTBOX}entries_of_a_killed_relay_are_published_by_another_within_10_s",),
+    ),
+    Mutant(
+        "a dead relay's name removed while it still holds entries (stranded)",
+        "session_close/lua/take_over_relays.lua",
+        edits=(
+            Edit(
+                "    if #redis.call('XPENDING', stream, group, '-', '+', 1, name) == 0 then",
+                "    if true then",
+            ),
+        ),
+        tests=(
+            f"{OUTBOX}a_dead_relays_name_leaves_the_group_only_once_all_its_entries_are_taken_over",
+        ),
+    ),
+    Mutant(
+        "outbox entry deleted before the broker's ack",
+        RELAY,
+        edits=(
+            Edit(
+                "        results = await asyncio.gather(*confirmations, return_exceptions=True)",
+                "        results = [Basic.Ack()] * len(confirmations)",
+            ),
+        ),
+        tests=(
+            "tests/fault/test_api_faults.py::test_broker_cut_during_closes_loses_no_event[silent]",
+        ),
+    ),
+    Mutant(
+        "relay deletes an entry the broker returned unroutable",
         RELAY,
         edits=(
             Edit(
@@ -121,33 +158,12 @@ MUTANTS: tuple[Mutant, ...] = (
         tests=(f"{OUTBOX}an_event_no_queue_takes_stays_in_the_outbox",),
     ),
     Mutant(
-        "no takeover of a dead relay's entries",
-        RELAY,
-        edits=(Edit("if loop.time() >= self._next_claim:", "if False:"),),
-        tests=(f"{OUTBOX}a_dead_relays_name_leaves_the_group_once_its_entries_are_taken_over",),
-    ),
-    Mutant(
-        "outbox entry deleted before the broker's ack",
-        RELAY,
-        edits=(
-            Edit(
-                "        results = await asyncio.gather(",
-                "        if sent:\n"
-                "            await self._redis.xdel(self._keys.outbox, *sent)\n"
-                "        results = await asyncio.gather(",
-            ),
-        ),
-        tests=(f"{OUTBOX}an_event_no_queue_takes_stays_in_the_outbox",),
-    ),
-    Mutant(
-        # The test's "blackhole" drops the relay's live connection, so the publish never
-        # starts and the timeout is never needed: this survives until a test holds a
-        # connection open to a broker that stops answering.
         "no publish timeout",
         RELAY,
         edits=(Edit("                timeout=timeout,\n", "                timeout=None,\n"),),
         tests=(f"{OUTBOX}publish_gives_up_on_a_silent_broker_within_the_publish_timeout",),
     ),
+    # The workers: exactly-once effects, poison and malformed messages.
     Mutant(
         "audit insert without idempotency",
         "workers/audit.py",
@@ -156,7 +172,8 @@ MUTANTS: tuple[Mutant, ...] = (
             Edit("        ON CONFLICT (event_id) DO NOTHING\n", ""),
         ),
         tests=(
-            "tests/test_workers_audit.py::test_each_event_gets_one_row_and_a_redelivery_adds_nothing",
+            "tests/test_workers_audit.py::"
+            "test_a_worker_killed_mid_batch_leaves_exactly_one_row_per_event_after_redelivery",
         ),
     ),
     Mutant(
@@ -175,43 +192,66 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
         tests=(
             "tests/test_workers_push.py::"
+            "test_tokens_reregistered_while_the_cleanup_runs_are_never_removed",
+        ),
+    ),
+    Mutant(
+        "push cleanup removes a token re-registered by a newer session",
+        "session_close/lua/remove_push_tokens.lua",
+        edits=(Edit("    if pairs[i + 1] == sid then\n", "    if true then\n"),),
+        tests=(
+            "tests/test_workers_push.py::"
             "test_a_token_reregistered_by_a_newer_session_survives_a_late_or_repeated_event",
         ),
     ),
     Mutant(
         "NUL check removed",
-        "workers/audit.py",
-        edits=(Edit("        _check_storable(event)\n", ""),),
-        tests=(
-            "tests/test_workers_audit.py::test_each_event_gets_one_row_and_a_redelivery_adds_nothing",
+        "session_close/events.py",
+        edits=(
+            Edit('    if "\\x00" in value:\n', "    if False:\n"),
+            Edit(
+                '    return value is None or (isinstance(value, str) and "\\x00" not in value)',
+                "    return value is None or isinstance(value, str)",
+            ),
         ),
+        tests=(f"{POISON}a_value_no_consumer_can_store_is_dead_lettered_at_first_delivery",),
     ),
     Mutant(
-        # Nothing bounds the retries of a failing message yet; what can be broken today is
-        # the one way out, an effect's MalformedEvent (a NUL) going to the dead letters.
         "poison message retried forever",
-        "workers/consumer.py",
+        CONSUMER,
         edits=(
             Edit(
-                "            except MalformedEvent as exc:\n"
-                "                return await self._dead_letter(message, str(exc))\n",
-                "",
+                "                if not isinstance(exc, transient):\n",
+                "                if False:\n",
             ),
         ),
         tests=(
-            "tests/test_workers_dlq.py::"
-            "test_malformed_messages_are_dead_lettered_at_once_and_replay_brings_good_ones_back",
+            f"{POISON}a_push_key_of_the_wrong_type_is_dead_lettered_after_its_attempts_and_others_cleaned",
+        ),
+    ),
+    Mutant(
+        "a batch failing for one message's content is not split",
+        CONSUMER,
+        edits=(
+            Edit(
+                "            return await asyncio.gather(*(alone(item) for item in items), "
+                "return_exceptions=True)",
+                "            raise",
+            ),
+        ),
+        tests=(
+            f"{POISON}a_row_the_database_rejects_is_dead_lettered_after_its_attempts_and_its_batch_lands",
         ),
     ),
     Mutant(
         "malformed message requeued instead of dead-lettered",
-        "workers/consumer.py",
+        CONSUMER,
         edits=(
             Edit(
                 "        except MalformedEvent as exc:\n"
-                "            return await self._dead_letter(message, str(exc))\n",
+                '            return await self._dead_letter(held, "malformed", str(exc))\n',
                 "        except MalformedEvent:\n"
-                "            return await self._settle(message, requeue=True)\n",
+                "            return await self._settle(held, requeue=True)\n",
             ),
         ),
         tests=(
@@ -219,23 +259,54 @@ MUTANTS: tuple[Mutant, ...] = (
             "test_malformed_messages_are_dead_lettered_at_once_and_replay_brings_good_ones_back",
         ),
     ),
+    # The API's edges.
     Mutant(
         "readiness gated on RabbitMQ",
         "service/ops.py",
-        edits=(Edit("    if not _amqp_open(app[AMQP]):\n", "    if not _amqp_open(app[AMQP]):\n"),),
-        placeholder="readiness is gated on RabbitMQ today, by design; re-point once the API "
-        "reports ready while the broker is down",
+        edits=(
+            Edit(
+                "Reply.READY if seen.redis_up else",
+                "Reply.READY if seen.redis_up and seen.rabbitmq_up else",
+            ),
+        ),
+        tests=(
+            "tests/test_ops_endpoints.py::"
+            "test_readyz_stays_ready_while_rabbitmq_is_unreachable_and_reports_it",
+        ),
     ),
+    Mutant(
+        "a client stalled mid-request is never cut off",
+        "service/server.py",
+        edits=(Edit("if data and self._read_deadline is None:", "if False:"),),
+        tests=(f"{ERRORS}a_client_stalled_mid_headers_is_disconnected_after_the_read_timeout",),
+    ),
+    Mutant(
+        "close batches in flight uncapped",
+        "session_close/batching.py",
+        edits=(
+            Edit(
+                "if self._max_in_flight is not None and len(self._tasks) >= self._max_in_flight:",
+                "if False:",
+            ),
+        ),
+        tests=(
+            "tests/test_ops_endpoints.py::"
+            "test_a_hanging_redis_gives_503s_from_a_bounded_number_of_connections",
+        ),
+    ),
+    # The close script: all or nothing, idempotent, the owner's only.
     Mutant(
         "close script writing before its checks",
         CLOSE_SCRIPT,
         edits=(
             Edit(
-                "  local uid = redis.call('HGET'",
-                "  redis.call('DEL', prefix .. 'session:' .. sid)\n  local uid = redis.call('HGET'",
+                "  expect_type(user_sessions, 'set')\n",
+                "  redis.call('DEL', session_key)\n  expect_type(user_sessions, 'set')\n",
             ),
         ),
-        tests=("tests/test_close_errors.py::test_unknown_token_is_401_before_the_session_check",),
+        tests=(
+            f"{IDEMPOTENCY}a_close_failing_on_a_key_of_the_wrong_type_writes_nothing_and_a_retry_closes",
+        ),
     ),
     Mutant(
         "tombstone check removed",
@@ -257,14 +328,52 @@ MUTANTS: tuple[Mutant, ...] = (
         edits=(Edit("    if tomb[1] ~= uid then\n      return 'missing'\n    end\n", ""),),
         tests=(f"{IDEMPOTENCY}a_session_closed_by_another_user_is_404_not_case_8",),
     ),
+    # Close-all.
     Mutant(
-        "push cleanup removes a token re-registered by a newer session",
-        "session_close/lua/remove_push_tokens.lua",
-        edits=(Edit("    if pairs[i + 1] == sid then\n", "    if true then\n"),),
+        "close-all closes sessions that are not the user's",
+        CLOSE_ALL_SCRIPT,
+        edits=(Edit("  if fields[1] ~= uid then\n", "  if fields[1] == false then\n"),),
+        tests=(f"{CLOSE_ALL}other_users_stale_and_expired_sessions_are_not_closed",),
+    ),
+    Mutant(
+        "close-all writing before its checks",
+        CLOSE_ALL_SCRIPT,
+        edits=(Edit("      expect(prefix .. 'session:closed:' .. sid, 'hash')\n", ""),),
+        tests=(f"{CLOSE_ALL}a_key_of_the_wrong_type_fails_the_whole_step_and_writes_nothing",),
+    ),
+    Mutant(
+        "close-all ignores keepCurrent",
+        "service/handlers.py",
+        edits=(Edit('headers["SessionID"] if keep_current else None', "None"),),
+        tests=(f"{CLOSE_ALL}keep_current_keeps_the_requesting_session",),
+    ),
+    # Expiry: the index, the sweeper, and closes that respect expires_at.
+    Mutant(
+        "a close ignores expires_at",
+        CLOSE_SCRIPT,
+        edits=(Edit("  if expires_at and expires_at <= now then\n", "  if false then\n"),),
         tests=(
-            "tests/test_workers_push.py::"
-            "test_a_token_reregistered_by_a_newer_session_survives_a_late_or_repeated_event",
+            "tests/test_expiry.py::"
+            "test_a_close_of_a_session_past_its_expires_at_is_404_before_and_after_the_sweep",
         ),
+    ),
+    Mutant(
+        "sliding expiry expired instead of re-scored",
+        SWEEP_SCRIPT,
+        edits=(Edit("  if expires_at > now then\n", "  if false then\n"),),
+        tests=(f"{SWEEPER}a_sliding_expiry_is_rescored_not_expired",),
+    ),
+    Mutant(
+        "sweeper batches unbounded",
+        SWEEP_SCRIPT,
+        edits=(Edit("'BYSCORE', 'LIMIT', 0, batch)", "'BYSCORE')"),),
+        tests=(f"{SWEEPER}a_backlog_is_worked_off_in_batches_of_at_most_the_batch_size",),
+    ),
+    Mutant(
+        "a session failing to sweep holds back the others",
+        SWEEP_SCRIPT,
+        edits=(Edit("    redis.call('ZADD', expiry, now + set_aside, sid)\n", ""),),
+        tests=(f"{SWEEPER}a_session_failing_inside_redis_is_set_aside_and_writes_nothing",),
     ),
 )
 
@@ -362,9 +471,9 @@ def check(mutants: Sequence[Mutant]) -> int:
                 mutated[mutant] = mutate((copy / mutant.file).read_text(), mutant)
             except (OSError, ValueError) as exc:
                 problems[mutant] = str(exc)
-            if not mutant.tests and not mutant.placeholder:
+            if not mutant.tests:
                 problems[mutant] = "it names no tests to run"
-        baseline = unique(t for m in mutated if not m.placeholder for t in m.tests)
+        baseline = unique(t for m in mutated for t in m.tests)
         if baseline:
             print(f"baseline: {len(baseline)} tests on the unmutated copy", flush=True)
             run = run_tests(copy, baseline)
@@ -376,9 +485,6 @@ def check(mutants: Sequence[Mutant]) -> int:
         for mutant in mutants:
             if mutant in problems:
                 print(f"NOT APPLIED {mutant.name}: {problems[mutant]}", flush=True)
-                continue
-            if mutant.placeholder:
-                print(f"SURVIVED {mutant.name}  (placeholder: {mutant.placeholder})", flush=True)
                 continue
             path = copy / mutant.file
             original = path.read_text()
@@ -425,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         for mutant in mutants:
             print(f"{mutant.name}  [{mutant.file}]")
-            for test in mutant.tests or (f"(placeholder: {mutant.placeholder})",):
+            for test in mutant.tests:
                 print(f"    {test}")
         return 0
     # As Ctrl-C does: unwind, so that the pytest run in hand is ended with its session.

@@ -7,10 +7,11 @@ children are looked up once per (route, method, status) and kept.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 
 from service.closer import CloseAllResult, CloseOutcome
 from service.sweeper import SweepResult
+from session_close import __version__
 
 # Closes run in about a millisecond; the tail that matters is Redis timeouts (1 s).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -103,6 +104,8 @@ class Metrics:
             registry=self.registry,
         )
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory
+        # build_info{version="..."} 1: which release each process runs.
+        Info("build", "The running release.", registry=self.registry).info({"version": __version__})
         self._close_children = {o: self.closes.labels(o.value) for o in CloseOutcome}
         for outcome in ("closed", "nothing", "missing", "token"):
             self.close_all_requests.labels(outcome)

@@ -1,4 +1,4 @@
-"""The Redis keys of SPEC section 2, shared with the login side. One place builds them."""
+"""The Redis keys of docs/redis.md, shared with the login side. One place builds them."""
 
 from __future__ import annotations
 

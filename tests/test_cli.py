@@ -1,5 +1,5 @@
 """sessionctl writes tokens, sessions and push tokens in exactly the Redis form of
-SPEC section 2, the form the close endpoint reads."""
+docs/redis.md, the form the close endpoint reads."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""POST /v1.0/session/close, row by row through SPEC section 1's table, in its order:
+"""POST /v1.0/session/close, row by row through the error table of docs/http-api.md, in its order:
 each test also sends what would fail a later row, so it proves the row answers first,
 and checks that the rejected request left the test's Redis keys exactly as they were."""
 

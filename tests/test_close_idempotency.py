@@ -1,4 +1,4 @@
-"""Closing is atomic and idempotent (SPEC section 1): of any number of concurrent or
+"""Closing is atomic and idempotent (docs/http-api.md): of any number of concurrent or
 repeated closes of one session exactly one succeeds and exactly one event exists."""
 
 from __future__ import annotations

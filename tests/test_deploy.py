@@ -38,6 +38,7 @@ def test_every_file_under_deploy_is_checked_here() -> None:
         DEPLOY / "Dockerfile",
         DEPLOY / "Dockerfile.dockerignore",
         DEPLOY / "compose.yaml",
+        DEPLOY / "rabbitmq" / "enabled_plugins",
         *K8S.glob("*.yaml"),
         # checked by tests/test_alerts.py, test_dashboard.py and test_prometheus_live.py
         DEPLOY / "prometheus" / "rules.yaml",
@@ -192,6 +193,34 @@ def test_compose_runs_redis_durably() -> None:
     options = dict(zip(command[1::2], command[2::2], strict=True))
     for name, good in DURABLE.items():
         assert options.get(f"--{name}") in good, name
+
+
+def test_the_image_is_labelled_and_tagged_with_the_one_version() -> None:
+    """pyproject.toml is the source; the Dockerfile takes it as a build argument (and
+    fails the build on a mismatch), and the deploy files run that release."""
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert 'org.opencontainers.image.version="${VERSION}"' in dockerfile
+    assert "s.__version__ != '${VERSION}'" in dockerfile
+    for name, service in our_services().items():
+        assert service["image"] == f"{IMAGE}:{version}", name
+        assert service["build"]["args"]["VERSION"] == version, name
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert [image["newTag"] for image in kustomization["images"]] == [version]
+
+
+def test_compose_enables_rabbitmqs_prometheus_plugin() -> None:
+    """Queue depth, consumers and dead letters, which the alerts read, come from it."""
+    rabbitmq = compose()["services"]["rabbitmq"]
+    source, target = rabbitmq["volumes"][0].split(":")[:2]
+    assert target == "/etc/rabbitmq/enabled_plugins"
+    plugins = (DEPLOY / source).read_text().strip()
+    assert plugins.startswith("[")
+    assert plugins.endswith("].")
+    assert {"rabbitmq_prometheus", "rabbitmq_management"} <= {
+        name.strip() for name in plugins[1:-2].split(",")
+    }
+    assert "15692:15692" in rabbitmq["ports"]
 
 
 def test_compose_commands_env_ports_and_healthcheck_match_the_code() -> None:

@@ -1,4 +1,4 @@
-"""The session.closed event on RabbitMQ, exactly as SPEC section 3 describes it, and
+"""The session.closed event on RabbitMQ, exactly as docs/events.md describes it, and
 no access or push token in any event or log line."""
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ the oldest outbox entry, and the process's CPU and memory (API and workers)."""
 from __future__ import annotations
 
 import dataclasses
+import tomllib
+from pathlib import Path
 
 from aiohttp.pytest_plugin import AiohttpClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,6 +15,8 @@ from service.app import create_app
 from session_close.keys import Keys
 from session_close.settings import Settings
 from workers.metrics import WorkerMetrics
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 async def scrape(aiohttp_client: AiohttpClient, settings: Settings) -> dict[str, float]:
@@ -61,3 +65,14 @@ def test_worker_metrics_include_process_cpu_and_memory() -> None:
     metrics = WorkerMetrics("audit")
     assert (metrics.registry.get_sample_value("process_resident_memory_bytes") or 0) > 0
     assert metrics.registry.get_sample_value("process_cpu_seconds_total") is not None
+
+
+async def test_build_info_reports_pyprojects_version_in_the_api_and_the_workers(
+    aiohttp_client: AiohttpClient, settings: Settings, redis: Redis, amqp_cleanup: None
+) -> None:
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, relay_enabled=False)))
+    text = await (await client.get("/metrics")).text()
+    assert f'build_info{{version="{version}"}} 1.0' in text.splitlines()
+    worker = WorkerMetrics("push-cleanup")
+    assert worker.registry.get_sample_value("build_info", {"version": version}) == 1

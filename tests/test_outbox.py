@@ -1,4 +1,4 @@
-"""The outbox relay (SPEC section 3): closes succeed while RabbitMQ is down and their
+"""The outbox relay (docs/events.md): closes succeed while RabbitMQ is down and their
 events follow when it returns; a publish never hangs on a broker that is gone; entries
 a dead relay left behind are published by another."""
 

@@ -1,4 +1,4 @@
-"""Configuration (SPEC section 5): environment variables only, validated at start with
+"""Configuration (the README's table): environment variables only, validated at start with
 an error naming the bad variable, and `--help` on the entry point."""
 
 from __future__ import annotations

@@ -22,9 +22,12 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    Info,
     ProcessCollector,
     make_wsgi_app,
 )
+
+from session_close import __version__
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,8 @@ class WorkerMetrics:
         for outcome in OUTCOMES:
             self.messages.labels(worker, outcome)
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory
+        # build_info{version="..."} 1: which release each process runs.
+        Info("build", "The running release.", registry=self.registry).info({"version": __version__})
         for reason in DEAD_LETTER_REASONS:
             self.dead_letters.labels(worker, reason)
         self._metrics_app = make_wsgi_app(self.registry)

@@ -16,7 +16,7 @@ from session_close.cli import create_session, create_token
 from session_close.keys import Keys
 
 CLOSE_PATH = "/v1.0/session/close"
-# What the mobile apps send today, literally (SPEC section 1).
+# What the mobile apps send today, literally (docs/http-api.md).
 APP_CONTENT_TYPE = "application/json; multipart/form-data;"
 BODY = b'{ "requestContent": { } }'
 

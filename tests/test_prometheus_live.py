@@ -100,9 +100,9 @@ def exported_names(text: str) -> set[str]:
     """Every series name a scrape of this text can hold, also for families that have no
     samples yet (a labelled counter before its first increment)."""
     suffixes = {
-        "counter": ("_total", "_created"),
-        "histogram": ("_bucket", "_sum", "_count", "_created"),
-        "summary": ("_sum", "_count", "_created"),
+        "counter": ("_total",),
+        "histogram": ("_bucket", "_sum", "_count"),
+        "summary": ("_sum", "_count"),
     }
     names = set()
     for family in text_string_to_metric_families(text):

@@ -23,6 +23,7 @@ from prometheus_client import (
     Counter,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     make_wsgi_app,
 )
 
@@ -51,6 +52,8 @@ class WorkerMetrics:
         self.worker = worker
         self.stale_after = stale_after
         self._last_beat = time.monotonic()
+        # No `_created` series (the switch is prometheus_client's, for the process).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         self.messages = Counter(
             "worker_messages",
@@ -83,11 +86,16 @@ class WorkerMetrics:
             ["worker"],
             registry=self.registry,
         )
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory
+        # Every series exists from start: one that appears with its first increment
+        # hides that increment from rate() and leaves the alerts without data.
         for outcome in OUTCOMES:
             self.messages.labels(worker, outcome)
-        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory
         for reason in DEAD_LETTER_REASONS:
             self.dead_letters.labels(worker, reason)
+        for labelled in (self.latency, self.retries, self.ack_frames):
+            labelled.labels(worker)
+        # prometheus_client's WSGI app: text or OpenMetrics as asked, gzip when accepted.
         self._metrics_app = make_wsgi_app(self.registry)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None

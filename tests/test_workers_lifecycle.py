@@ -118,7 +118,7 @@ async def test_sigterm_finishes_the_messages_in_hand_and_logs_each_with_its_requ
         settings, "audit", "--prefetch", "100", "--concurrency", "7", "--metrics-port", str(port)
     )
     worker_processes.append(worker)
-    await worker.wait_logged("(prefetch 100, concurrency 7)")
+    await worker.wait_logged("consuming", prefetch=100, concurrency=7)
     await wait_until(lambda: _at_least(audit_table, 1), "the first rows")
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/") as resp:
         exposition = await resp.text()

@@ -147,7 +147,7 @@ class WorkerMetrics:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         bound = int(self._server.server_address[1])
-        log.info("worker metrics on port %d", bound)
+        log.info("worker metrics serving", extra={"port": bound})
         return bound
 
     def _app(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:

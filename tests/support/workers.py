@@ -243,14 +243,25 @@ class WorkerProcess:
             except ValueError:
                 self.lines.append({"event": raw.decode(errors="replace").rstrip()})
 
-    def logged(self, fragment: str) -> list[dict[str, Any]]:
-        return [line for line in self.lines if fragment in str(line.get("event", ""))]
+    def logged(self, fragment: str, **fields: object) -> list[dict[str, Any]]:
+        """The lines whose message holds `fragment` and that have these field values."""
+        return [
+            line
+            for line in self.lines
+            if fragment in str(line.get("event", ""))
+            and all(line.get(name) == value for name, value in fields.items())
+        ]
 
-    async def wait_logged(self, fragment: str, timeout: float = 15.0) -> None:  # noqa: ASYNC109
+    async def wait_logged(
+        self,
+        fragment: str,
+        timeout: float = 15.0,  # noqa: ASYNC109
+        **fields: object,
+    ) -> None:
         async def seen() -> bool:
             if self.process.returncode is not None:
                 pytest.fail(f"worker exited {self.process.returncode}: {self.lines[-5:]}")
-            return bool(self.logged(fragment))
+            return bool(self.logged(fragment, **fields))
 
         await wait_until(seen, f"the worker to log {fragment!r}", within=timeout)
 

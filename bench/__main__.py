@@ -11,7 +11,10 @@ import time
 from pathlib import Path
 
 from session_close import __version__
+from session_close.logs import configure_logging
 from session_close.settings import Settings, env_help, settings_or_exit
+
+log = logging.getLogger("bench")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,9 +79,7 @@ async def main_async(args: argparse.Namespace, settings: Settings, workdir: Path
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="bench: %(message)s")
-    for noisy in ("aio_pika", "aiormq"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging("INFO", for_humans=True)
     settings = settings_or_exit("python -m bench")
 
     def terminate(signum: int, frame: object) -> None:
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, terminate)
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     # The numbers are only as good as the machine is quiet; say how quiet it was.
-    logging.info("load average before the run: %.2f %.2f %.2f", *os.getloadavg())
+    log.info("load average before the run", extra={"load_average": os.getloadavg()})
     started = time.monotonic()
     ok = False
     try:
@@ -96,7 +97,14 @@ def main(argv: list[str] | None = None) -> None:
         print(uvloop.run(main_async(args, settings, workdir)))
         ok = True
     finally:
-        logging.info("%s done in %.0fs; logs in %s", args.mode, time.monotonic() - started, workdir)
+        log.info(
+            "bench done",
+            extra={
+                "mode": args.mode,
+                "seconds": round(time.monotonic() - started),
+                "logs": str(workdir),
+            },
+        )
         if ok and not args.keep_logs:
             for path in workdir.iterdir():
                 path.unlink()

@@ -122,9 +122,9 @@ async def measure_close(
     if spy is not None:
         await asyncio.wait_for(spy.wait(), 30)
     cpu_share = (cpu_seconds(api.pid) - cpu0) / (time.monotonic() - t0)
-    log.info("close run, relay %s: %s", "on" if relay else "off", meter.stop())
+    log.info("close run done", extra={"relay": relay, "cpu": meter.stop()})
     if result.sent > count:
-        log.warning("wrk ran past the %d seeded sessions; raise SEED_MARGIN", count)
+        log.warning("wrk ran past the seeded sessions; raise SEED_MARGIN", extra={"seeded": count})
     return result, first + count, cpu_share
 
 

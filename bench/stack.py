@@ -78,7 +78,7 @@ class Process:
             try:
                 self.popen.wait(STOP_TIMEOUT_SECONDS)
             except subprocess.TimeoutExpired:
-                log.warning("%s ignored SIGTERM; killing it", self.name)
+                log.warning("process ignored SIGTERM; killing it", extra={"process": self.name})
                 self.popen.kill()
                 self.popen.wait()
 

@@ -113,7 +113,7 @@ async def run(stack: Stack, *, rate: float, seconds: float, connections: int) ->
             await sampling
         cpu = meter.stop()
         if load.sent > total:
-            log.warning("wrk ran past the %d seeded sessions", total)
+            log.warning("wrk ran past the seeded sessions", extra={"seeded": total})
         closed = await stack.count_keys("session:closed:*") - 1
 
         async def rows_written() -> int:

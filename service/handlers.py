@@ -167,7 +167,7 @@ async def close_session(request: web.Request) -> web.Response:
         )
     )
     request.app[METRICS].close_outcome(outcome)
-    log.debug("close %s: %s", short_id(sid), outcome.value)
+    log.debug("close answered", extra={"session_id": short_id(sid), "outcome": outcome.value})
     reply = OUTCOME_REPLIES[outcome]
     return info_reply(request, reply, headers=_challenge(reply))
 

@@ -7,7 +7,15 @@ children are looked up once per (route, method, status) and kept.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 from service.closer import CloseAllResult, CloseOutcome
 from service.sweeper import SweepResult
@@ -18,12 +26,18 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 # Anything else a client invents is counted as OTHER, so labels stay bounded.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "unmatched"
+# The statuses the alert ratios divide (deploy/prometheus/rules.yaml): their series exist
+# from start on the routes the service is for, so that a first 5xx shows in rate().
+EXPECTED_STATUSES = (200, 500, 503)
 
 _Child = tuple[Counter, Histogram]
 
 
 class Metrics:
     def __init__(self) -> None:
+        # A `_created` series per counter and histogram doubles what is stored and says
+        # nothing an alert uses; the switch is prometheus_client's, for the process.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "http_requests",
@@ -115,9 +129,19 @@ class Metrics:
         self._children: dict[tuple[str, str, int], _Child] = {}
         self._last_backlog = 0
 
+    def expect_requests(self, route: str, method: str) -> None:
+        """Create the route's series (at EXPECTED_STATUSES) before its first request."""
+        for status in EXPECTED_STATUSES:
+            self._child(route, method, status)
+
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         if method not in METHODS:
             method = "OTHER"
+        requests, latency = self._child(route, method, status)
+        requests.inc()
+        latency.observe(seconds)
+
+    def _child(self, route: str, method: str, status: int) -> _Child:
         key = (route, method, status)
         child = self._children.get(key)
         if child is None:
@@ -125,8 +149,7 @@ class Metrics:
                 self.requests.labels(route, method, str(status)),
                 self.latency.labels(route, method),
             )
-        child[0].inc()
-        child[1].observe(seconds)
+        return child
 
     def dependencies(self, *, redis_up: bool, rabbitmq_up: bool, backlog: int | None) -> int:
         """Record what a check saw; returns the backlog, or the last one read when Redis

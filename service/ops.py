@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.aiohttp import make_aiohttp_handler
 from redis.exceptions import RedisError
 
 from service.appkeys import AMQP, METRICS, REDIS, REQUEST_STARTED, SETTINGS
@@ -118,15 +118,12 @@ async def _read_oldest_entry_age(app: web.Application) -> None:
     app[METRICS].outbox_oldest_age.set(age)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    # A scrape while Redis is away still answers; the backlog keeps its last value.
-    await check_dependencies(request.app)
+async def read_scraped_values(app: web.Application) -> None:
+    """The values read at scrape time. A scrape while Redis is away still answers; the
+    backlog keeps its last value."""
+    await check_dependencies(app)
     with contextlib.suppress(RedisError, OSError, TimeoutError):
-        await _read_oldest_entry_age(request.app)
-    return web.Response(
-        body=generate_latest(request.app[METRICS].registry),
-        headers={"Content-Type": CONTENT_TYPE_LATEST},
-    )
+        await _read_oldest_entry_age(app)
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -134,9 +131,21 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def setup_ops(app: web.Application) -> None:
-    """The app's metrics and the operational routes."""
-    app[METRICS] = Metrics()
+    """The app's metrics and the operational routes; call it after the app's own routes,
+    whose series it creates."""
+    metrics = app[METRICS] = Metrics()
+    for route in app.router.routes():
+        if route.method == "POST" and route.resource is not None:
+            metrics.expect_requests(route.resource.canonical, route.method)
+    # prometheus_client's own handler: the format the scraper accepts (text or
+    # OpenMetrics), compressed when it asks.
+    render = make_aiohttp_handler(metrics.registry)
+
+    async def scrape(request: web.Request) -> web.StreamResponse:
+        await read_scraped_values(request.app)
+        return await render(request)
+
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", scrape)
     app.router.add_get("/openapi.json", openapi)

@@ -18,16 +18,19 @@ _shared: list[Processor] = [
 ]
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, *, for_humans: bool = False) -> None:
+    """JSON lines on stdout; for_humans (the bench, at a terminal): the same fields as
+    key=value text on stderr."""
+    rendering: list[Processor] = (
+        [structlog.dev.ConsoleRenderer(colors=False)]
+        if for_humans
+        else [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=_shared,
-        processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendering],
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(sys.stderr if for_humans else sys.stdout)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

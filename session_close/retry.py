@@ -57,10 +57,15 @@ async def retry(
     """Run `attempt` until it returns; a failure of a `transient` type is logged and
     retried after a backoff, any other propagates."""
     backoff = Backoff(policy)
+    attempts = 0
     while True:
+        attempts += 1
         try:
             return await attempt()
         except transient as exc:
             delay = backoff.next_delay()
-            log.warning("%s failed; retrying", what, extra={"error": repr(exc), "delay": delay})
+            log.warning(
+                "failed; retrying",
+                extra={"operation": what, "attempt": attempts, "error": repr(exc), "delay": delay},
+            )
         await asyncio.sleep(delay)

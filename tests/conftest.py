@@ -27,6 +27,9 @@ from session_close.settings import Settings
 from session_close.topology import Topology
 from tests.support.proxy import TcpProxy
 
+# The workers' fixtures (broker, audit_table, worker_processes), for every test module.
+pytest_plugins = ["tests.support.workers"]
+
 
 @pytest.fixture
 def test_id() -> str:

@@ -12,8 +12,8 @@ from session_close import amqp
 from session_close.retry import Policy
 from session_close.settings import Settings
 from tests.conftest import through
-from tests.support.closing import wait_until
 from tests.support.proxy import Mode, TcpProxy
+from tests.support.waiting import wait_until
 
 
 def _reconnect_tasks() -> list[asyncio.Task[object]]:
@@ -36,7 +36,7 @@ async def test_a_cancelled_connect_leaves_no_reconnect_task_running(
     async def attempted() -> bool:
         return amqp_proxy.accepted >= 1
 
-    await wait_until(attempted, 10, "a connection attempt")
+    await wait_until(attempted, "a connection attempt", within=10)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
@@ -44,7 +44,7 @@ async def test_a_cancelled_connect_leaves_no_reconnect_task_running(
     async def none_left() -> bool:
         return not _reconnect_tasks()
 
-    await wait_until(none_left, 5, "the attempt's reconnect task to end")
+    await wait_until(none_left, "the attempt's reconnect task to end", within=5)
 
 
 async def test_connect_waits_for_the_broker_and_returns_once_it_is_back(
@@ -57,7 +57,7 @@ async def test_connect_waits_for_the_broker_and_returns_once_it_is_back(
     async def retried() -> bool:
         return amqp_proxy.accepted >= 3
 
-    await wait_until(retried, 10, "connect to try again twice")
+    await wait_until(retried, "connect to try again twice", within=10)
     assert not task.done()
     amqp_proxy.restore()
     connection = await asyncio.wait_for(task, 10)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from redis.asyncio import Redis
 from session_close.keys import Keys
 from session_close.settings import Settings
 from tests.support.closing import BODY, CLOSE_PATH, Client, app_headers, snapshot
+from tests.support.processes import settings_env
 
 
 async def sessionctl(settings: Settings, *args: str, **env: str) -> tuple[int, str, str]:
@@ -25,9 +25,7 @@ async def sessionctl(settings: Settings, *args: str, **env: str) -> tuple[int, s
         "-m",
         "session_close.cli",
         *args,
-        env=os.environ
-        | {"REDIS_URL": settings.redis_url, "REDIS_KEY_PREFIX": settings.redis_key_prefix}
-        | env,
+        env=settings_env(settings, **env),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

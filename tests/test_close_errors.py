@@ -35,9 +35,9 @@ from tests.support.closing import (
     app_headers,
     open_session,
     snapshot,
-    wait_until,
 )
 from tests.support.proxy import Mode, TcpProxy
+from tests.support.waiting import wait_until
 
 USER = "user-1"
 SID = "session-0001"
@@ -327,7 +327,9 @@ async def test_unknown_token_is_401_before_the_session_check(
 
 async def test_expired_token_is_401(client: Client, redis: Redis, keys: Keys, session: str) -> None:
     await redis.pexpire(keys.token(TOKEN), 1)
-    await wait_until(lambda: _gone(redis, keys.token(TOKEN)), 5, "the token to expire", step=0.005)
+    await wait_until(
+        lambda: _gone(redis, keys.token(TOKEN)), "the token to expire", within=5, step=0.005
+    )
     async with state_unchanged(redis, keys):
         resp = await client.post(CLOSE_PATH, headers=app_headers(TOKEN, session), data=BODY)
         await info_of(resp, 401, "error")
@@ -357,7 +359,7 @@ async def test_unknown_expired_and_foreign_sessions_are_indistinguishable_404s(
     await open_session(redis, keys, USER, "session-expiring", TOKEN)
     await redis.pexpire(keys.session("session-expiring"), 1)
     await wait_until(
-        lambda: _gone(redis, keys.session("session-expiring")), 5, "expiry", step=0.005
+        lambda: _gone(redis, keys.session("session-expiring")), "expiry", within=5, step=0.005
     )
     replies = []
     async with state_unchanged(redis, keys):
@@ -393,7 +395,7 @@ async def test_closing_again_after_the_tombstone_expired_is_404(
     resp = await client.post(CLOSE_PATH, headers=app_headers(TOKEN, session), data=BODY)
     await info_of(resp, 200, "success")
     await redis.pexpire(keys.tombstone(session), 1)
-    await wait_until(lambda: _gone(redis, keys.tombstone(session)), 5, "expiry", step=0.005)
+    await wait_until(lambda: _gone(redis, keys.tombstone(session)), "expiry", within=5, step=0.005)
     resp = await client.post(CLOSE_PATH, headers=app_headers(TOKEN, session), data=BODY)
     await info_of(resp, 404, "error")
 
@@ -640,17 +642,13 @@ async def test_a_client_stalled_mid_body_is_disconnected_and_counted_as_gone(
         elapsed, received = await seconds_until_closed(reader)
         writer.close()
         await wait_until(
-            lambda: _true(request_count(app, 499) == 1), WITHIN, "the 499 to be counted"
+            lambda: request_count(app, 499) == 1, "the 499 to be counted", within=WITHIN
         )
         gone, unavailable, errors = (request_count(app, s) for s in (499, 503, 500))
     report_counts(client_gone_499=gone, unavailable_503=unavailable, internal_500=errors)
     assert received == b""
     assert READ_TIMEOUT * 0.9 <= elapsed < WITHIN
     assert (gone, unavailable, errors) == (1, 0, 0)
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_an_idle_keepalive_connection_is_closed_after_its_timeout(
@@ -695,11 +693,11 @@ async def test_a_client_that_disconnects_mid_request_is_counted_499_not_503(
                 ).encode()
             )
             await wait_until(
-                lambda: _true(redis_proxy.open_connections > 0), WITHIN, "the close in Redis"
+                lambda: redis_proxy.open_connections > 0, "the close in Redis", within=WITHIN
             )
             writer.transport.abort()  # ...and the client gives up meanwhile
             await wait_until(
-                lambda: _true(request_count(app, 499) == 1), WITHIN, "the 499 to be counted"
+                lambda: request_count(app, 499) == 1, "the 499 to be counted", within=WITHIN
             )
         finally:
             redis_proxy.restore()

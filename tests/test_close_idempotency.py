@@ -27,8 +27,8 @@ from tests.support.closing import (
     open_session,
     queue_depth,
     snapshot,
-    wait_until,
 )
+from tests.support.waiting import wait_until
 
 USER, SID, TOKEN = "user-1", "session-0001", "token-of-user-1"
 
@@ -48,7 +48,7 @@ async def published(redis: Redis, keys: Keys, settings: Settings, expected: int)
             await queue_depth(settings.amqp_url, queue) >= expected
         )
 
-    await wait_until(drained, 10, "the outbox to drain")
+    await wait_until(drained, "the outbox to drain", within=10)
     return await queue_depth(settings.amqp_url, queue)
 
 

@@ -22,7 +22,8 @@ from service.appkeys import AMQP
 from session_close.keys import Keys, token_digest
 from session_close.settings import Settings
 from session_close.topology import Topology
-from tests.support.closing import BODY, CLOSE_PATH, Client, app_headers, open_session, wait_until
+from tests.support.closing import BODY, CLOSE_PATH, Client, app_headers, open_session
+from tests.support.waiting import wait_until
 
 USER, SID = "user-42", "session-0001"
 TOKEN = "secret-access-token-0123456789"
@@ -52,7 +53,7 @@ async def one_event(received: list[AbstractIncomingMessage]) -> AbstractIncoming
     async def arrived() -> bool:
         return bool(received)
 
-    await wait_until(arrived, 10, "the session.closed message")
+    await wait_until(arrived, "the session.closed message", within=10)
     assert len(received) == 1
     return received[0]
 

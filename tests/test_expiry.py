@@ -27,12 +27,11 @@ from tests.support.closing import (
     outbox_entries,
     snapshot,
 )
+from tests.support.waiting import wait_until
 from tests.support.workers import (
     AuditTable,
-    audit_table_fixture,  # noqa: F401 (fixture)
     in_process,
     running,
-    wait_until,
 )
 from workers.audit import open_audit
 from workers.push_cleanup import open_push_cleanup

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from session_close.keys import Keys
 from session_close.settings import Settings
 from tests.conftest import through
 from tests.support.proxy import TcpProxy
+from tests.support.waiting import wait_until, wait_until_blocking
 
 Client = TestClient[web.Request, web.Application]
 
@@ -44,15 +45,6 @@ async def started(aiohttp_client: AiohttpClient, settings: Settings) -> Client:
     client = await aiohttp_client(create_app(settings))
     await asyncio.wait_for(asyncio.shield(client.app[AMQP]), 10)
     return client
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[bool]], deadline: float = 15.0, interval: float = 0.05
-) -> None:
-    end = time.monotonic() + deadline
-    while not await probe():
-        assert time.monotonic() < end, "condition not met before the deadline"
-        await asyncio.sleep(interval)  # polling interval, not a wait for a result
 
 
 async def samples(client: Client) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -122,7 +114,7 @@ async def test_readyz_503_when_redis_is_cut_and_ready_again_after(
     async def ready() -> bool:
         return (await client.get("/readyz")).status == 200
 
-    await eventually(ready)
+    await wait_until(ready, "ready again once Redis is back")
 
 
 async def test_readyz_503_when_redis_hangs(
@@ -261,7 +253,7 @@ async def test_metrics_count_relay_publishes(client: Client, redis: Redis, keys:
             sample(values, "outbox_backlog") == 0
         )
 
-    await eventually(published)
+    await wait_until(published, "the event published and the backlog empty")
 
 
 async def test_metrics_count_relay_publish_failures(
@@ -291,7 +283,7 @@ async def test_metrics_count_relay_publish_failures(
 
     # First the relay is up and publishing...
     await close("session-ops-3a")
-    await eventually(published)
+    await wait_until(published, "the first event published")
     # ...then the broker drops the link and hangs: no publish can be confirmed.
     amqp_proxy.cut("blackhole")
     try:
@@ -301,7 +293,7 @@ async def test_metrics_count_relay_publish_failures(
             failures = sample(await samples(client), "outbox_relay_publish_failures_total")
             return failures is not None and failures >= 1
 
-        await eventually(failed)
+        await wait_until(failed, "a publish failure counted")
         assert sample(await samples(client), "outbox_backlog") == 1  # kept for a retry
     finally:
         amqp_proxy.restore()
@@ -339,11 +331,12 @@ def own_redis(tmp_path: Path, *options: str) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
     )
     try:
-        end = time.monotonic() + 15
-        while not sock.exists():
+
+        def started() -> bool:
             assert proc.poll() is None, "redis-server exited"
-            assert time.monotonic() < end, "redis-server did not start"
-            time.sleep(0.02)
+            return sock.exists()
+
+        wait_until_blocking(started, "redis-server to listen")
         yield f"unix://{sock}"
     finally:
         proc.terminate()
@@ -445,7 +438,7 @@ async def test_a_hanging_redis_gives_503s_from_a_bounded_number_of_connections(
             tasks.append(asyncio.create_task(close(n)))
             # each close reaches the app before the next is sent, so that uncapped each
             # would be a batch of its own, on a connection of its own
-            await eventually(lambda: _true(server.requests_count >= arrived))  # noqa: B023
+            await wait_until(lambda: server.requests_count >= arrived, "the close to arrive")  # noqa: B023
         opened_by_closes = redis_proxy.open_connections
         ready = await client.get("/readyz")
         statuses = await asyncio.gather(*tasks)
@@ -458,7 +451,3 @@ async def test_a_hanging_redis_gives_503s_from_a_bounded_number_of_connections(
     assert ready.status == 503  # it answers, saying Redis is down, not a pool error's 500
     assert (await ready.json())["redis"] == "down"
     assert elapsed < closes * timeout  # bounded, not one Redis timeout after another
-
-
-async def _true(value: bool) -> bool:
-    return value

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from session_close.settings import Settings
 from tests.conftest import through
 from tests.support.processes import listening_port, running, settings_env
 from tests.support.proxy import TcpProxy
+from tests.support.waiting import wait_until
 
 TOKEN = "tok-secret-4f9a2c"
 SESSION_ID = "sess-ops-0123456789abcdef"
@@ -41,11 +40,8 @@ def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[in
             return exc.code, exc.read()
 
 
-def wait_ready(port: int, deadline: float = 15.0) -> None:
-    end = time.monotonic() + deadline
-    while get(port, "/readyz")[0] != 200:
-        assert time.monotonic() < end, "API never became ready"
-        time.sleep(0.05)
+async def wait_ready(port: int) -> None:
+    await wait_until(lambda: get(port, "/readyz")[0] == 200, "the API to be ready")
 
 
 def json_lines(log: Path) -> list[dict[str, object]]:
@@ -58,7 +54,7 @@ async def test_access_log_is_one_json_line_per_request_without_secrets(
     log = tmp_path / "api.log"
     with running(["service"], api_env(settings), log) as proc:
         port = listening_port(log, proc)
-        wait_ready(port)
+        await wait_ready(port)
         assert get(port, "/healthz", {"X-Request-ID": "ops-req-1"})[0] == 200
         status, _ = get(port, "/no/such/path?token=abc", {"X-Request-ID": "ops-req-2"})
         assert status == 404
@@ -110,13 +106,6 @@ def read_until(sock: socket.socket, marker: bytes, deadline: float = 10.0) -> by
     return data
 
 
-def until(condition: Callable[[], bool], failure: str, deadline: float = 10.0) -> None:
-    end = time.monotonic() + deadline
-    while not condition():
-        assert time.monotonic() < end, failure
-        time.sleep(0.02)
-
-
 def refuses_connections(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5):
@@ -147,7 +136,7 @@ async def test_sigterm_finishes_the_request_in_flight_and_exits_0(
     body = b'{"requestContent": {}}'
     with running(["service"], env, log) as proc:
         port = listening_port(log, proc)
-        wait_ready(port)
+        await wait_ready(port)
         # First drop the app's idle Redis connection (readyz sees it fail and lets it go),
         # so the close below starts on a new one and keeps its one retry for restore().
         redis_proxy.cut("reset")
@@ -163,10 +152,16 @@ async def test_sigterm_finishes_the_request_in_flight_and_exits_0(
                 + f"Content-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )
-            until(lambda: redis_proxy.open_connections > 0, "the close never reached Redis")
+            await wait_until(
+                lambda: redis_proxy.open_connections > 0, "the close to reach Redis", within=10
+            )
 
             proc.send_signal(signal.SIGTERM)
-            until(lambda: refuses_connections(port), "still accepting connections after SIGTERM")
+            await wait_until(
+                lambda: refuses_connections(port),
+                "no new connections accepted after SIGTERM",
+                within=10,
+            )
             assert proc.poll() is None  # the request in flight keeps it running
 
             redis_proxy.restore()  # the held connection drops; the client reconnects

@@ -36,10 +36,10 @@ from tests.support.closing import (
     app_headers,
     open_session,
     queue_depth,
-    wait_until,
 )
 from tests.support.processes import settings_env
 from tests.support.proxy import Mode, TcpProxy
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.fault
 
@@ -114,7 +114,7 @@ async def test_closes_succeed_while_rabbitmq_is_down_and_the_backlog_drains_afte
     async def first_published() -> bool:
         return await queue_depth(settings.amqp_url, queue) == 1
 
-    await wait_until(first_published, 10, "the first event")
+    await wait_until(first_published, "the first event", within=10)
 
     amqp_proxy.cut(mode)
     for n in range(20):
@@ -133,7 +133,7 @@ async def test_closes_succeed_while_rabbitmq_is_down_and_the_backlog_drains_afte
     async def drained() -> bool:
         return await redis.xlen(keys.outbox) == 0
 
-    await wait_until(drained, 30, "the backlog to drain after RabbitMQ returned")
+    await wait_until(drained, "the backlog to drain after RabbitMQ returned", within=30)
     ids = await message_ids(settings.amqp_url, queue)
     assert len(ids) == len(set(ids)) == 21
 
@@ -168,7 +168,7 @@ async def test_publish_gives_up_on_a_silent_broker_within_the_publish_timeout(
         async def gave_up() -> bool:
             return bool(failures)
 
-        await wait_until(gave_up, settings.publish_timeout_seconds + 3, "publish to give up")
+        await wait_until(gave_up, "publish to give up", within=settings.publish_timeout_seconds + 3)
         gave_up_after = failures[0][0] - started
         assert settings.publish_timeout_seconds <= gave_up_after
         assert gave_up_after < settings.publish_timeout_seconds + 1
@@ -210,7 +210,7 @@ async def test_entries_of_a_killed_relay_are_published_by_another_within_10_s(
                 return bool(await redis.xinfo_consumers(keys.outbox, OUTBOX_GROUP))
             return False
 
-        await wait_until(relay_reading, 20, "the relay process to start reading")
+        await wait_until(relay_reading, "the relay process to start reading", within=20)
         # The broker goes silent: the relay reads the entries and can never get confirms.
         amqp_proxy.cut("blackhole")
         event_ids = await write_outbox(redis, keys, 10)
@@ -218,7 +218,7 @@ async def test_entries_of_a_killed_relay_are_published_by_another_within_10_s(
         async def all_in_flight() -> bool:
             return sum((await pending_by_consumer(redis, keys)).values()) == 10
 
-        await wait_until(all_in_flight, 10, "the relay process to take the entries")
+        await wait_until(all_in_flight, "the relay process to take the entries", within=10)
         (dead_consumer,) = (await pending_by_consumer(redis, keys)).keys()
         process.send_signal(signal.SIGKILL)
         killed = time.monotonic()
@@ -241,7 +241,9 @@ async def test_entries_of_a_killed_relay_are_published_by_another_within_10_s(
             async def drained() -> bool:
                 return await redis.xlen(keys.outbox) == 0
 
-            await wait_until(drained, 30, "another relay to publish the dead relay's entries")
+            await wait_until(
+                drained, "another relay to publish the dead relay's entries", within=30
+            )
             takeover = time.monotonic() - killed
         finally:
             await relay.stop(task)
@@ -300,7 +302,7 @@ async def test_the_relay_starts_even_when_the_broker_drops_right_after_the_topol
     async def drained() -> bool:
         return await redis.xlen(keys.outbox) == 0
 
-    await wait_until(drained, 30, "the backlog to drain after RabbitMQ returned")
+    await wait_until(drained, "the backlog to drain after RabbitMQ returned", within=30)
     queue = Topology.from_settings(settings).queue("audit")
     assert len(await message_ids(settings.amqp_url, queue)) == 5
 
@@ -324,7 +326,7 @@ async def test_the_api_keeps_declaring_the_topology_until_it_succeeds(
         async def serving() -> bool:
             return await redis.exists(keys.outbox) == 1  # the app is up and serving
 
-        await wait_until(serving, 10, "the app to start")
+        await wait_until(serving, "the app to start", within=10)
         await open_session(redis, keys, USER, "session-0001", TOKEN)
         resp = await test_client.post(
             CLOSE_PATH, headers=app_headers(TOKEN, "session-0001"), data=BODY
@@ -339,7 +341,7 @@ async def test_the_api_keeps_declaring_the_topology_until_it_succeeds(
     async def drained() -> bool:
         return await redis.xlen(keys.outbox) == 0
 
-    await wait_until(drained, 15, "the event once the topology could be declared")
+    await wait_until(drained, "the event once the topology could be declared", within=15)
     assert len(await message_ids(settings.amqp_url, topology.queue("audit"))) == 1
 
 
@@ -364,7 +366,7 @@ async def test_an_event_no_queue_takes_stays_in_the_outbox(
             async def tried() -> bool:
                 return sum(failures) >= 3
 
-            await wait_until(tried, 10, "the relay to try the entries")
+            await wait_until(tried, "the relay to try the entries", within=10)
         finally:
             await relay.stop(task)
     assert await redis.xlen(keys.outbox) == 3
@@ -390,7 +392,7 @@ async def test_a_dead_relays_name_leaves_the_group_only_once_all_its_entries_are
             async def drained() -> bool:
                 return await redis.xlen(keys.outbox) == 0
 
-            await wait_until(drained, 15, "the dead relay's entries to be published")
+            await wait_until(drained, "the dead relay's entries to be published", within=15)
         finally:
             await relay.stop(task)
     names = [c["name"] for c in await redis.xinfo_consumers(keys.outbox, OUTBOX_GROUP)]
@@ -423,7 +425,7 @@ async def test_a_live_relays_entries_are_left_to_it(
             async def later_entry_published() -> bool:
                 return await redis.xlen(keys.outbox) == 2
 
-            await wait_until(later_entry_published, 15, "the later entry to be published")
+            await wait_until(later_entry_published, "the later entry to be published", within=15)
         finally:
             await relay.stop(task)
     assert await pending_by_consumer(redis, keys) == {"live-relay": 2}

@@ -23,7 +23,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from session_close.settings import Settings
-from tests.support.closing import wait_until
 from tests.support.processes import free_port, log_tail, running, settings_env, wait_for_port
 from tests.support.prometheus import (
     DASHBOARD,
@@ -34,9 +33,8 @@ from tests.support.prometheus import (
     needs_promtool,
 )
 from tests.support.promql import metric_names
-from tests.support.workers import AuditTable, audit_table_fixture
-
-__all__ = ["audit_table_fixture"]
+from tests.support.waiting import wait_until
+from tests.support.workers import AuditTable
 
 # Names the alerts and the dashboard read that no process of this repository exports,
 # each with the reason. Anything else missing from the live /metrics fails the test.
@@ -102,9 +100,9 @@ def exported_names(text: str) -> set[str]:
     """Every series name a scrape of this text can hold, also for families that have no
     samples yet (a labelled counter before its first increment)."""
     suffixes = {
-        "counter": ("_total", "_created"),
-        "histogram": ("_bucket", "_sum", "_count", "_created"),
-        "summary": ("_sum", "_count", "_created"),
+        "counter": ("_total",),
+        "histogram": ("_bucket", "_sum", "_count"),
+        "summary": ("_sum", "_count"),
     }
     names = set()
     for family in text_string_to_metric_families(text):
@@ -237,12 +235,14 @@ async def test_prometheus_scrapes_the_api_and_a_worker_and_loads_the_rules(
         return bool(data["result"])
 
     try:
-        await wait_until(ready, 30, "Prometheus ready")
-        await wait_until(both_up, 45, "both targets up in Prometheus")
+        await wait_until(ready, "Prometheus ready", within=30)
+        await wait_until(both_up, "both targets up in Prometheus", within=45)
         # a sample of each process's own series, stored and queryable
-        await wait_until(lambda: scraped("outbox_backlog"), 30, "outbox_backlog scraped")
+        await wait_until(lambda: scraped("outbox_backlog"), "outbox_backlog scraped", within=30)
         await wait_until(
-            lambda: scraped('worker_messages_total{job="audit"}'), 30, "worker series scraped"
+            lambda: scraped('worker_messages_total{job="audit"}'),
+            "worker series scraped",
+            within=30,
         )
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{stack.tails()}") from None
@@ -256,7 +256,7 @@ async def test_prometheus_scrapes_the_api_and_a_worker_and_loads_the_rules(
             r.get("lastEvaluation", "").startswith("20") for r in rules
         )
 
-    await wait_until(rules_evaluated, 30, "every rule loaded and evaluated")
+    await wait_until(rules_evaluated, "every rule loaded and evaluated", within=30)
     groups = (await get_json(f"{base}/rules"))["data"]["groups"]
     for rule in (rule for group in groups for rule in group["rules"]):
         assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"

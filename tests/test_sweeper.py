@@ -16,7 +16,8 @@ from service.sweeper import Sweeper, SweepResult
 from session_close.cli import create_session
 from session_close.keys import Keys
 from session_close.settings import Settings
-from tests.support.closing import outbox_entries, wait_until
+from tests.support.closing import outbox_entries
+from tests.support.waiting import wait_until
 
 USER = "user-7"
 
@@ -190,7 +191,7 @@ async def test_the_sweeper_loop_sweeps_sessions_as_they_expire(
         async def swept() -> bool:
             return await redis.xlen(keys.outbox) == 1
 
-        await wait_until(swept, 10, "the session's session.expired entry")
+        await wait_until(swept, "the session's session.expired entry", within=10)
         assert sum(r.expired for r in seen) == 1
     finally:
         task.cancel()

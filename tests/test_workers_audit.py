@@ -13,17 +13,14 @@ import pytest
 from session_close.settings import Settings
 from tests.conftest import through
 from tests.support.proxy import TcpProxy
+from tests.support.waiting import wait_until
 from tests.support.workers import (
     AuditTable,
     Broker,
     WorkerProcess,
-    audit_table_fixture,  # noqa: F401 (fixture)
-    broker_fixture,  # noqa: F401 (fixture)
     in_process,
     make_event,
     running,
-    wait_until,
-    worker_processes_fixture,  # noqa: F401 (fixture)
 )
 from workers.audit import open_audit
 
@@ -73,7 +70,7 @@ async def test_a_worker_killed_mid_batch_leaves_exactly_one_row_per_event_after_
     await broker.publish(*events)
     doomed = await WorkerProcess.start(settings, "audit", "--prefetch", "50", "--concurrency", "20")
     worker_processes.append(doomed)
-    await wait_until(rows_reach(audit_table, 40), "the first rows", timeout=20)
+    await wait_until(rows_reach(audit_table, 40), "the first rows", within=20)
     doomed.signal(signal.SIGKILL)
     await doomed.wait(5)
     written = set(await audit_table.event_ids())
@@ -86,7 +83,7 @@ async def test_a_worker_killed_mid_batch_leaves_exactly_one_row_per_event_after_
     successor = in_process(settings, "audit", open_audit)
     caplog.set_level(logging.INFO, logger="workers.audit")
     async with running(successor):
-        await wait_until(rows_reach(audit_table, len(events)), "every row", timeout=30)
+        await wait_until(rows_reach(audit_table, len(events)), "every row", within=30)
 
         async def queue_empty() -> bool:
             ready, _ = await broker.depth(broker.topology.queue("audit"))
@@ -124,7 +121,7 @@ async def test_two_audit_workers_split_the_load_and_write_each_event_once(
     second = in_process(settings, "audit", open_audit, worker_prefetch=5, worker_concurrency=5)
     async with running(first), running(second):
         await broker.publish(*events)
-        await wait_until(rows_reach(audit_table, len(events)), "every row", timeout=30)
+        await wait_until(rows_reach(audit_table, len(events)), "every row", within=30)
 
         async def all_acked() -> bool:
             total = first.metrics.count("acked") + second.metrics.count("acked")

@@ -14,16 +14,13 @@ from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
 from session_close.settings import Settings
+from tests.support.waiting import wait_until
 from tests.support.workers import (
     REJECTED_USER,
     AuditTable,
     Broker,
     WorkerProcess,
-    audit_table_fixture,  # noqa: F401 (fixture)
-    broker_fixture,  # noqa: F401 (fixture)
     table_rejecting,
-    wait_until,
-    worker_processes_fixture,  # noqa: F401 (fixture)
 )
 
 
@@ -91,7 +88,7 @@ async def test_events_from_the_cloudevents_sdk_are_applied_and_logged_with_their
     async def all_rows() -> bool:
         return await audit_table.count() == len(applied)
 
-    await wait_until(all_rows, "a row per SDK event", timeout=30)
+    await wait_until(all_rows, "a row per SDK event", within=30)
     await worker.wait_logged("dead-lettered", timeout=30)
 
     row = await audit_table.row(untraced.get_id())

@@ -9,15 +9,13 @@ import logging
 import pytest
 
 from session_close.settings import Settings
+from tests.support.waiting import wait_until
 from tests.support.workers import (
     AuditTable,
     Broker,
-    audit_table_fixture,  # noqa: F401 (fixture)
-    broker_fixture,  # noqa: F401 (fixture)
     in_process,
     make_event,
     running,
-    wait_until,
 )
 from workers.audit import open_audit
 from workers.replay import replay_dead_letters
@@ -52,7 +50,7 @@ async def test_malformed_messages_are_dead_lettered_at_once_and_replay_brings_go
             async def malformed_in_dlq() -> bool:
                 return (await broker.depth(dlq))[0] == 3
 
-            await wait_until(malformed_in_dlq, "3 messages in the DLQ", timeout=5)
+            await wait_until(malformed_in_dlq, "3 messages in the DLQ", within=5)
         assert worker.metrics.retry_count() == 0, "a malformed message must not be retried"
         assert worker.metrics.count("dead_lettered") == 3
         reasons = {

@@ -14,17 +14,14 @@ import pytest
 from session_close.settings import Settings
 from tests.conftest import through
 from tests.support.proxy import TcpProxy
+from tests.support.waiting import wait_until
 from tests.support.workers import (
     AuditTable,
     Broker,
     WorkerProcess,
-    audit_table_fixture,  # noqa: F401 (fixture)
-    broker_fixture,  # noqa: F401 (fixture)
     in_process,
     make_event,
     running,
-    wait_until,
-    worker_processes_fixture,  # noqa: F401 (fixture)
 )
 from workers.audit import open_audit
 
@@ -62,7 +59,7 @@ async def test_consumption_resumes_after_the_broker_connection_is_killed(
         async def consumer_back() -> bool:
             return (await broker.depth(queue))[1] == 1
 
-        await wait_until(consumer_back, "the consumer re-registered", timeout=30)
+        await wait_until(consumer_back, "the consumer re-registered", within=30)
         await broker.publish(*[make_event(n) for n in range(10, 15)])
         await wait_until(lambda: _rows(audit_table, 15), "every row after the reconnect")
     ids = await audit_table.event_ids()
@@ -121,7 +118,7 @@ async def test_sigterm_finishes_the_messages_in_hand_and_logs_each_with_its_requ
         settings, "audit", "--prefetch", "100", "--concurrency", "7", "--metrics-port", str(port)
     )
     worker_processes.append(worker)
-    await worker.wait_logged("(prefetch 100, concurrency 7)")
+    await worker.wait_logged("consuming", prefetch=100, concurrency=7)
     await wait_until(lambda: _at_least(audit_table, 1), "the first rows")
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/") as resp:
         exposition = await resp.text()

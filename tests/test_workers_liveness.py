@@ -13,13 +13,12 @@ from contextlib import asynccontextmanager
 
 from session_close.events import SessionEvent
 from session_close.settings import Settings
+from tests.support.waiting import wait_until
 from tests.support.workers import (
     Broker,
-    broker_fixture,  # noqa: F401 (fixture)
     in_process,
     make_event,
     running,
-    wait_until,
 )
 from workers.consumer import Effect
 from workers.metrics import WorkerMetrics
@@ -91,7 +90,7 @@ async def test_liveness_fails_while_the_event_loop_is_stuck_and_recovers_after(
                     t > released and status == 200 for t, status in prober.seen
                 )
 
-            await wait_until(recovered, "a healthy probe after the stall", timeout=30)
+            await wait_until(recovered, "a healthy probe after the stall", within=30)
     finally:
         prober.done.set()
         prober.join(5)

@@ -9,12 +9,11 @@ from redis.asyncio import Redis
 from session_close.cli import create_session, create_token
 from session_close.keys import Keys
 from session_close.settings import Settings
+from tests.support.waiting import wait_until
 from tests.support.workers import (
     AuditTable,
-    audit_table_fixture,  # noqa: F401 (fixture)
     in_process,
     running,
-    wait_until,
 )
 from workers.audit import open_audit
 from workers.push_cleanup import open_push_cleanup

@@ -13,17 +13,15 @@ from redis.asyncio import Redis
 
 from session_close.keys import Keys
 from session_close.settings import Settings
+from tests.support.waiting import wait_until
 from tests.support.workers import (
     REJECTED_USER,
     AuditTable,
     Broker,
-    audit_table_fixture,  # noqa: F401 (fixture)
-    broker_fixture,  # noqa: F401 (fixture)
     in_process,
     make_event,
     running,
     table_rejecting,
-    wait_until,
 )
 from workers.audit import open_audit
 from workers.consumer import Worker
@@ -45,7 +43,7 @@ async def settled(worker: Worker, broker: Broker, *, acked: int, dead: int) -> N
             and (await broker.depth(dlq))[0] == dead
         )
 
-    await wait_until(done, f"{acked} acked and {dead} dead-lettered", timeout=30)
+    await wait_until(done, f"{acked} acked and {dead} dead-lettered", within=30)
 
 
 async def test_a_row_the_database_rejects_is_dead_lettered_after_its_attempts_and_its_batch_lands(

@@ -12,13 +12,12 @@ from session_close.scripts import REMOVE_PUSH_TOKENS
 from session_close.settings import Settings
 from tests.conftest import through
 from tests.support.proxy import TcpProxy
+from tests.support.waiting import wait_until
 from tests.support.workers import (
     Broker,
-    broker_fixture,  # noqa: F401 (fixture)
     in_process,
     make_event,
     running,
-    wait_until,
 )
 from workers.push_cleanup import open_push_cleanup
 

@@ -11,17 +11,15 @@ import pytest
 from session_close.settings import Settings
 from tests.conftest import through
 from tests.support.proxy import TcpProxy
+from tests.support.waiting import wait_until
 from tests.support.workers import (
     REJECTED_USER,
     AuditTable,
     Broker,
-    audit_table_fixture,  # noqa: F401 (fixture)
-    broker_fixture,  # noqa: F401 (fixture)
     in_process,
     make_event,
     running,
     table_rejecting,
-    wait_until,
 )
 from workers.audit import open_audit
 from workers.consumer import Worker
@@ -41,7 +39,7 @@ async def test_the_acks_of_a_burst_share_frames(
         async def all_acked() -> bool:
             return worker.metrics.count("acked") == len(events)
 
-        await wait_until(all_acked, "every message acked", timeout=30)
+        await wait_until(all_acked, "every message acked", within=30)
     # The worker has closed its connection: anything not really acked would be back.
     ready, _ = await broker.depth(broker.topology.queue("audit"))
     frames = worker.metrics.ack_frame_count()
@@ -67,7 +65,7 @@ async def acked(worker: Worker, n: int) -> None:
     async def done() -> bool:
         return worker.metrics.count("acked") == n
 
-    await wait_until(done, f"{n} messages acked", timeout=30)
+    await wait_until(done, f"{n} messages acked", within=30)
 
 
 @pytest.mark.fault
@@ -102,7 +100,7 @@ async def test_a_message_held_for_retry_is_never_acked_by_a_later_run_even_after
         async def consumer_back() -> bool:
             return (await broker.depth(queue))[1] == 1
 
-        await wait_until(consumer_back, "the worker reconnected", timeout=30)
+        await wait_until(consumer_back, "the worker reconnected", within=30)
         # On the new channel the held message is redelivered and tags restart at 1.
         await broker.publish_in_order(*after_reconnect)
         await acked(worker, len(before) + len(behind) + len(after_reconnect))

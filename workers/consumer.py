@@ -124,7 +124,7 @@ class Worker:
         """Begin a graceful stop (signal handlers call this)."""
         if self._stopping.is_set():
             return
-        log.info("worker %s stopping", self.name)
+        log.info("worker stopping", extra={"worker": self.name})
         self._stopping.set()
         if not self.consuming.is_set() and self._main is not None:
             # Still waiting for a backend at start: nothing in hand, just give up.
@@ -143,21 +143,23 @@ class Worker:
                 tag = await queue.consume(self._on_message)
                 self.consuming.set()
                 log.info(
-                    "worker %s consuming %s (prefetch %d, concurrency %d)",
-                    self.name,
-                    queue.name,
-                    self._settings.worker_prefetch,
-                    self._settings.worker_concurrency,
+                    "worker consuming",
+                    extra={
+                        "worker": self.name,
+                        "queue": queue.name,
+                        "prefetch": self._settings.worker_prefetch,
+                        "concurrency": self._settings.worker_concurrency,
+                    },
                 )
                 await self._stopping.wait()
                 await self._shutdown(queue, tag)
         except asyncio.CancelledError:
             if not self._stopping.is_set() or self.consuming.is_set():
                 raise
-            log.info("worker %s stopped before it started consuming", self.name)
+            log.info("worker stopped before it started consuming", extra={"worker": self.name})
         finally:
             heartbeat.cancel()
-        log.info("worker %s stopped", self.name)
+        log.info("worker stopped", extra={"worker": self.name})
 
     async def _beat(self) -> None:
         # A task of the loop itself: when the loop is stuck, the beat stops and the
@@ -183,14 +185,20 @@ class Worker:
             async with asyncio.timeout(BROKER_CALL_TIMEOUT_SECONDS):
                 await queue.cancel(tag)
         if self._in_hand:
-            log.info("worker %s finishing %d messages in hand", self.name, len(self._in_hand))
+            log.info(
+                "worker finishing the messages in hand",
+                extra={"worker": self.name, "messages": len(self._in_hand)},
+            )
             _, late = await asyncio.wait(
                 self._in_hand, timeout=self._settings.shutdown_timeout_seconds
             )
             for task in late:
                 task.cancel()  # _on_message returns its message to the queue
             if late:
-                log.warning("worker %s returning %d unfinished messages", self.name, len(late))
+                log.warning(
+                    "worker returning unfinished messages",
+                    extra={"worker": self.name, "messages": len(late)},
+                )
                 await asyncio.wait(late, timeout=BROKER_CALL_TIMEOUT_SECONDS * 2)
 
     @staticmethod
@@ -236,7 +244,7 @@ class Worker:
         assert self._effect is not None
         transient = self._effect.transient
         backoff = Backoff(self._retry_policy)
-        failed_attempts = 0
+        attempts = failed_attempts = 0  # failed_attempts: those that count to poison
         retried = False
         while True:
             try:
@@ -244,6 +252,7 @@ class Worker:
             except MalformedEvent as exc:
                 return await self._dead_letter(held, "malformed", str(exc))
             except Exception as exc:
+                attempts += 1
                 if not isinstance(exc, transient):
                     failed_attempts += 1
                     if failed_attempts >= self._settings.worker_max_attempts:
@@ -261,6 +270,7 @@ class Worker:
                     extra={
                         "worker": self.name,
                         "error": repr(exc),
+                        "attempt": attempts,
                         "delay": delay,
                         "transient": isinstance(exc, transient),
                         "failed_attempts": failed_attempts,
@@ -271,7 +281,10 @@ class Worker:
                 if _channel_closed(held.message):
                     # The broker has already given it to another consumer (or to us again
                     # after the reconnect): working on this copy too would only race it.
-                    log.warning("worker %s dropped a held message: its channel closed", self.name)
+                    log.warning(
+                        "worker dropped a held message: its channel closed",
+                        extra={"worker": self.name},
+                    )
                     return await self._settle(held, "requeue")
                 continue
             outcome = await self._settle(held, "ack")

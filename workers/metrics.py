@@ -24,6 +24,7 @@ from prometheus_client import (
     Histogram,
     Info,
     ProcessCollector,
+    disable_created_metrics,
     make_wsgi_app,
 )
 
@@ -54,6 +55,8 @@ class WorkerMetrics:
         self.worker = worker
         self.stale_after = stale_after
         self._last_beat = time.monotonic()
+        # No `_created` series (the switch is prometheus_client's, for the process).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         self.messages = Counter(
             "worker_messages",
@@ -86,13 +89,18 @@ class WorkerMetrics:
             ["worker"],
             registry=self.registry,
         )
-        for outcome in OUTCOMES:
-            self.messages.labels(worker, outcome)
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory
         # build_info{version="..."} 1: which release each process runs.
         Info("build", "The running release.", registry=self.registry).info({"version": __version__})
+        # Every series exists from start: one that appears with its first increment
+        # hides that increment from rate() and leaves the alerts without data.
+        for outcome in OUTCOMES:
+            self.messages.labels(worker, outcome)
         for reason in DEAD_LETTER_REASONS:
             self.dead_letters.labels(worker, reason)
+        for labelled in (self.latency, self.retries, self.ack_frames):
+            labelled.labels(worker)
+        # prometheus_client's WSGI app: text or OpenMetrics as asked, gzip when accepted.
         self._metrics_app = make_wsgi_app(self.registry)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -144,7 +152,7 @@ class WorkerMetrics:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         bound = int(self._server.server_address[1])
-        log.info("worker metrics on port %d", bound)
+        log.info("worker metrics serving", extra={"port": bound})
         return bound
 
     def _app(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:

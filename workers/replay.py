@@ -71,5 +71,8 @@ async def replay_dead_letters(settings: Settings, worker: str, limit: int | None
                 raise
             await message.ack()
             moved += 1
-        log.info("replayed %d of %d dead-lettered messages to %s", moved, present, target)
+        log.info(
+            "dead-lettered messages replayed",
+            extra={"moved": moved, "present": present, "queue": target},
+        )
         return moved

@@ -20,10 +20,10 @@ from session_close.keys import OUTBOX_GROUP, Keys
 from session_close.settings import Settings
 from session_close.topology import Topology
 from tests.conftest import through
-from tests.support.closing import wait_until
 from tests.support.events import collect_event_ids
 from tests.support.processes import free_port, log_tail, running, settings_env, wait_for_port
 from tests.support.proxy import Mode, TcpProxy
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(120)]
 
@@ -65,27 +65,28 @@ async def close_all(port: int, sids: list[str]) -> list[str]:
         return await asyncio.gather(*(close(sid) for sid in sids))
 
 
-async def topology_declared(settings: Settings, deadline: float = 15.0) -> None:
+async def topology_declared(settings: Settings) -> None:
+    """Wait until the API has declared the topology (on its own schedule)."""
     queue = Topology.from_settings(settings).queue("audit")
-    end = asyncio.get_running_loop().time() + deadline
-    while True:
+
+    async def declared() -> bool:
         connection = await aio_pika.connect(settings.amqp_url)
         async with connection:
             try:
                 channel = await connection.channel()
                 await channel.declare_queue(queue, passive=True)
-                return
             except aio_pika.exceptions.ChannelClosed:
-                if asyncio.get_running_loop().time() > end:
-                    raise
-        await asyncio.sleep(0.1)  # the API declares it on its own schedule
+                return False
+            return True
+
+    await wait_until(declared, "the API to declare the topology", step=0.1)
 
 
 async def publishing(port: int, redis: Redis, keys: Keys, sids: list[str]) -> None:
     """Close `sids` and wait until their events are confirmed: the relay is up and
     publishing, so a cut after this catches it holding entries."""
     assert await close_all(port, sids) == ["success"] * len(sids)
-    await wait_until(lambda: _empty(redis, keys), 30, "the warm-up events to be published")
+    await wait_until(lambda: _empty(redis, keys), "the warm-up events to be published", within=30)
 
 
 async def held_by_relays(redis: Redis, keys: Keys) -> int:
@@ -97,7 +98,7 @@ async def wait_for_held(redis: Redis, keys: Keys) -> int:
     async def holding() -> bool:
         return await held_by_relays(redis, keys) > 0
 
-    await wait_until(holding, 15, "the relay to hold entries while the broker is cut")
+    await wait_until(holding, "the relay to hold entries while the broker is cut", within=15)
     return await held_by_relays(redis, keys)
 
 
@@ -139,7 +140,7 @@ async def test_broker_cut_during_closes_loses_no_event(
         backlog_while_cut = await redis.xlen(keys.outbox)
         amqp_proxy.restore()
         seen = await collect_event_ids(settings, "audit", WARM_UP + CLOSES, deadline=60)
-        await wait_until(lambda: _empty(redis, keys), 10, "the outbox to be empty")
+        await wait_until(lambda: _empty(redis, keys), "the outbox to be empty", within=10)
     duplicates = sum(n - 1 for n in seen.values())
     report_counts(
         sent=len(replies),
@@ -184,7 +185,9 @@ async def test_api_sigkill_with_outbox_backlog_is_published_by_the_restart_withi
     amqp_proxy.restore()
     port = free_port()
     with running(["service"], {**api_env, "HTTP_PORT": str(port)}, tmp_path / "api2.log") as api:
-        await wait_until(lambda: _empty(redis, keys), 30, "the successor to publish everything")
+        await wait_until(
+            lambda: _empty(redis, keys), "the successor to publish everything", within=30
+        )
         takeover_seconds = time.monotonic() - killed
         seen = await collect_event_ids(settings, "audit", WARM_UP + CLOSES, deadline=60)
     duplicates = sum(n - 1 for n in seen.values())

@@ -3,8 +3,6 @@ the login side writes them, and a snapshot of a test's Redis keys."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
@@ -72,18 +70,6 @@ async def outbox_entries(redis: Redis, keys: Keys) -> list[dict[str, str]]:
     """The fields of every entry still in the outbox, oldest first."""
     entries: list[tuple[str, dict[str, str]]] = await redis.xrange(keys.outbox)  # type: ignore[assignment]
     return [fields for _, fields in entries]
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]], within: float, what: str, step: float = 0.05
-) -> None:
-    """Poll `condition` until it holds; fail naming `what` after `within` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not await condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(step)
 
 
 async def queue_depth(amqp_url: str, queue: str) -> int:

@@ -7,13 +7,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
 from session_close.settings import Settings
+from tests.support.waiting import wait_until_blocking
 
 
 def free_port() -> int:
@@ -26,42 +26,49 @@ def free_port() -> int:
 
 
 def settings_env(settings: Settings, **overrides: str) -> dict[str, str]:
-    """The process environment that makes a child process use these settings."""
+    """The process environment that makes a child process use these settings (a setting
+    that is None is left out, whatever this process's environment says), then
+    `overrides` (variable names as in the environment)."""
     env = dict(os.environ)
     for f in fields(Settings):
         value = getattr(settings, f.name)
-        if value is not None:
+        if value is None:
+            env.pop(f.name.upper(), None)
+        else:
             env[f.name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
     env.update(overrides)
     return env
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], deadline: float = 15.0) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
+    def listening() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"process exited early with {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
+                return True
         except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {port} after {deadline}s")
+            return False
+
+    wait_until_blocking(listening, f"something listening on {port}", within=deadline)
 
 
 def listening_port(log: Path, proc: subprocess.Popen[bytes], deadline: float = 30.0) -> int:
     """The port `python -m service` bound (started with HTTP_PORT=0, LOG_LEVEL INFO or
     lower, its output in `log`), read from its `listening` log line."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
+    found: list[int] = []
+
+    def logged() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"process exited early with {proc.returncode}")
         for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
             if line.startswith("{") and '"listening"' in line:
-                port: int = json.loads(line)["port"]
-                return port
-        time.sleep(0.05)
-    raise TimeoutError(f"no listening line in {log} after {deadline}s")
+                found.append(json.loads(line)["port"])
+                return True
+        return False
+
+    wait_until_blocking(logged, f"a listening line in {log}", within=deadline)
+    return found[0]
 
 
 @contextmanager

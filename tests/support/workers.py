@@ -1,6 +1,6 @@
 """Fixtures and helpers for the worker tests: publish events to the test's exchange,
 look at its queues and audit table, run a worker in this process or as a subprocess
-with the test's environment. A test module imports the `*_fixture` functions it uses."""
+with the test's environment. Its fixtures are a pytest plugin (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +24,13 @@ from session_close.events import CLOSED, CONTENT_TYPE, SessionEvent
 from session_close.retry import Policy
 from session_close.settings import Settings
 from session_close.topology import Topology
+from tests.support.processes import settings_env
+from tests.support.waiting import wait_until
 from workers.audit import create_table_sql
 from workers.consumer import EffectFactory, Worker
 from workers.metrics import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]],
-    what: str,
-    timeout: float = 15.0,  # noqa: ASYNC109
-) -> None:
-    """Poll `condition` until it holds; fail the test naming `what` at the deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await condition():
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)  # a poll interval, not a wait for the condition
 
 
 def make_event(
@@ -144,8 +131,8 @@ class Broker:
             await channel.close()
 
 
-@pytest.fixture(name="broker")
-async def broker_fixture(settings: Settings, amqp_cleanup: None) -> AsyncIterator[Broker]:
+@pytest.fixture
+async def broker(settings: Settings, amqp_cleanup: None) -> AsyncIterator[Broker]:
     """Topology declared (as the API does) before any worker starts."""
     connection = await aio_pika.connect_robust(settings.amqp_url)
     broker = Broker(settings, connection)
@@ -179,8 +166,8 @@ class AuditTable:
         return dict(found)
 
 
-@pytest.fixture(name="audit_table")
-async def audit_table_fixture(settings: Settings) -> AsyncIterator[AuditTable]:
+@pytest.fixture
+async def audit_table(settings: Settings) -> AsyncIterator[AuditTable]:
     """The test's audit table (created by the worker), dropped afterwards."""
     conn = await asyncpg.connect(settings.database_url)
     yield AuditTable(conn, settings.audit_table)
@@ -226,18 +213,6 @@ def in_process(
     )
 
 
-def environment(settings: Settings) -> dict[str, str]:
-    """The environment variables that make a subprocess use these settings."""
-    env = dict(os.environ)
-    for field in dataclasses.fields(settings):
-        value = getattr(settings, field.name)
-        if value is None:
-            env.pop(field.name.upper(), None)
-        else:
-            env[field.name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
-    return env
-
-
 class WorkerProcess:
     """`python -m workers <args>` as a subprocess; its JSON log lines are collected."""
 
@@ -254,7 +229,7 @@ class WorkerProcess:
             "workers",
             *args,
             cwd=ROOT,
-            env=environment(settings),
+            env=settings_env(settings),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
@@ -268,16 +243,27 @@ class WorkerProcess:
             except ValueError:
                 self.lines.append({"event": raw.decode(errors="replace").rstrip()})
 
-    def logged(self, fragment: str) -> list[dict[str, Any]]:
-        return [line for line in self.lines if fragment in str(line.get("event", ""))]
+    def logged(self, fragment: str, **fields: object) -> list[dict[str, Any]]:
+        """The lines whose message holds `fragment` and that have these field values."""
+        return [
+            line
+            for line in self.lines
+            if fragment in str(line.get("event", ""))
+            and all(line.get(name) == value for name, value in fields.items())
+        ]
 
-    async def wait_logged(self, fragment: str, timeout: float = 15.0) -> None:  # noqa: ASYNC109
+    async def wait_logged(
+        self,
+        fragment: str,
+        timeout: float = 15.0,  # noqa: ASYNC109
+        **fields: object,
+    ) -> None:
         async def seen() -> bool:
             if self.process.returncode is not None:
                 pytest.fail(f"worker exited {self.process.returncode}: {self.lines[-5:]}")
-            return bool(self.logged(fragment))
+            return bool(self.logged(fragment, **fields))
 
-        await wait_until(seen, f"the worker to log {fragment!r}", timeout)
+        await wait_until(seen, f"the worker to log {fragment!r}", within=timeout)
 
     def signal(self, sig: signal.Signals) -> None:
         self.process.send_signal(sig)
@@ -296,8 +282,8 @@ class WorkerProcess:
             await self._reader
 
 
-@pytest.fixture(name="worker_processes")
-async def worker_processes_fixture() -> AsyncIterator[list[WorkerProcess]]:
+@pytest.fixture
+async def worker_processes() -> AsyncIterator[list[WorkerProcess]]:
     """Append started WorkerProcess objects here; any still running are killed after."""
     started: list[WorkerProcess] = []
     yield started

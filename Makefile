@@ -7,15 +7,23 @@ BIN := $(VENV)/bin
 VERSION := $(shell $(PYTHON) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 
 .PHONY: setup system-packages services run test mutants fault bench bench-sustained bench-soak \
-	clean docs deploy-generated image
+	clean docs deploy-generated image lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# Exactly the versions of the lock file, then the project itself (editable) on top.
+$(VENV)/.installed: requirements-dev.lock pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -r requirements-dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
+
+# After changing pyproject.toml's dependencies: pin them again (the floors stay there).
+LOCK := $(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links
+lock: setup
+	$(LOCK) --output-file requirements.lock pyproject.toml
+	$(LOCK) --extra dev --output-file requirements-dev.lock pyproject.toml
 
 # The Node tools of the contract checks (redocly lint), from package-lock.json.
 node_modules/.installed: package-lock.json

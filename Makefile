@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 VERSION := $(shell $(PYTHON) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 
 .PHONY: setup system-packages services run test mutants fault bench bench-sustained bench-soak \
+	bench-expiry \
 	clean docs deploy-generated image lock
 
 $(BIN)/python:
@@ -66,6 +67,9 @@ bench-sustained: setup services
 
 bench-soak: setup services
 	$(BIN)/python -m bench soak
+
+bench-expiry: setup services
+	$(BIN)/python -m bench expiry
 
 # The files in deploy/ written by code: the Grafana dashboard's JSON and the PrometheusRule
 # (from deploy/prometheus/rules.yaml). Tests fail when the committed ones are stale.

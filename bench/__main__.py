@@ -25,16 +25,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "load: wrk at N connections against the API (relay in-process) and a bare aiohttp "
         "endpoint, then the relay's drain rate. sustained: a fixed rate with the relay and "
         "both workers, end-to-end latency to the audit row and exactly-once checks. "
-        "soak: many closes in rounds, RSS and outbox length per round.",
+        "soak: many closes in rounds, RSS and outbox length per round. expiry: the sweeper "
+        "working off a 100,000-session backlog while closes run, and the delay from "
+        "expires_at to the session.expired event in RabbitMQ.",
         epilog=env_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("mode", choices=["load", "sustained", "soak"], nargs="?", default="load")
+    parser.add_argument(
+        "mode", choices=["load", "sustained", "soak", "expiry"], nargs="?", default="load"
+    )
     parser.add_argument("--seconds", type=float, help="load: per endpoint (10); sustained (30)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
     parser.add_argument("--relay-entries", type=int, default=50_000, help="load: outbox fill")
-    parser.add_argument("--rate", type=float, default=1000.0, help="sustained: closes/s")
+    parser.add_argument(
+        "--rate", type=float, default=1000.0, help="sustained, expiry: closes/s (1000)"
+    )
     parser.add_argument("--closes", type=int, default=200_000, help="soak: total closes")
     parser.add_argument(
         "--profile",
@@ -69,6 +75,13 @@ async def main_async(args: argparse.Namespace, settings: Settings, workdir: Path
                 stack, rate=args.rate, seconds=args.seconds or 30.0, connections=args.connections
             )
             return sustained.render(sresult)
+        if args.mode == "expiry":
+            from bench import expiry
+
+            eresult = await expiry.run(
+                stack, rate=args.rate, seconds=args.seconds or 10.0, connections=args.connections
+            )
+            return expiry.render(eresult)
         from bench import soak
 
         rounds = await soak.run(stack, closes=args.closes, connections=args.connections)

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,8 +23,9 @@ from session_close.cli import create_session, create_token
 from session_close.keys import Keys
 from session_close.settings import Settings
 from tests.conftest import through
+from tests.support.processes import redis_server
 from tests.support.proxy import TcpProxy
-from tests.support.waiting import wait_until, wait_until_blocking
+from tests.support.waiting import wait_until
 
 Client = TestClient[web.Request, web.Application]
 
@@ -311,38 +310,6 @@ async def test_each_app_has_its_own_metrics(settings: Settings) -> None:
     )
 
 
-@contextmanager
-def own_redis(tmp_path: Path, *options: str) -> Iterator[str]:
-    """A redis-server of the test's own, on a unix socket (no port to race for); its URL."""
-    sock = tmp_path / "redis.sock"
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            "0",
-            "--unixsocket",
-            str(sock),
-            "--save",
-            "",
-            "--dir",
-            str(tmp_path),
-            *options,
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-
-        def started() -> bool:
-            assert proc.poll() is None, "redis-server exited"
-            return sock.exists()
-
-        wait_until_blocking(started, "redis-server to listen")
-        yield f"unix://{sock}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 UNDURABLE = "Redis may lose outbox events and tombstones"
 
 
@@ -379,7 +346,7 @@ async def test_the_api_warns_at_start_when_redis_is_not_durable(
     warned: set[str] | None,
 ) -> None:
     options = tuple("" if o == '""' else o for o in options)
-    with own_redis(tmp_path, *options) as url:
+    with redis_server(tmp_path, *options) as url:
         client = await started(aiohttp_client, dataclasses.replace(settings, redis_url=url))
         assert (await client.get("/readyz")).status == 200  # started, and serves
         warnings = [r for r in caplog.records if r.getMessage() == UNDURABLE]

@@ -23,7 +23,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from session_close.settings import Settings
-from tests.support.processes import free_port, log_tail, running, settings_env, wait_for_port
+from tests.support.processes import (
+    free_port,
+    listening_port,
+    log_tail,
+    running,
+    settings_env,
+    wait_for_port,
+)
 from tests.support.prometheus import (
     DASHBOARD,
     PROMETHEUS,
@@ -67,19 +74,16 @@ async def stack(
     tmp_path: Path,
 ) -> AsyncIterator[Stack]:
     """The API (relay included) and the audit worker, as processes, on free ports."""
-    api_port, worker_port = free_port(), free_port()
+    # Port 0: each process binds a free port and logs it, so there is no port to race for.
     env = settings_env(
-        settings,
-        HTTP_HOST="127.0.0.1",
-        HTTP_PORT=str(api_port),
-        WORKER_METRICS_PORT=str(worker_port),
+        settings, HTTP_HOST="127.0.0.1", HTTP_PORT="0", WORKER_METRICS_PORT="0", LOG_LEVEL="INFO"
     )
     logs = {"api": tmp_path / "api.log", "audit": tmp_path / "audit.log"}
     with ExitStack() as processes:
         api = processes.enter_context(running(["service"], env, logs["api"]))
         worker = processes.enter_context(running(["workers", "audit"], env, logs["audit"]))
-        wait_for_port(api_port, api, deadline=30)
-        wait_for_port(worker_port, worker, deadline=30)
+        api_port = listening_port(logs["api"], api)
+        worker_port = listening_port(logs["audit"], worker, message="serving metrics")
         yield Stack(api_port, worker_port, logs)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
-import socket
 from collections.abc import Callable
 
 import aiohttp
@@ -113,12 +112,13 @@ async def test_sigterm_finishes_the_messages_in_hand_and_logs_each_with_its_requ
 ) -> None:
     events = {e.event_id: e for e in (make_event(n) for n in range(400))}
     await broker.publish(*events.values())
-    port = _free_port()
     worker = await WorkerProcess.start(
-        settings, "audit", "--prefetch", "100", "--concurrency", "7", "--metrics-port", str(port)
+        settings, "audit", "--prefetch", "100", "--concurrency", "7", "--metrics-port", "0"
     )
     worker_processes.append(worker)
     await worker.wait_logged("consuming", prefetch=100, concurrency=7)
+    [served] = worker.logged("serving metrics")
+    port = served["port"]
     await wait_until(lambda: _at_least(audit_table, 1), "the first rows")
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/") as resp:
         exposition = await resp.text()
@@ -135,12 +135,6 @@ async def test_sigterm_finishes_the_messages_in_hand_and_logs_each_with_its_requ
     for line in audited:
         assert line["request_id"] == events[line["event_id"]].request_id
         assert line["session_id"].endswith("…"), "session ids are shortened in logs"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _at_least(table: AuditTable, n: int) -> bool:

@@ -334,7 +334,9 @@ async def run_worker(settings: Settings, name: str, open_effect: EffectFactory) 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
     if settings.worker_metrics_port is not None:
-        worker.metrics.serve(settings.worker_metrics_port)
+        # Port 0 binds a free one: the line says which.
+        port = worker.metrics.serve(settings.worker_metrics_port)
+        log.info("serving metrics", extra={"worker": name, "port": port})
     tune_gc()
     try:
         await worker.run()

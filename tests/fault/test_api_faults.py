@@ -21,7 +21,7 @@ from session_close.settings import Settings
 from session_close.topology import Topology
 from tests.conftest import through
 from tests.support.events import collect_event_ids
-from tests.support.processes import free_port, log_tail, running, settings_env, wait_for_port
+from tests.support.processes import listening_port, log_tail, running, settings_env
 from tests.support.proxy import Mode, TcpProxy
 from tests.support.waiting import wait_until
 
@@ -107,7 +107,8 @@ def api_env(settings: Settings, amqp_proxy: TcpProxy) -> dict[str, str]:
     return settings_env(
         dataclasses.replace(settings, amqp_url=through(settings.amqp_url, amqp_proxy)),
         HTTP_HOST="127.0.0.1",
-        LOG_LEVEL="WARNING",
+        HTTP_PORT="0",  # the API binds a free port and logs it: no port to race for
+        LOG_LEVEL="INFO",
         # The default: a confirm slowed by a busy machine must not turn into a repeat,
         # since these tests count repeats (a cut broker fails publishes at once anyway).
         PUBLISH_TIMEOUT_SECONDS="5",
@@ -129,9 +130,9 @@ async def test_broker_cut_during_closes_loses_no_event(
     tmp_path: Path,
 ) -> None:
     warm_up, sids = await seed(redis, keys, CLOSES)
-    port = free_port()
-    with running(["service"], {**api_env, "HTTP_PORT": str(port)}, tmp_path / "api.log") as api:
-        wait_for_port(port, api)
+    log = tmp_path / "api.log"
+    with running(["service"], api_env, log) as api:
+        port = listening_port(log, api)
         await topology_declared(settings)
         await publishing(port, redis, keys, warm_up)
         amqp_proxy.cut(mode)
@@ -169,9 +170,9 @@ async def test_api_sigkill_with_outbox_backlog_is_published_by_the_restart_withi
     tmp_path: Path,
 ) -> None:
     warm_up, sids = await seed(redis, keys, CLOSES)
-    port = free_port()
-    with running(["service"], {**api_env, "HTTP_PORT": str(port)}, tmp_path / "api1.log") as api:
-        wait_for_port(port, api)
+    log = tmp_path / "api1.log"
+    with running(["service"], api_env, log) as api:
+        port = listening_port(log, api)
         await topology_declared(settings)
         await publishing(port, redis, keys, warm_up)
         amqp_proxy.cut()
@@ -183,8 +184,7 @@ async def test_api_sigkill_with_outbox_backlog_is_published_by_the_restart_withi
         api.wait(10)
     backlog_at_kill = await redis.xlen(keys.outbox)
     amqp_proxy.restore()
-    port = free_port()
-    with running(["service"], {**api_env, "HTTP_PORT": str(port)}, tmp_path / "api2.log") as api:
+    with running(["service"], api_env, tmp_path / "api2.log"):
         await wait_until(
             lambda: _empty(redis, keys), "the successor to publish everything", within=30
         )

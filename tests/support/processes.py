@@ -53,16 +53,19 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], deadline: float = 15
     wait_until_blocking(listening, f"something listening on {port}", within=deadline)
 
 
-def listening_port(log: Path, proc: subprocess.Popen[bytes], deadline: float = 30.0) -> int:
-    """The port `python -m service` bound (started with HTTP_PORT=0, LOG_LEVEL INFO or
-    lower, its output in `log`), read from its `listening` log line."""
+def listening_port(
+    log: Path, proc: subprocess.Popen[bytes], deadline: float = 30.0, message: str = "listening"
+) -> int:
+    """The port a process bound when started on port 0 (LOG_LEVEL INFO or lower, its
+    output in `log`), read from its log line: `listening` for `python -m service`,
+    `serving metrics` for a worker's metrics port."""
     found: list[int] = []
 
     def logged() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"process exited early with {proc.returncode}")
         for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
-            if line.startswith("{") and '"listening"' in line:
+            if line.startswith("{") and f'"{message}"' in line:
                 found.append(json.loads(line)["port"])
                 return True
         return False
@@ -94,3 +97,35 @@ def log_tail(path: Path, lines: int = 40) -> str:
     if not path.exists():
         return f"(no log at {path})"
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextmanager
+def redis_server(tmp_path: Path, *options: str) -> Iterator[str]:
+    """A redis-server of the test's own, on a unix socket (no port to race for); its URL."""
+    sock = tmp_path / "redis.sock"
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--save",
+            "",
+            "--dir",
+            str(tmp_path),
+            *options,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+
+        def started() -> bool:
+            assert proc.poll() is None, "redis-server exited"
+            return sock.exists()
+
+        wait_until_blocking(started, "redis-server to listen")
+        yield f"unix://{sock}"
+    finally:
+        proc.terminate()
+        proc.wait(10)

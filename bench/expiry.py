@@ -1,0 +1,198 @@
+"""The expiry run: how fast the sweeper works off a backlog, what that does to closes,
+and how soon after a session's expires_at its session.expired event is in RabbitMQ.
+
+1. A backlog of BACKLOG sessions that expired while no sweeper ran is seeded. Closes are
+   sent at a fixed rate with wrk against an API whose sweeper is off (the baseline),
+   then against one whose sweeper works the backlog off while the closes run; the sweep
+   throughput is the backlog over the time until the expiry index is empty (the API's
+   relay publishing the events as they come).
+2. Sessions expiring over the next seconds (LIVE of them, spread evenly) are written the
+   way the login side writes them; a queue of the bench's own, bound to session.expired,
+   takes their events, and each event's arrival is compared with its data.expiredAt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+import aio_pika
+import orjson
+
+from bench.report import table, verdict
+from bench.seed import USERS, seed_sessions, seed_tokens, user_id
+from bench.stack import Stack, wait_for_port, wait_until
+from bench.wrk import WrkResult, run_wrk
+from session_close.events import EXPIRED
+
+log = logging.getLogger(__name__)
+
+BACKLOG = 100_000
+LIVE = 2_000
+LIVE_SPREAD_SECONDS = 20.0
+CHUNK = 2_000
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiryResult:
+    backlog: int
+    sweep_seconds: float
+    baseline: WrkResult
+    during_sweep: WrkResult
+    live: int
+    received: int
+    delay_p50_ms: float
+    delay_p99_ms: float
+    delay_max_ms: float
+    interval: float
+
+    @property
+    def sweep_rate(self) -> float:
+        return self.backlog / self.sweep_seconds
+
+
+async def seed_expired(stack: Stack, count: int, *, expires_at: list[float]) -> None:
+    """Sessions "e<run>-<i>" written the new way, whose logical end is expires_at[i]."""
+    keys = stack.keys
+    for start in range(0, count, CHUNK):
+        pipe = stack.redis.pipeline(transaction=False)
+        for i in range(start, min(start + CHUNK, count)):
+            sid, uid = f"e{stack.run_id}-{i}", user_id(i % USERS)
+            pipe.hset(
+                keys.session(sid),
+                mapping={"user_id": uid, "os": "iOS", "expires_at": expires_at[i]},
+            )
+            pipe.expire(keys.session(sid), 3600)
+            pipe.sadd(keys.user_sessions(uid), sid)
+            pipe.zadd(keys.expiry, {sid: expires_at[i]})
+        await pipe.execute()
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+
+async def run(stack: Stack, *, rate: float, seconds: float, connections: int) -> ExpiryResult:
+    settings = stack.settings
+    await seed_tokens(stack.redis, stack.keys, stack.run_id)
+    closes = int(rate * seconds * 2.5)
+    await seed_sessions(stack.redis, stack.keys, stack.run_id, 0, closes)
+    now = time.time()
+    await seed_expired(stack, BACKLOG, expires_at=[now - 60] * BACKLOG)
+    log.info("seeded", extra={"backlog": BACKLOG, "closable": closes})
+
+    # Baseline: the same closes with no sweeper.
+    api = stack.start("api", ["-m", "service"], stack.env({"SWEEPER_ENABLED": "false"}))
+    await wait_for_port(api, settings.http_port)
+    baseline = await run_wrk(
+        stack.url,
+        seconds=seconds,
+        connections=connections,
+        run_id=stack.run_id,
+        first=0,
+        count=closes,
+        rate=rate,
+    )
+    stack.stop(api)
+
+    # The sweeper starts with the API and works the backlog off while closes run.
+    api = stack.start("api", ["-m", "service"])
+    await wait_for_port(api, settings.http_port)
+    started = time.monotonic()
+    load = asyncio.create_task(
+        run_wrk(
+            stack.url,
+            seconds=seconds,
+            connections=connections,
+            run_id=stack.run_id,
+            first=int(rate * seconds * 1.2),
+            count=closes,
+            rate=rate,
+        )
+    )
+
+    async def index_empty() -> bool:
+        return int(await stack.redis.zcard(stack.keys.expiry)) == 0
+
+    await wait_until("the backlog to be swept", index_empty, within=300, interval=0.02)
+    sweep_seconds = time.monotonic() - started
+    during_sweep = await load
+    await wait_until("the outbox to drain", stack.outbox_empty, within=300)
+
+    # Live expiries: their events, as RabbitMQ hands them to a consumer.
+    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    delays: list[float] = []
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(settings.amqp_exchange)
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(exchange, EXPIRED)
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            arrived = time.time()
+            expired_at = orjson.loads(message.body)["data"]["expiredAt"]
+            delays.append(arrived - datetime.fromisoformat(expired_at).timestamp())
+            await message.ack()
+
+        await queue.consume(on_message)
+        start = time.time() + 2
+        spread = [start + LIVE_SPREAD_SECONDS * i / LIVE for i in range(LIVE)]
+        await seed_expired(stack, LIVE, expires_at=spread)
+
+        async def all_received() -> bool:
+            return len(delays) >= LIVE
+
+        await wait_until("every live expiry's event", all_received, within=120)
+    stack.stop(api)
+    return ExpiryResult(
+        backlog=BACKLOG,
+        sweep_seconds=sweep_seconds,
+        baseline=baseline,
+        during_sweep=during_sweep,
+        live=LIVE,
+        received=len(delays),
+        delay_p50_ms=percentile(delays, 0.50) * 1000,
+        delay_p99_ms=percentile(delays, 0.99) * 1000,
+        delay_max_ms=max(delays) * 1000,
+        interval=settings.sweep_interval_seconds,
+    )
+
+
+def render(r: ExpiryResult) -> str:
+    closes = table(
+        ["closes at a fixed rate", "requests", "req/s", "p50 ms", "p99 ms", "non-2xx"],
+        [
+            [label, w.requests, w.rate, w.p50_ms, w.p99_ms, w.non_2xx + w.socket_errors]
+            for label, w in (
+                ("no sweeper (baseline)", r.baseline),
+                (f"sweeping a {r.backlog:,} backlog", r.during_sweep),
+            )
+        ],
+    )
+    bound_ms = (r.interval + 2) * 1000
+    summary = table(
+        ["measure", "value", "target"],
+        [
+            ["sweep throughput (expired sessions/s into the outbox)", r.sweep_rate, "-"],
+            [f"backlog of {r.backlog:,} swept in (s)", r.sweep_seconds, "-"],
+            ["expires_at -> event in RabbitMQ, p50 (ms)", r.delay_p50_ms, "-"],
+            [
+                "expires_at -> event in RabbitMQ, p99 (ms)",
+                r.delay_p99_ms,
+                f"<= {bound_ms:,.0f} {verdict(r.delay_p99_ms <= bound_ms)}",
+            ],
+            ["expires_at -> event in RabbitMQ, max (ms)", r.delay_max_ms, "-"],
+            [
+                "live expiries with their event",
+                f"{r.received:,} of {r.live:,}",
+                verdict(r.received == r.live),
+            ],
+        ],
+    )
+    return (
+        f"{closes}\n\n{summary}\n(SWEEP_INTERVAL_SECONDS={r.interval:g}, SWEEP_BATCH_SIZE default)"
+    )

@@ -338,7 +338,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "close-all writing before its checks",
         CLOSE_ALL_SCRIPT,
-        edits=(Edit("      expect(prefix .. 'session:closed:' .. sid, 'hash')\n", ""),),
+        edits=(Edit("      expect_type(prefix .. 'session:closed:' .. sid, 'hash')\n", ""),),
         tests=(f"{CLOSE_ALL}a_key_of_the_wrong_type_fails_the_whole_step_and_writes_nothing",),
     ),
     Mutant(

@@ -1,4 +1,5 @@
-"""Redis Lua scripts, each kept in its own file in lua/ beside this module and loaded once."""
+"""Redis Lua scripts, each kept in its own file in lua/ beside this module and loaded once,
+with lua/lib.lua (what they share) in front of it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from redis.exceptions import NoScriptError
 
 class LuaScript:
     def __init__(self, filename: str) -> None:
-        self.source = (Path(__file__).parent / "lua" / filename).read_text()
+        folder = Path(__file__).parent / "lua"
+        self.source = (folder / "lib.lua").read_text() + (folder / filename).read_text()
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     async def load(self, redis: Redis) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+import uuid
 
 from redis.asyncio import Redis
 
-from service.sweeper import Sweeper, SweepResult
+from service.sweeper import EVENT_NAMESPACE, Sweeper, SweepResult
 from session_close.cli import create_session
 from session_close.keys import Keys
 from session_close.settings import Settings
@@ -44,6 +45,7 @@ async def test_an_expired_session_gets_one_event_and_leaves_no_trace(
     redis: Redis, keys: Keys, settings: Settings
 ) -> None:
     await write_session(redis, keys, "sid-expired-1", expires_in=-5)
+    expires_at = str(await redis.hget(keys.session("sid-expired-1"), "expires_at"))
 
     result = await sweeper(redis, settings).sweep_once()
 
@@ -54,6 +56,8 @@ async def test_an_expired_session_gets_one_event_and_leaves_no_trace(
     assert (entry["session_id"], entry["user_id"], entry["os"]) == ("sid-expired-1", USER, "iOS")
     assert float(entry["expired_at"]) < time.time() - 4
     assert entry["request_id"] == ""
+    # The script's version-5 UUID is Python's: stable for this session and moment.
+    assert entry["event_id"] == str(uuid.uuid5(EVENT_NAMESPACE, f"sid-expired-1@{expires_at}"))
     assert not await redis.exists(keys.session("sid-expired-1"))
     assert not await redis.sismember(keys.user_sessions(USER), "sid-expired-1")
     assert await redis.zscore(keys.expiry, "sid-expired-1") is None

@@ -23,8 +23,7 @@ if not uid then
   return {'token'}
 end
 
-local time = redis.call('TIME')
-local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+local now = redis_now()
 
 -- The session's fields when it is open for this user: it exists, is theirs, and its
 -- logical end (expires_at, when the login side writes one) is still ahead.
@@ -45,37 +44,17 @@ if keep ~= '' and not open_session(keep) then
   return {'missing'}
 end
 
--- An event id per session, derived from the request's namespace and the session id the
--- way a version-5 UUID is: unique per session closed, and the same if this very step
--- is run again.
-local namespace_bytes = (namespace:gsub('%x%x', function(pair)
-  return string.char(tonumber(pair, 16))
-end))
-local function event_id(sid)
-  local h = redis.sha1hex(namespace_bytes .. sid)
-  local variant = string.format('%x', tonumber(h:sub(17, 17), 16) % 4 + 8)
-  return h:sub(1, 8) .. '-' .. h:sub(9, 12) .. '-5' .. h:sub(14, 16) .. '-'
-    .. variant .. h:sub(18, 20) .. '-' .. h:sub(21, 32)
-end
-
-local function expect(key, kind)
-  local found = redis.call('TYPE', key)['ok']
-  if found ~= 'none' and found ~= kind then
-    error({err = 'WRONGTYPE ' .. key .. ' holds a ' .. found .. ', not a ' .. kind})
-  end
-end
-
 -- Read everything first: every check that can fail runs before the first write.
 local user_sessions = prefix .. 'user:' .. uid .. ':sessions'
-expect(user_sessions, 'set')
-expect(outbox, 'stream')
-expect(expiry, 'zset')
+expect_type(user_sessions, 'set')
+expect_type(outbox, 'stream')
+expect_type(expiry, 'zset')
 local to_close, gone = {}, {}
 for _, sid in ipairs(redis.call('SMEMBERS', user_sessions)) do
   if sid ~= keep then
     local fields, missing = open_session(sid)
     if fields then
-      expect(prefix .. 'session:closed:' .. sid, 'hash')
+      expect_type(prefix .. 'session:closed:' .. sid, 'hash')
       to_close[#to_close + 1] = {sid, fields}
     elseif missing then
       gone[#gone + 1] = sid
@@ -88,7 +67,8 @@ for _, sid in ipairs(gone) do
 end
 for _, item in ipairs(to_close) do
   local sid, fields = item[1], item[2]
-  local id = event_id(sid)
+  -- Unique per session closed, and the same if this very step is run again.
+  local id = uuid5(namespace, sid)
   local tombstone = prefix .. 'session:closed:' .. sid
   redis.call('DEL', prefix .. 'session:' .. sid)
   redis.call('SREM', user_sessions, sid)

@@ -22,15 +22,7 @@
 
 local prefix, ttl, closed_at = ARGV[1], ARGV[2], ARGV[3]
 local outbox, expiry = KEYS[1], KEYS[2]
-local time = redis.call('TIME')
-local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
-
-local function expect_type(key, kind)
-  local found = redis.call('TYPE', key).ok
-  if found ~= kind and found ~= 'none' then
-    error({err = 'WRONGTYPE ' .. key .. ' holds a ' .. found .. ', not a ' .. kind})
-  end
-end
+local now = redis_now()
 
 local function close(digest, sid, event_id, os_name, app_version, request_id, traceparent)
   local uid = redis.call('HGET', prefix .. 'auth:token:' .. digest, 'user_id')
@@ -93,8 +85,7 @@ for i = 4, #ARGV, 7 do
   local ok, reply = pcall(close, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
     ARGV[i + 4], ARGV[i + 5], ARGV[i + 6])
   if not ok then
-    -- redis.call raises a table {err = ...} (Redis 7) or a string (older).
-    reply = redis.error_reply(type(reply) == 'table' and reply.err or tostring(reply))
+    reply = error_reply_of(reply)
   end
   replies[#replies + 1] = reply
 end

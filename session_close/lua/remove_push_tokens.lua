@@ -20,8 +20,7 @@ local replies = {}
 for i = 1, #KEYS do
   local ok, reply = pcall(remove, KEYS[i], ARGV[i])
   if not ok then
-    -- redis.call raises a table {err = ...} (Redis 7) or a string (older).
-    reply = redis.error_reply(type(reply) == 'table' and reply.err or tostring(reply))
+    reply = error_reply_of(reply)
   end
   replies[i] = reply
 end

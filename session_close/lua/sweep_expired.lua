@@ -17,26 +17,7 @@ local expiry, outbox = KEYS[1], KEYS[2]
 local prefix, batch, closed_at, namespace, set_aside =
   ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
 
-local time = redis.call('TIME')
-local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
-
-local namespace_bytes = (namespace:gsub('%x%x', function(pair)
-  return string.char(tonumber(pair, 16))
-end))
--- Version-5 form: the same session expiring at the same moment always gets the same id.
-local function event_id(name)
-  local h = redis.sha1hex(namespace_bytes .. name)
-  local variant = string.format('%x', tonumber(h:sub(17, 17), 16) % 4 + 8)
-  return h:sub(1, 8) .. '-' .. h:sub(9, 12) .. '-5' .. h:sub(14, 16) .. '-'
-    .. variant .. h:sub(18, 20) .. '-' .. h:sub(21, 32)
-end
-
-local function expect(key, kind)
-  local found = redis.call('TYPE', key)['ok']
-  if found ~= 'none' and found ~= kind then
-    error({err = 'WRONGTYPE ' .. key .. ' holds a ' .. found .. ', not a ' .. kind})
-  end
-end
+local now = redis_now()
 
 local function sweep(sid)
   local session_key = prefix .. 'session:' .. sid
@@ -52,14 +33,14 @@ local function sweep(sid)
   end
   -- Every check that can fail runs before the first write.
   local user_sessions = prefix .. 'user:' .. uid .. ':sessions'
-  expect(user_sessions, 'set')
-  expect(outbox, 'stream')
+  expect_type(user_sessions, 'set')
+  expect_type(outbox, 'stream')
   redis.call('ZREM', expiry, sid)
   redis.call('DEL', session_key)
   redis.call('SREM', user_sessions, sid)
   redis.call('XADD', outbox, '*',
     'type', 'session.expired', 'reason', 'expired',
-    'event_id', event_id(sid .. '@' .. fields[4]), 'session_id', sid, 'user_id', uid,
+    'event_id', uuid5(namespace, sid .. '@' .. fields[4]), 'session_id', sid, 'user_id', uid,
     'closed_at', closed_at, 'expired_at', fields[4],
     'os', fields[2] or '', 'app_version', fields[3] or '', 'request_id', '')
   return 'expired'

@@ -42,6 +42,11 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 
+# Long enough for the deliveries of a few loop iterations to share a script run, short
+# next to the end-to-end budget.
+BATCH_LINGER_SECONDS = 0.005
+
+
 class PushCleanup:
     transient = TRANSIENT
 
@@ -50,7 +55,9 @@ class PushCleanup:
         self._keys = keys
         # The messages in hand share one script run: one command instead of one each.
         self.batcher: Batcher[SessionEvent, int] = Batcher(
-            split_on_content_failure(self._remove, TRANSIENT), max_size=max_batch
+            split_on_content_failure(self._remove, TRANSIENT),
+            max_size=max_batch,
+            linger=BATCH_LINGER_SECONDS,
         )
 
     async def apply(self, event: SessionEvent) -> None:

@@ -231,18 +231,20 @@ class Worker:
             event = SessionEvent.decode(held.message.body)
         except MalformedEvent as exc:
             return await self._dead_letter(held, "malformed", str(exc))
-        with structlog.contextvars.bound_contextvars(
+        # The event's ids on every line logged about it. Each delivery runs in a task of
+        # its own (aiormq's), whose context ends with it: nothing to unbind.
+        structlog.contextvars.bind_contextvars(
             request_id=event.request_id, event_id=event.event_id, trace_id=event.trace_id
-        ):
-            async with self._slots:
-                if self._stopping.is_set():
-                    return await self._settle(held, "requeue")
-                return await self._apply(held, event)
+        )
+        async with self._slots:
+            if self._stopping.is_set():
+                return await self._settle(held, "requeue")
+            return await self._apply(held, event)
 
     async def _apply(self, held: Held, event: SessionEvent) -> str:
         assert self._effect is not None
         transient = self._effect.transient
-        backoff = Backoff(self._retry_policy)
+        backoff: Backoff | None = None  # made on the first failure, the rare case
         attempts = failed_attempts = 0  # failed_attempts: those that count to poison
         retried = False
         while True:
@@ -262,6 +264,7 @@ class Worker:
                         )
                 retried = True
                 self.metrics.retried()
+                backoff = backoff or Backoff(self._retry_policy)
                 delay = backoff.next_delay()
                 log.warning(
                     "worker could not apply event; retrying",

@@ -62,7 +62,8 @@ class PushCleanup:
 
     async def apply(self, event: SessionEvent) -> None:
         removed = await self.batcher.submit(event)
-        log.info(
+        # Per event at DEBUG; at INFO, a line per script run (_remove).
+        log.debug(
             "push tokens of a closed session removed",
             extra={
                 "session_id": short_id(event.session_id),
@@ -75,7 +76,16 @@ class PushCleanup:
         keys = [self._keys.user_push(event.user_id) for event in events]
         replies = await REMOVE_PUSH_TOKENS(self._redis, keys, [e.session_id for e in events])
         # A session whose cleanup failed inside Redis comes back as its own ResponseError.
-        return [r if isinstance(r, BaseException) else int(r) for r in replies]
+        results = [r if isinstance(r, BaseException) else int(r) for r in replies]
+        log.info(
+            "push tokens of closed sessions removed",
+            extra={
+                "sessions": len(events),
+                "removed": sum(r for r in results if isinstance(r, int)),
+                "failed": sum(1 for r in results if isinstance(r, BaseException)),
+            },
+        )
+        return results
 
 
 @asynccontextmanager

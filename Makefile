@@ -61,6 +61,7 @@ mutants: setup services
 # wrk on 127.0.0.1 with names of its own, prints a table, and removes what it wrote.
 bench: setup services
 	$(BIN)/python -m bench load
+	$(BIN)/python -m bench consumers
 
 bench-sustained: setup services
 	$(BIN)/python -m bench sustained

@@ -27,13 +27,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "both workers, end-to-end latency to the audit row and exactly-once checks. "
         "soak: many closes in rounds, RSS and outbox length per round. expiry: the sweeper "
         "working off a 100,000-session backlog while closes run, and the delay from "
-        "expires_at to the session.expired event in RabbitMQ.",
+        "expires_at to the session.expired event in RabbitMQ. consumers: CPU per event of a bare "
+        "aio-pika consumer (the anchor) and of both workers draining the same events.",
         epilog=env_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
-        "mode", choices=["load", "sustained", "soak", "expiry"], nargs="?", default="load"
+        "mode",
+        choices=["load", "consumers", "sustained", "soak", "expiry"],
+        nargs="?",
+        default="load",
     )
     parser.add_argument("--seconds", type=float, help="load: per endpoint (10); sustained (30)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
@@ -41,6 +45,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--rate", type=float, default=1000.0, help="sustained, expiry: closes/s (1000)"
     )
+    parser.add_argument(
+        "--events", type=int, default=20_000, help="consumers: events per round (20000)"
+    )
+    parser.add_argument("--rounds", type=int, help="consumers: rounds (3); sustained: runs (3)")
     parser.add_argument("--closes", type=int, default=200_000, help="soak: total closes")
     parser.add_argument(
         "--profile",
@@ -68,13 +76,29 @@ async def main_async(args: argparse.Namespace, settings: Settings, workdir: Path
                 profile=args.profile,
             )
             return load.render(result, args.connections)
+        if args.mode == "consumers":
+            from bench import consumer
+
+            drains = await consumer.run(stack, events=args.events, rounds=args.rounds or 3)
+            return consumer.render(drains, args.events)
         if args.mode == "sustained":
             from bench import sustained
 
-            sresult = await sustained.run(
-                stack, rate=args.rate, seconds=args.seconds or 30.0, connections=args.connections
-            )
-            return sustained.render(sresult)
+            results = []
+            for run in range(args.rounds or 3):
+                if run:  # each run on names of its own, the last one's removed
+                    await stack.close()
+                    stack = Stack(settings, workdir)
+                results.append(
+                    await sustained.run(
+                        stack,
+                        rate=args.rate,
+                        seconds=args.seconds or 30.0,
+                        connections=args.connections,
+                    )
+                )
+                log.info("sustained run done", extra={"run": run + 1})
+            return sustained.render_rounds(results)
         if args.mode == "expiry":
             from bench import expiry
 

@@ -46,6 +46,8 @@ class CpuMeter:
         self._start: dict[str, int] = {}
         self._t0 = 0.0
         self._machine0 = (0, 0)
+        self.shares: dict[str, float] = {}  # by group, after stop(); 1.0 = one core
+        self.busy = 0.0  # the machine's busy share of all its cores, after stop()
 
     def _sample(self) -> dict[str, int]:
         out = {}
@@ -74,6 +76,7 @@ class CpuMeter:
         cores = os.cpu_count() or 1
         # The rest of the busy time: wrk, the bench itself, the kernel's own work.
         other = max(0.0, busy * cores - sum(used.values()))
+        self.shares, self.busy = {**used, "other": other}, busy
         shares = [f"{name} {share:.0%}" for name, share in used.items()] + [f"other {other:.0%}"]
         return (
             f"CPU (100% = one core): {', '.join(shares)}; machine {busy:.0%} busy of {cores} cores"

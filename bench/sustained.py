@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 from dataclasses import dataclass
 
 import aiohttp
@@ -37,6 +38,8 @@ class SustainedResult:
     backlog_max: int
     api_peak_rss_mib: float
     cpu: str
+    cpu_shares: dict[str, float]
+    busy: float
 
     @property
     def lost(self) -> int:
@@ -166,6 +169,8 @@ async def run(stack: Stack, *, rate: float, seconds: float, connections: int) ->
             backlog_max=backlog_max,
             api_peak_rss_mib=memory_kib(api.pid, "VmHWM") / 1024,
             cpu=cpu,
+            cpu_shares=meter.shares,
+            busy=meter.busy,
         )
     finally:
         await db.close()
@@ -222,3 +227,40 @@ def render(r: SustainedResult) -> str:
         f"{r.backlog_max:,} entries during the run.\n{r.cpu}"
     )
     return f"{first}\n\n{table(['measure', 'value', 'target', ''], checks)}\n\n{notes}"
+
+
+def render_rounds(results: list[SustainedResult]) -> str:
+    """Every run's table, then one line per run and the medians the targets apply to."""
+    each = "\n\n".join(f"run {i + 1}\n{render(r)}" for i, r in enumerate(results))
+    groups = list(results[0].cpu_shares)
+    headers = ["run", "HTTP p99 ms", "e2e p99 ms", *[f"{g} CPU" for g in groups], "machine busy"]
+
+    def row(name: str, pick: list[SustainedResult] | None = None) -> list[object]:
+        rs = pick or results
+        med = statistics.median
+        return [
+            name,
+            f"{med(r.load.p99_ms for r in rs):.2f}",
+            f"{med(r.e2e_p99_ms for r in rs):.0f}",
+            *[f"{med(r.cpu_shares.get(g, 0.0) for r in rs):.0%}" for g in groups],
+            f"{med(r.busy for r in rs):.0%}",
+        ]
+
+    rows = [row(str(i + 1), [r]) for i, r in enumerate(results)] + [row("median")]
+    http = statistics.median(r.load.p99_ms for r in results)
+    e2e = statistics.median(r.e2e_p99_ms for r in results)
+    lost = sum(r.lost for r in results)
+    duplicates = sum(r.duplicates for r in results)
+    left = sum(r.push_tokens_left for r in results)
+    checks: list[list[object]] = [
+        ["median HTTP p99 (ms)", f"{http:.2f}", "<= 10", verdict(http <= 10)],
+        ["median end-to-end p99 (ms)", f"{e2e:.0f}", "<= 250", verdict(e2e <= 250)],
+        ["events lost, all runs", lost, "0", verdict(lost == 0)],
+        ["duplicate audit rows, all runs", duplicates, "0", verdict(duplicates == 0)],
+        ["push tokens left, all runs", left, "0", verdict(left == 0)],
+    ]
+    summary = table(headers, rows)
+    return (
+        f"{each}\n\n{len(results)} runs (CPU: 100% = one core; machine busy: share of all "
+        f"cores)\n{summary}\n\n{table(['measure', 'value', 'target', ''], checks)}"
+    )

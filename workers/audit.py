@@ -107,9 +107,10 @@ class AuditTrail:
 
     async def _write(self, events: list[SessionEvent]) -> Sequence[bool]:
         """One INSERT for the batch; per event, whether its row is new."""
+        ids = [uuid.UUID(e.event_id) for e in events]
         rows = await self._pool.fetch(
             self._insert,
-            [uuid.UUID(e.event_id) for e in events],
+            ids,
             [e.session_id for e in events],
             [e.user_id for e in events],
             [datetime.fromisoformat(e.closed_at) for e in events],
@@ -120,7 +121,7 @@ class AuditTrail:
             timeout=DB_TIMEOUT_SECONDS,
         )
         new = {row["event_id"] for row in rows}
-        return [uuid.UUID(e.event_id) in new for e in events]
+        return [event_id in new for event_id in ids]
 
 
 async def keep_session(connection: asyncpg.Connection) -> None:

@@ -33,8 +33,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Protocol, TypeVar
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
-from aio_pika.exceptions import ChannelInvalidStateError
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from session_close.amqp import connect
 from session_close.events import MalformedEvent, SessionEvent
@@ -42,6 +41,7 @@ from session_close.retry import Backoff, Policy
 from session_close.runtime import tune_gc
 from session_close.settings import Settings
 from session_close.topology import Topology
+from workers.delivery import Consumer, DeliveredMessage, channel_closed, message_id
 from workers.metrics import HEARTBEAT_SECONDS, WorkerMetrics
 from workers.settler import BROKER_CALL_TIMEOUT_SECONDS, Disposition, Held, Settler
 
@@ -139,20 +139,22 @@ class Worker:
                 self._effect = await stack.enter_async_context(self._open_effect(self._settings))
                 connection = await connect(self._settings)
                 stack.push_async_callback(self._close_connection, connection)
-                queue = await self._declare(connection)
-                tag = await queue.consume(self._on_message)
+                channel = await self._declare(connection)
+                queue = self._topology.queue(self.name)
+                consumer = Consumer(channel, queue, self._on_message)
+                await consumer.start()
                 self.consuming.set()
                 log.info(
                     "worker consuming",
                     extra={
                         "worker": self.name,
-                        "queue": queue.name,
+                        "queue": queue,
                         "prefetch": self._settings.worker_prefetch,
                         "concurrency": self._settings.worker_concurrency,
                     },
                 )
                 await self._stopping.wait()
-                await self._shutdown(queue, tag)
+                await self._shutdown(consumer)
         except asyncio.CancelledError:
             if not self._stopping.is_set() or self.consuming.is_set():
                 raise
@@ -168,22 +170,19 @@ class Worker:
             self.metrics.beat()
             await asyncio.sleep(self._heartbeat_seconds)
 
-    async def _declare(self, connection: AbstractRobustConnection) -> AbstractQueue:
-        # A robust channel re-declares all of this, QoS included, after a reconnect, and
-        # re-registers the consumer on the queue object returned here.
+    async def _declare(self, connection: AbstractRobustConnection) -> AbstractRobustChannel:
+        # A robust channel re-declares all of this, QoS included, after a reconnect (and
+        # the Consumer registers itself again).
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=self._settings.worker_prefetch)
         await self._topology.declare(channel)
-        return await channel.declare_queue(
-            self._topology.queue(self.name),
-            durable=True,
-            arguments=self._topology.queue_arguments(self.name),
-        )
+        assert isinstance(channel, AbstractRobustChannel)
+        return channel
 
-    async def _shutdown(self, queue: AbstractQueue, tag: str) -> None:
+    async def _shutdown(self, consumer: Consumer) -> None:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(BROKER_CALL_TIMEOUT_SECONDS):
-                await queue.cancel(tag)
+                await consumer.cancel()
         if self._in_hand:
             log.info(
                 "worker finishing the messages in hand",
@@ -209,7 +208,7 @@ class Worker:
             async with asyncio.timeout(BROKER_CALL_TIMEOUT_SECONDS):
                 await connection.close()
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: DeliveredMessage) -> None:
         held = self._settler.hold(message)  # before any await: in delivery order
         task = asyncio.current_task()
         assert task is not None
@@ -232,18 +231,20 @@ class Worker:
             event = SessionEvent.decode(held.message.body)
         except MalformedEvent as exc:
             return await self._dead_letter(held, "malformed", str(exc))
-        with structlog.contextvars.bound_contextvars(
+        # The event's ids on every line logged about it. Each delivery runs in a task of
+        # its own (aiormq's), whose context ends with it: nothing to unbind.
+        structlog.contextvars.bind_contextvars(
             request_id=event.request_id, event_id=event.event_id, trace_id=event.trace_id
-        ):
-            async with self._slots:
-                if self._stopping.is_set():
-                    return await self._settle(held, "requeue")
-                return await self._apply(held, event)
+        )
+        async with self._slots:
+            if self._stopping.is_set():
+                return await self._settle(held, "requeue")
+            return await self._apply(held, event)
 
     async def _apply(self, held: Held, event: SessionEvent) -> str:
         assert self._effect is not None
         transient = self._effect.transient
-        backoff = Backoff(self._retry_policy)
+        backoff: Backoff | None = None  # made on the first failure, the rare case
         attempts = failed_attempts = 0  # failed_attempts: those that count to poison
         retried = False
         while True:
@@ -263,6 +264,7 @@ class Worker:
                         )
                 retried = True
                 self.metrics.retried()
+                backoff = backoff or Backoff(self._retry_policy)
                 delay = backoff.next_delay()
                 log.warning(
                     "worker could not apply event; retrying",
@@ -278,7 +280,7 @@ class Worker:
                 )
                 if await self._stopped_within(delay):
                     return await self._settle(held, "requeue")
-                if _channel_closed(held.message):
+                if channel_closed(held.message):
                     # The broker has already given it to another consumer (or to us again
                     # after the reconnect): working on this copy too would only race it.
                     log.warning(
@@ -304,7 +306,7 @@ class Worker:
                 "worker": self.name,
                 "dead_letter": kind,
                 "reason": reason,
-                "message_id": held.message.message_id,
+                "message_id": message_id(held.message),
             },
         )
         outcome = await self._settle(held, "dead_letter")
@@ -318,13 +320,6 @@ class Worker:
             # being idempotent, the second pass changes nothing.
             return "requeued"
         return {"ack": "acked", "dead_letter": "dead_lettered", "requeue": "requeued"}[disposition]
-
-
-def _channel_closed(message: AbstractIncomingMessage) -> bool:
-    try:
-        return message.channel.is_closed
-    except ChannelInvalidStateError:
-        return True
 
 
 async def run_worker(settings: Settings, name: str, open_effect: EffectFactory) -> None:

@@ -94,8 +94,9 @@ class WorkerMetrics:
         Info("build", "The running release.", registry=self.registry).info({"version": __version__})
         # Every series exists from start: one that appears with its first increment
         # hides that increment from rate() and leaves the alerts without data.
-        for outcome in OUTCOMES:
-            self.messages.labels(worker, outcome)
+        # The children of the per-message series, looked up once: labels() takes a lock.
+        self._outcomes = {outcome: self.messages.labels(worker, outcome) for outcome in OUTCOMES}
+        self._latency = self.latency.labels(worker)
         for reason in DEAD_LETTER_REASONS:
             self.dead_letters.labels(worker, reason)
         for labelled in (self.latency, self.retries, self.ack_frames):
@@ -119,8 +120,11 @@ class WorkerMetrics:
         self.ack_frames.labels(self.worker).inc()
 
     def settled(self, outcome: str, seconds: float) -> None:
-        self.messages.labels(self.worker, outcome).inc()
-        self.latency.labels(self.worker).observe(seconds)
+        counter = self._outcomes.get(outcome)
+        if counter is None:
+            counter = self._outcomes[outcome] = self.messages.labels(self.worker, outcome)
+        counter.inc()
+        self._latency.observe(seconds)
 
     def retried(self) -> None:
         self.retries.labels(self.worker).inc()

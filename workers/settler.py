@@ -19,8 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
-from aio_pika.abc import AbstractIncomingMessage
-
+from workers.delivery import DeliveredMessage, ack, nack, reject
 from workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ BROKER_CALL_TIMEOUT_SECONDS = 2.0
 class Held:
     """A message from its delivery until the broker is told what became of it."""
 
-    message: AbstractIncomingMessage
+    message: DeliveredMessage
     ledger: _Ledger
     tag: int
     disposition: Disposition | None = None
@@ -55,7 +54,7 @@ class Settler:
         self._metrics = metrics
         self._ledgers: dict[int, _Ledger] = {}
 
-    def hold(self, message: AbstractIncomingMessage) -> Held:
+    def hold(self, message: DeliveredMessage) -> Held:
         """Record a delivery. Call it before the handler's first await, so that messages
         are held in the order of their tags."""
         channel = message.channel
@@ -96,12 +95,12 @@ class Settler:
         try:
             async with asyncio.timeout(BROKER_CALL_TIMEOUT_SECONDS):
                 if last.disposition == "ack":
-                    await last.message.ack(multiple=len(frame) > 1)
+                    await ack(last.message, multiple=len(frame) > 1)
                     self._metrics.ack_frame()
                 elif last.disposition == "dead_letter":
-                    await last.message.reject(requeue=False)
+                    await reject(last.message)
                 else:
-                    await last.message.nack(requeue=True)
+                    await nack(last.message)
             told = True
         except Exception as exc:
             log.warning(

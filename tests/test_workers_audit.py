@@ -82,17 +82,33 @@ async def test_a_worker_killed_mid_batch_leaves_exactly_one_row_per_event_after_
 
     successor = in_process(settings, "audit", open_audit)
     caplog.set_level(logging.INFO, logger="workers.audit")
+
+    def already_audited() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.__dict__.get("duplicate") is True]
+
     async with running(successor):
         await wait_until(rows_reach(audit_table, len(events)), "every row", within=30)
 
-        async def queue_empty() -> bool:
+        async def drained() -> bool:
+            # At least each event without a row and each republished one delivered and
+            # acked (those the killed worker wrote but had not acked come back too).
             ready, _ = await broker.depth(broker.topology.queue("audit"))
-            return ready == 0 and successor.metrics.count("acked") >= len(events) - len(written)
+            acked = successor.metrics.count("acked")
+            return ready == 0 and acked >= len(events) - len(written) + len(again)
 
-        await wait_until(queue_empty, "the queue drained")
-    ids = await audit_table.event_ids()
+        await wait_until(drained, "the queue drained")
+        ids = await audit_table.event_ids()
+        assert len(ids) == len(set(ids)) == len(events)
+
+        async def each_duplicate_logged_and_acked() -> bool:
+            # A delivery is logged, then acked: wait for the last lines and their acks.
+            duplicates = len(already_audited())
+            acked = successor.metrics.count("acked")
+            return duplicates >= len(again) and acked == len(events) - len(written) + duplicates
+
+        await wait_until(each_duplicate_logged_and_acked, "every duplicate logged and acked")
     delivered = successor.metrics.count("acked")
-    already = [r for r in caplog.records if r.__dict__.get("duplicate") is True]
+    already = already_audited()
     report_counts(
         sent=len(events),
         rows_at_kill=len(written),
@@ -102,7 +118,6 @@ async def test_a_worker_killed_mid_batch_leaves_exactly_one_row_per_event_after_
         rows=len(ids),
         dead_lettered=successor.metrics.count("dead_lettered"),
     )
-    assert len(ids) == len(set(ids)) == len(events)
     assert set(ids) == {e.event_id for e in events}
     # Every delivery of an event that already had its row was counted as a duplicate,
     # not written: deliveries = new rows + "already audited" lines.

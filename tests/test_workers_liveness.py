@@ -36,10 +36,11 @@ class BlocksTheLoop:
         self.blocked_at: float | None = None
         self.released_at: float | None = None
 
-    async def apply(self, event: SessionEvent) -> None:
+    async def apply(self, events: list[SessionEvent]) -> list[BaseException | None]:
         self.blocked_at = time.monotonic()
         time.sleep(BLOCKED_FOR)  # noqa: ASYNC251 (the point of the test)
         self.released_at = time.monotonic()
+        return [None] * len(events)
 
 
 class Prober(threading.Thread):

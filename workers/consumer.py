@@ -1,22 +1,27 @@
-"""The runner every worker shares: consume the worker's quorum queue, apply the effect,
-ack after it.
+"""The runner every worker shares: consume the worker's quorum queue, apply the effect to
+batches of deliveries, ack after it.
 
-- Prefetch (channel QoS) bounds what the broker hands over; a semaphore bounds how many
-  messages are worked on at once. Every message is settled through workers.settler,
-  which coalesces acks without ever acking past a message still held.
+- Deliveries wait in a batch until WORKER_CONCURRENCY of them are there or
+  BATCH_LINGER_SECONDS have passed since the first; at most WORKER_CONCURRENCY messages
+  are worked on at once, and prefetch (channel QoS) bounds what the broker hands over.
+  A batch is decoded and applied by one call of the effect (one INSERT, one script
+  run); every message is settled through workers.settler, which acks a batch with one
+  frame where it can and never acks past a message still held.
 - A malformed message is rejected without requeue: the queue's dead-letter exchange
   moves it to `<queue>.dlq` at once, and a log line says why.
 - A failure of the effect's `transient` kinds (a backend unreachable or out of
   resources) is retried with capped exponential backoff while the message is held, for
   as long as it takes: a good message is never dead-lettered. Any other failure is the
   message's own: it is retried until WORKER_MAX_ATTEMPTS attempts (counted here, while
-  the message is held; a redelivery starts again), then dead-lettered as poison. A batch
-  that fails for its content is split (split_on_content_failure) so that only the bad
-  message pays.
+  the message is held; a redelivery starts again), then dead-lettered as poison. The
+  messages of a batch that failed are retried together; the others are acked at once.
+  A batch that fails for its content is split (split_on_content_failure) so that only
+  the bad message pays.
 - The loop itself beats (WorkerMetrics.beat) so that liveness fails when it is stuck.
 - SIGTERM, the way arq stops: cancel the consumer so nothing new arrives, let the
-  messages in hand finish within SHUTDOWN_TIMEOUT_SECONDS (those waiting or retrying go
-  back to the queue at once), return the rest, close the connections, exit 0.
+  batches in hand finish within SHUTDOWN_TIMEOUT_SECONDS (messages waiting for a batch or
+  for a retry go back to the queue at once), return the rest, close the connections,
+  exit 0.
 
 Delivery is at least once, so every effect must be idempotent: a message whose ack was
 lost with the connection comes back and must change nothing the second time.
@@ -28,11 +33,11 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Protocol, TypeVar
 
-import structlog
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from session_close.amqp import connect
@@ -51,16 +56,21 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 RETRY = Policy(first=0.1, cap=5.0)
+# Long enough for the deliveries of a few loop iterations to share a batch at a modest
+# rate, short next to the end-to-end budget. A full batch starts at once.
+BATCH_LINGER_SECONDS = 0.005
 
 
 class Effect(Protocol):
-    """What a worker does with one event. It must be idempotent. It raises MalformedEvent
-    for an event it can never act on, one of `transient` when its backend cannot be
-    reached or is out of resources, anything else when the event itself failed."""
+    """What a worker does with events. It must be idempotent. Per event, `apply` returns
+    None when it is done or the exception it failed with: MalformedEvent for an event it
+    can never act on, one of `transient` when its backend cannot be reached or is out of
+    resources, anything else when the event itself failed. Raising fails every event of
+    the call (a backend down, say)."""
 
     transient: tuple[type[BaseException], ...]  # retried without limit, logged without traceback
 
-    async def apply(self, event: SessionEvent) -> None: ...
+    async def apply(self, events: list[SessionEvent]) -> Sequence[BaseException | None]: ...
 
 
 EffectFactory = Callable[[Settings], AbstractAsyncContextManager[Effect]]
@@ -94,6 +104,15 @@ def split_on_content_failure(
     return flush_or_split
 
 
+def event_ids(event: SessionEvent) -> dict[str, str | None]:
+    """The ids every line logged about an event carries."""
+    return {
+        "request_id": event.request_id,
+        "event_id": event.event_id,
+        "trace_id": event.trace_id,
+    }
+
+
 class Worker:
     def __init__(
         self,
@@ -107,15 +126,18 @@ class Worker:
     ) -> None:
         self.name = name
         self.metrics = metrics or WorkerMetrics(name)
-        self._settler = Settler(self.metrics)
+        self._settler = Settler(self._told)
         self._heartbeat_seconds = heartbeat_seconds
         self._settings = settings
         self._open_effect = open_effect
         self._retry_policy = retry_policy
         self._topology = Topology.from_settings(settings)
-        self._slots = asyncio.Semaphore(settings.worker_concurrency)
+        self._batch_size = settings.worker_concurrency
+        self._waiting: list[Held] = []  # delivered, not yet in a batch
+        self._working = 0  # messages in batches, until each is settled
+        self._linger: asyncio.TimerHandle | None = None
+        self._batches: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
-        self._in_hand: set[asyncio.Task[object]] = set()
         self._effect: Effect | None = None
         self._main: asyncio.Task[object] | None = None
         self.consuming = asyncio.Event()
@@ -183,22 +205,30 @@ class Worker:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(BROKER_CALL_TIMEOUT_SECONDS):
                 await consumer.cancel()
-        if self._in_hand:
+        if self._linger is not None:
+            self._linger.cancel()
+        for held in self._waiting:
+            self._settler.settle(held, "requeue")
+        self._waiting.clear()
+        if self._batches:
             log.info(
                 "worker finishing the messages in hand",
-                extra={"worker": self.name, "messages": len(self._in_hand)},
+                extra={"worker": self.name, "messages": self._working},
             )
             _, late = await asyncio.wait(
-                self._in_hand, timeout=self._settings.shutdown_timeout_seconds
+                self._batches, timeout=self._settings.shutdown_timeout_seconds
             )
             for task in late:
-                task.cancel()  # _on_message returns its message to the queue
+                task.cancel()  # _run_batch returns its messages to the queue
             if late:
                 log.warning(
                     "worker returning unfinished messages",
-                    extra={"worker": self.name, "messages": len(late)},
+                    extra={"worker": self.name, "messages": self._working},
                 )
-                await asyncio.wait(late, timeout=BROKER_CALL_TIMEOUT_SECONDS * 2)
+                await asyncio.wait(late, timeout=BROKER_CALL_TIMEOUT_SECONDS)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(BROKER_CALL_TIMEOUT_SECONDS * 2):
+                await self._settler.drain()
 
     @staticmethod
     async def _close_connection(connection: AbstractRobustConnection) -> None:
@@ -209,88 +239,146 @@ class Worker:
                 await connection.close()
 
     async def _on_message(self, message: DeliveredMessage) -> None:
-        held = self._settler.hold(message)  # before any await: in delivery order
-        task = asyncio.current_task()
-        assert task is not None
-        self._in_hand.add(task)
-        started = asyncio.get_running_loop().time()
-        try:
-            outcome = await self._process(held)
-        except asyncio.CancelledError:
-            await self._settle(held, "requeue")
-            self.metrics.settled("requeued", asyncio.get_running_loop().time() - started)
-            raise
-        finally:
-            self._in_hand.discard(task)
-        self.metrics.settled(outcome, asyncio.get_running_loop().time() - started)
-
-    async def _process(self, held: Held) -> str:
+        # aiormq runs this in a task per delivery: it only puts the message in a batch.
+        held = self._settler.hold(message)
         if self._stopping.is_set():
-            return await self._settle(held, "requeue")
-        try:
-            event = SessionEvent.decode(held.message.body)
-        except MalformedEvent as exc:
-            return await self._dead_letter(held, "malformed", str(exc))
-        # The event's ids on every line logged about it. Each delivery runs in a task of
-        # its own (aiormq's), whose context ends with it: nothing to unbind.
-        structlog.contextvars.bind_contextvars(
-            request_id=event.request_id, event_id=event.event_id, trace_id=event.trace_id
-        )
-        async with self._slots:
-            if self._stopping.is_set():
-                return await self._settle(held, "requeue")
-            return await self._apply(held, event)
+            self._settler.settle(held, "requeue")
+            return
+        self._waiting.append(held)
+        self._schedule_batch()
 
-    async def _apply(self, held: Held, event: SessionEvent) -> str:
-        assert self._effect is not None
-        transient = self._effect.transient
-        backoff: Backoff | None = None  # made on the first failure, the rare case
-        attempts = failed_attempts = 0  # failed_attempts: those that count to poison
-        retried = False
-        while True:
+    def _schedule_batch(self) -> None:
+        """A batch starts once a full one waits, or the oldest waiting message has waited
+        BATCH_LINGER_SECONDS, and there is room for it (a message settled makes room)."""
+        if len(self._waiting) >= self._batch_size:
+            self._start_batch()
+        elif self._waiting and self._linger is None:
+            waited = time.monotonic() - self._waiting[0].delivered
+            self._linger = asyncio.get_running_loop().call_later(
+                max(0.0, BATCH_LINGER_SECONDS - waited), self._start_batch
+            )
+
+    def _start_batch(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        size = min(self._batch_size - self._working, len(self._waiting))
+        if size <= 0 or self._stopping.is_set():
+            return
+        batch = self._waiting[:size]
+        del self._waiting[:size]
+        self._working += size
+        task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    def _finish(self, helds: Iterable[Held], disposition: Disposition) -> None:
+        """Settle messages of a batch; their room goes to the messages waiting."""
+        settled = sum(self._settler.settle(held, disposition) for held in helds)
+        self._working -= settled
+        if settled:
+            self._schedule_batch()
+
+    async def _run_batch(self, batch: list[Held]) -> None:
+        pending: list[tuple[Held, SessionEvent]] = []
+        for held in batch:
             try:
-                await self._effect.apply(event)
+                pending.append((held, SessionEvent.decode(held.message.body)))
             except MalformedEvent as exc:
-                return await self._dead_letter(held, "malformed", str(exc))
-            except Exception as exc:
-                attempts += 1
-                if not isinstance(exc, transient):
-                    failed_attempts += 1
-                    if failed_attempts >= self._settings.worker_max_attempts:
-                        return await self._dead_letter(
-                            held,
-                            "poison",
-                            f"failed {failed_attempts} attempts: {type(exc).__name__}: {exc}",
-                        )
-                retried = True
-                self.metrics.retried()
+                self._dead_letter(held, "malformed", str(exc))
+        # By failing message: its attempts, and those of them that count to poison.
+        attempts: dict[Held, tuple[int, int]] = {}
+        backoff: Backoff | None = None  # made on the first failure, the rare case
+        try:
+            while pending:
+                failures = await self._apply(pending)
+                if not failures:
+                    return
                 backoff = backoff or Backoff(self._retry_policy)
                 delay = backoff.next_delay()
-                log.warning(
-                    "worker could not apply event; retrying",
-                    exc_info=not isinstance(exc, transient),
-                    extra={
-                        "worker": self.name,
-                        "error": repr(exc),
-                        "attempt": attempts,
-                        "delay": delay,
-                        "transient": isinstance(exc, transient),
-                        "failed_attempts": failed_attempts,
-                    },
-                )
-                if await self._stopped_within(delay):
-                    return await self._settle(held, "requeue")
-                if channel_closed(held.message):
-                    # The broker has already given it to another consumer (or to us again
-                    # after the reconnect): working on this copy too would only race it.
-                    log.warning(
-                        "worker dropped a held message: its channel closed",
-                        extra={"worker": self.name},
-                    )
-                    return await self._settle(held, "requeue")
-                continue
-            outcome = await self._settle(held, "ack")
-            return "retried" if retried and outcome == "acked" else outcome
+                pending = [
+                    (held, event)
+                    for held, event, exc in failures
+                    if self._retry_later(held, event, exc, attempts, delay)
+                ]
+                if pending and await self._stopped_within(delay):
+                    self._finish((held for held, _ in pending), "requeue")
+                    return
+                pending = [(held, event) for held, event in pending if self._still_ours(held)]
+        except asyncio.CancelledError:
+            self._finish((held for held, _ in pending), "requeue")
+            raise
+
+    async def _apply(
+        self, pending: list[tuple[Held, SessionEvent]]
+    ) -> list[tuple[Held, SessionEvent, BaseException]]:
+        """One call of the effect; acks what it did, returns what failed."""
+        assert self._effect is not None
+        results: Sequence[BaseException | None]
+        try:
+            results = await self._effect.apply([event for _, event in pending])
+        except Exception as exc:
+            results = [exc] * len(pending)
+        done: list[Held] = []
+        failures = []
+        for (held, event), result in zip(pending, results, strict=True):
+            if result is None:
+                done.append(held)
+            elif isinstance(result, MalformedEvent):
+                self._dead_letter(held, "malformed", str(result), event)
+            else:
+                failures.append((held, event, result))
+        self._finish(done, "ack")
+        return failures
+
+    def _retry_later(
+        self,
+        held: Held,
+        event: SessionEvent,
+        exc: BaseException,
+        attempts: dict[Held, tuple[int, int]],
+        delay: float,
+    ) -> bool:
+        """Count a failed attempt: True when the message is to be tried again after
+        `delay`, False when it was dead-lettered as poison."""
+        assert self._effect is not None
+        transient = isinstance(exc, self._effect.transient)
+        tried, failed = attempts.get(held, (0, 0))
+        tried += 1
+        if not transient:
+            failed += 1
+            if failed >= self._settings.worker_max_attempts:
+                reason = f"failed {failed} attempts: {type(exc).__name__}: {exc}"
+                self._dead_letter(held, "poison", reason, event)
+                return False
+        attempts[held] = (tried, failed)
+        self._settler.retrying(held)
+        self.metrics.retried()
+        log.warning(
+            "worker could not apply event; retrying",
+            exc_info=None if transient else exc,
+            extra={
+                "worker": self.name,
+                "error": repr(exc),
+                "attempt": tried,
+                "delay": delay,
+                "transient": transient,
+                "failed_attempts": failed,
+                **event_ids(event),
+            },
+        )
+        return True
+
+    def _still_ours(self, held: Held) -> bool:
+        if not channel_closed(held.message):
+            return True
+        # The broker has already given it to another consumer (or to us again after the
+        # reconnect): working on this copy too would only race it.
+        log.warning(
+            "worker dropped a held message: its channel closed", extra={"worker": self.name}
+        )
+        self._finish((held,), "requeue")
+        return False
 
     async def _stopped_within(self, seconds: float) -> bool:
         with contextlib.suppress(TimeoutError):
@@ -298,7 +386,9 @@ class Worker:
                 await self._stopping.wait()
         return self._stopping.is_set()
 
-    async def _dead_letter(self, held: Held, kind: str, reason: str) -> str:
+    def _dead_letter(
+        self, held: Held, kind: str, reason: str, event: SessionEvent | None = None
+    ) -> None:
         """kind: malformed (at once) or poison (after its attempts); reason: why."""
         log.error(
             "worker dead-lettered a message",
@@ -307,19 +397,33 @@ class Worker:
                 "dead_letter": kind,
                 "reason": reason,
                 "message_id": message_id(held.message),
+                **(event_ids(event) if event is not None else {}),
             },
         )
-        outcome = await self._settle(held, "dead_letter")
-        if outcome == "dead_lettered":
-            self.metrics.dead_lettered(kind)
-        return outcome
+        held.dead_letter = kind
+        self._finish((held,), "dead_letter")
 
-    async def _settle(self, held: Held, disposition: Disposition) -> str:
-        if not await self._settler.settle(held, disposition):
-            # The channel it came on is gone; the broker redelivers it, and the effect
-            # being idempotent, the second pass changes nothing.
-            return "requeued"
-        return {"ack": "acked", "dead_letter": "dead_lettered", "requeue": "requeued"}[disposition]
+    def _told(self, frame: list[Held], told: bool) -> None:
+        """The settler's report of one frame: the metrics of its messages."""
+        now = time.monotonic()
+        seconds: dict[str, list[float]] = {}
+        for held in frame:
+            seconds.setdefault(_outcome(held, told), []).append(now - held.delivered)
+        for outcome, durations in seconds.items():
+            self.metrics.settled(outcome, durations)
+        last = frame[-1]
+        if told and last.disposition == "ack":
+            self.metrics.ack_frame()
+        elif told and last.disposition == "dead_letter":
+            self.metrics.dead_lettered(last.dead_letter)
+
+
+def _outcome(held: Held, told: bool) -> str:
+    if not told or held.disposition == "requeue":
+        return "requeued"
+    if held.disposition == "dead_letter":
+        return "dead_lettered"
+    return "retried" if held.retrying else "acked"
 
 
 async def run_worker(settings: Settings, name: str, open_effect: EffectFactory) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -119,12 +119,11 @@ class WorkerMetrics:
     def ack_frame(self) -> None:
         self.ack_frames.labels(self.worker).inc()
 
-    def settled(self, outcome: str, seconds: float) -> None:
-        counter = self._outcomes.get(outcome)
-        if counter is None:
-            counter = self._outcomes[outcome] = self.messages.labels(self.worker, outcome)
-        counter.inc()
-        self._latency.observe(seconds)
+    def settled(self, outcome: str, durations: Sequence[float]) -> None:
+        """Messages settled with one outcome, each with its time from delivery."""
+        self._outcomes[outcome].inc(len(durations))
+        for seconds in durations:
+            self._latency.observe(seconds)
 
     def retried(self) -> None:
         self.retries.labels(self.worker).inc()

@@ -19,14 +19,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from session_close.batching import Batcher
 from session_close.events import SessionEvent
 from session_close.keys import Keys
 from session_close.logs import short_id
 from session_close.redis_client import connect_redis
 from session_close.scripts import REMOVE_PUSH_TOKENS
 from session_close.settings import Settings
-from workers.consumer import Effect, split_on_content_failure
+from workers.consumer import Effect, event_ids, split_on_content_failure
 
 log = logging.getLogger(__name__)
 
@@ -42,35 +41,29 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 
-# Long enough for the deliveries of a few loop iterations to share a script run, short
-# next to the end-to-end budget.
-BATCH_LINGER_SECONDS = 0.005
-
-
 class PushCleanup:
     transient = TRANSIENT
 
-    def __init__(self, redis: Redis, keys: Keys, *, max_batch: int) -> None:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
         self._redis = redis
         self._keys = keys
-        # The messages in hand share one script run: one command instead of one each.
-        self.batcher: Batcher[SessionEvent, int] = Batcher(
-            split_on_content_failure(self._remove, TRANSIENT),
-            max_size=max_batch,
-            linger=BATCH_LINGER_SECONDS,
-        )
+        # Each batch the runner hands over is one script run.
+        self._remove_or_split = split_on_content_failure(self._remove, TRANSIENT)
 
-    async def apply(self, event: SessionEvent) -> None:
-        removed = await self.batcher.submit(event)
-        # Per event at DEBUG; at INFO, a line per script run (_remove).
-        log.debug(
-            "push tokens of a closed session removed",
-            extra={
-                "session_id": short_id(event.session_id),
-                "user_id": event.user_id,
-                "removed": removed,
-            },
-        )
+    async def apply(self, events: list[SessionEvent]) -> list[BaseException | None]:
+        results = await self._remove_or_split(events)
+        if log.isEnabledFor(logging.DEBUG):  # per event at DEBUG; per run at INFO (_remove)
+            for event, removed in zip(events, results, strict=True):
+                log.debug(
+                    "push tokens of a closed session removed",
+                    extra={
+                        **event_ids(event),
+                        "session_id": short_id(event.session_id),
+                        "user_id": event.user_id,
+                        "removed": removed if isinstance(removed, int) else repr(removed),
+                    },
+                )
+        return [r if isinstance(r, BaseException) else None for r in results]
 
     async def _remove(self, events: list[SessionEvent]) -> Sequence[int | BaseException]:
         keys = [self._keys.user_push(event.user_id) for event in events]
@@ -92,11 +85,7 @@ class PushCleanup:
 async def open_push_cleanup(settings: Settings) -> AsyncIterator[Effect]:
     # No start-up check: a Redis that is down is retried per message like any outage.
     redis = connect_redis(settings)
-    cleanup = PushCleanup(
-        redis, Keys(settings.redis_key_prefix), max_batch=settings.worker_concurrency
-    )
     try:
-        yield cleanup
+        yield PushCleanup(redis, Keys(settings.redis_key_prefix))
     finally:
-        await cleanup.batcher.drain()
         await redis.aclose()

@@ -1,26 +1,29 @@
 """Where a worker's messages are settled: acked, dead-lettered or handed back.
 
-Every message is held from its delivery until it is settled, in the order of its
-delivery tag on its channel. Acks that fall due together go out as one
+Every message is held from its delivery until the broker is told what became of it, in
+the order of its delivery tag on its channel. Acks that fall due together go out as one
 `basic.ack(multiple=True)` covering the run of settled messages from the oldest one held,
-and so never past a message still held (say, one waiting to be retried): a multiple ack
-settles every unacked tag up to its own on that channel. A settled message behind a held
-one is acked alone, so a message in retry holds nobody else back.
+and so never past a message still held: a multiple ack settles every unacked tag up to
+its own on that channel. While the oldest held message is being worked on, the settled
+ones behind it wait to share its frame; once it is marked as retrying (`retrying`), each
+settled message behind it is acked alone, so a message in retry holds nobody else back.
 
 A channel's delivery tags start again at 1 after a reconnect, so each channel has a
 ledger of its own; a settle on a channel that has closed is lost, and the broker
-redelivers that message (the effects are idempotent).
+redelivers that message (the effects are idempotent). Whoever settles is told how each
+frame went through `on_told(frame, told)`, called once per frame.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from workers.delivery import DeliveredMessage, ack, nack, reject
-from workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,13 @@ class Held:
     message: DeliveredMessage
     ledger: _Ledger
     tag: int
+    delivered: float  # time.monotonic() at hold()
     disposition: Disposition | None = None
-    told: asyncio.Future[bool] | None = None
+    retrying: bool = False  # it failed at least once and is being retried
+    dead_letter: str = ""  # why it is dead-lettered: malformed or poison
+
+
+OnTold = Callable[[list[Held], bool], None]
 
 
 @dataclass(slots=True, eq=False)
@@ -50,74 +58,84 @@ class _Ledger:
 
 
 class Settler:
-    def __init__(self, metrics: WorkerMetrics) -> None:
-        self._metrics = metrics
+    def __init__(self, on_told: OnTold) -> None:
+        self._on_told = on_told
         self._ledgers: dict[int, _Ledger] = {}
 
     def hold(self, message: DeliveredMessage) -> Held:
-        """Record a delivery. Call it before the handler's first await, so that messages
-        are held in the order of their tags."""
+        """Record a delivery, in the order of delivery (before the handler's first await)."""
         channel = message.channel
         ledger = self._ledgers.get(id(channel))
         if ledger is None or ledger.channel is not channel:
             ledger = self._ledgers[id(channel)] = _Ledger(channel)
-        assert message.delivery_tag is not None  # consumed with manual acks
-        held = Held(message, ledger, message.delivery_tag)
-        ledger.held[held.tag] = held
+        tag = message.delivery_tag
+        assert tag is not None  # consumed with manual acks
+        held = ledger.held[tag] = Held(message, ledger, tag, time.monotonic())
         return held
 
-    async def settle(self, held: Held, disposition: Disposition) -> bool:
-        """True once the broker has been told, False when the message's channel was lost
-        (the broker then redelivers it). Settling twice keeps the first disposition."""
-        if held.told is None:
-            held.disposition = disposition
-            held.told = asyncio.get_running_loop().create_future()
-            ledger = held.ledger
-            if ledger.flusher is None:
-                # It starts on the next loop iteration: the other messages of a batch,
-                # which resumed in this one, settle first and share the frame.
-                ledger.flusher = asyncio.create_task(self._flush(ledger))
-        return await asyncio.shield(held.told)
+    def settle(self, held: Held, disposition: Disposition) -> bool:
+        """Decide what becomes of a held message; the broker is told from a task of the
+        settler's, on the next loop iteration, so that the settles of one iteration share
+        frames. False when it was already settled (the first disposition stays)."""
+        if held.disposition is not None:
+            return False
+        held.disposition = disposition
+        self._wake(held.ledger)
+        return True
+
+    def retrying(self, held: Held) -> None:
+        """Mark a held message as retried: the settled ones behind it stop waiting for it."""
+        if not held.retrying:
+            held.retrying = True
+            self._wake(held.ledger)
+
+    async def drain(self) -> None:
+        """Wait until every settled message's frame has been sent (or lost)."""
+        while flushers := [ledger.flusher for ledger in self._ledgers.values() if ledger.flusher]:
+            await asyncio.gather(*flushers, return_exceptions=True)
+
+    def _wake(self, ledger: _Ledger) -> None:
+        if ledger.flusher is None:
+            ledger.flusher = asyncio.get_running_loop().create_task(self._flush(ledger))
 
     async def _flush(self, ledger: _Ledger) -> None:
         try:
             while (frame := _next_frame(ledger)) is not None:
-                await self._send(ledger, frame)
+                told = await _send(frame)
+                for held in frame:
+                    del ledger.held[held.tag]
+                self._on_told(frame, told)
         finally:
             ledger.flusher = None
             if not ledger.held and self._ledgers.get(id(ledger.channel)) is ledger:
                 del self._ledgers[id(ledger.channel)]
 
-    async def _send(self, ledger: _Ledger, frame: list[Held]) -> None:
-        """One frame: an ack of the run `frame` (multiple when longer than one), or the
-        reject or nack of its one message."""
-        last = frame[-1]
-        try:
-            async with asyncio.timeout(BROKER_CALL_TIMEOUT_SECONDS):
-                if last.disposition == "ack":
-                    await ack(last.message, multiple=len(frame) > 1)
-                    self._metrics.ack_frame()
-                elif last.disposition == "dead_letter":
-                    await reject(last.message)
-                else:
-                    await nack(last.message)
-            told = True
-        except Exception as exc:
-            log.warning(
-                "worker lost the settle of messages with their channel",
-                extra={"messages": len(frame), "error": repr(exc)},
-            )
-            told = False
-        for held in frame:
-            del ledger.held[held.tag]
-            assert held.told is not None
-            if not held.told.done():
-                held.told.set_result(told)
+
+async def _send(frame: list[Held]) -> bool:
+    """One frame: an ack of the run `frame` (multiple when longer than one), or the reject
+    or nack of its one message. False when it was lost with the channel."""
+    last = frame[-1]
+    try:
+        async with asyncio.timeout(BROKER_CALL_TIMEOUT_SECONDS):
+            if last.disposition == "ack":
+                await ack(last.message, multiple=len(frame) > 1)
+            elif last.disposition == "dead_letter":
+                await reject(last.message)
+            else:
+                await nack(last.message)
+    except Exception as exc:
+        log.warning(
+            "worker lost the settle of messages with their channel",
+            extra={"messages": len(frame), "error": repr(exc)},
+        )
+        return False
+    return True
 
 
 def _next_frame(ledger: _Ledger) -> list[Held] | None:
     """What to send next: the run of acks from the oldest held message, or the oldest's
-    reject or nack; while the oldest is still held, the first settled one behind it alone."""
+    reject or nack. While the oldest is worked on, nothing (its settle wakes the flusher
+    again); while it is retrying, the first settled message behind it, alone."""
     entries = iter(ledger.held.values())
     oldest = next(entries, None)
     if oldest is None:
@@ -131,4 +149,6 @@ def _next_frame(ledger: _Ledger) -> list[Held] | None:
         return run
     if oldest.disposition is not None:
         return [oldest]
+    if not oldest.retrying:
+        return None
     return next(([held] for held in entries if held.disposition is not None), None)

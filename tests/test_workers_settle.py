@@ -46,10 +46,11 @@ async def test_the_acks_of_a_burst_share_frames(
     report_counts(messages=len(events), ack_frames=frames, ready_after=ready)
     assert ready == 0
     assert await audit_table.count() == len(events)
-    # One frame per message would be 200. How many share a frame depends on how the
-    # deliveries fall into loop iterations: 13 to 64 frames were seen, on a quiet and on a
-    # busy machine; three quarters is a bound that shows the sharing and never flakes.
-    assert 1 <= frames <= len(events) * 3 / 4
+    # One frame per message would be 200. Each batch (up to 50 here) is acked with one
+    # frame when nothing older is still held: 4 frames were seen. How the deliveries fall
+    # into batches depends on the machine's load; a quarter shows the sharing and leaves
+    # room for a busy machine's smaller batches.
+    assert 1 <= frames <= len(events) / 4
 
 
 async def held_back_after_cut(broker: Broker, proxy: TcpProxy) -> int:

@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         worker.add_argument(
             "--concurrency",
             type=_positive,
-            help="messages worked on at once (overrides WORKER_CONCURRENCY)",
+            help="messages worked on at once, and the largest batch (overrides WORKER_CONCURRENCY)",
         )
         worker.add_argument(
             "--metrics-port",

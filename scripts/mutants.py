@@ -271,6 +271,20 @@ MUTANTS: tuple[Mutant, ...] = (
             "test_a_message_held_for_retry_is_never_acked_by_a_later_run_even_after_a_reconnect",
         ),
     ),
+    Mutant(
+        "worker batches in work uncapped",
+        CONSUMER,
+        edits=(
+            Edit(
+                "size = min(self._batch_size - self._working, len(self._waiting))",
+                "size = min(self._batch_size, len(self._waiting))",
+            ),
+        ),
+        tests=(
+            "tests/test_workers_batches.py::"
+            "test_batches_share_deliveries_and_never_exceed_the_concurrency_retries_included",
+        ),
+    ),
     # The API's edges.
     Mutant(
         "readiness gated on RabbitMQ",

@@ -1,0 +1,88 @@
+"""The runner's batches against the real RabbitMQ: deliveries share an effect call, a
+batch never holds more than WORKER_CONCURRENCY messages, and neither do the batches in
+work together, messages being retried included."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from session_close.events import SessionEvent
+from session_close.settings import Settings
+from tests.support.waiting import wait_until
+from tests.support.workers import Broker, in_process, make_event, running
+from workers.consumer import Effect
+
+CONCURRENCY = 7
+
+
+class Recording:
+    """A test-only effect that takes a while per call and records what it was given.
+    The events of `fail_first` fail their first two attempts, as if their backend had
+    been unreachable (transient), so they are held for retry meanwhile."""
+
+    transient: tuple[type[BaseException], ...] = (ConnectionError,)
+
+    def __init__(self, fail_first: set[str]) -> None:
+        self.batches: list[int] = []
+        self.applied: set[str] = set()
+        self.failures: dict[str, int] = dict.fromkeys(fail_first, 0)
+        self.in_work = 0  # events inside apply calls, plus those waiting to be retried
+        self.most_in_work = 0
+
+    async def apply(self, events: list[SessionEvent]) -> list[BaseException | None]:
+        retried = sum(1 for e in events if self.failures.get(e.event_id, 0) > 0)
+        self.in_work += len(events) - retried  # a retried event was counted in work already
+        self.most_in_work = max(self.most_in_work, self.in_work)
+        self.batches.append(len(events))
+        await asyncio.sleep(0.02)
+        results: list[BaseException | None] = []
+        for event in events:
+            tried = self.failures.get(event.event_id)
+            if tried is not None and tried < 2:
+                self.failures[event.event_id] = tried + 1
+                results.append(ConnectionError("backend unreachable"))  # stays in work
+                continue
+            self.applied.add(event.event_id)
+            self.in_work -= 1
+            results.append(None)
+        return results
+
+
+async def test_batches_share_deliveries_and_never_exceed_the_concurrency_retries_included(
+    settings: Settings, broker: Broker
+) -> None:
+    events = [make_event(n) for n in range(120)]
+    effect = Recording(fail_first={events[3].event_id, events[50].event_id})
+
+    @asynccontextmanager
+    async def open_effect(_: Settings) -> AsyncIterator[Effect]:
+        yield effect
+
+    worker = in_process(
+        settings,
+        "audit",
+        open_effect,
+        worker_prefetch=100,
+        worker_concurrency=CONCURRENCY,
+    )
+    async with running(worker):
+        await broker.publish(*events)
+
+        async def all_applied() -> bool:
+            return len(effect.applied) == len(events)
+
+        await wait_until(all_applied, "every event applied", within=30)
+
+        async def all_acked() -> bool:
+            settled = worker.metrics.count("acked") + worker.metrics.count("retried")
+            return settled == len(events)
+
+        await wait_until(all_acked, "every message acked")
+    assert max(effect.batches) <= CONCURRENCY
+    assert effect.most_in_work <= CONCURRENCY
+    # The deliveries of a burst shared calls: far fewer calls than events.
+    assert len(effect.batches) <= len(events) / 2
+    assert worker.metrics.count("retried") == 2
+    assert worker.metrics.retry_count() == 4

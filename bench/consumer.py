@@ -6,11 +6,13 @@ properties, persistent, confirmed), to the run's exchange, which routes one copy
 worker's queue and one to the anchor's queue. Then, one process at a time (so that they
 never compete for a core): the anchor (`python -m bench.consumer QUEUE N`: prefetch 100,
 orjson decode, one ack per message), `python -m workers audit` and
-`python -m workers push-cleanup` start on their full queue and drain it. A process's CPU
-from /proc when it says it is consuming (its start-up cost) is subtracted from its CPU
-once its last effect is visible (the anchor's count, the audit rows, the push tokens
-gone). The workers' ratios to the anchor are taken per round; the table gives every
-round and the medians.
+`python -m workers push-cleanup` start on their full queue and drain it, each once
+RabbitMQ has gone quiet after the publishes, in an order that rotates from round to
+round (the first drain after a burst of publishes shared the machine with the broker's
+own writing). A process's CPU from /proc when it says it is consuming (its start-up
+cost) is subtracted from its CPU once its last effect is visible (the anchor's count,
+the audit rows, the push tokens gone). The workers' ratios to the anchor are taken per
+round; the table gives every round and the medians.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import asyncpg
 import orjson
 from pamqp.commands import Basic
 
+from bench.cpu import quiet
 from bench.report import table, verdict
 from bench.seed import USERS, seed_sessions, session_id, user_id
 from bench.stack import Process, Stack, cpu_seconds
@@ -191,9 +194,7 @@ async def run(stack: Stack, *, events: int, rounds: int) -> list[Round]:
                 left: int = sum(await pipe.execute())
                 return left == 0
 
-            cpu: dict[str, float] = {}
-            wall: dict[str, float] = {}
-            for kind, args, ready, done in (
+            drains = [
                 (
                     "anchor",
                     ["-m", "bench.consumer", anchor_queue, str(events)],
@@ -207,7 +208,13 @@ async def run(stack: Stack, *, events: int, rounds: int) -> list[Round]:
                     "worker consuming",
                     push_done,
                 ),
-            ):
+            ]
+            # Each round in another order, so that no consumer always drains first.
+            drains = drains[r % len(drains) :] + drains[: r % len(drains)]
+            cpu: dict[str, float] = {}
+            wall: dict[str, float] = {}
+            for kind, args, ready, done in drains:
+                await quiet("beam.smp")
                 cpu[kind], wall[kind] = await _drain(stack, kind, args, ready, done)
             result = Round({k: cpu[k] / events * 1e6 for k in KINDS}, wall)
             log.info(

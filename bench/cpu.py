@@ -3,6 +3,7 @@ services (by process name), and the whole machine, from /proc."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -81,3 +82,29 @@ class CpuMeter:
         return (
             f"CPU (100% = one core): {', '.join(shares)}; machine {busy:.0%} busy of {cores} cores"
         )
+
+
+async def quiet(
+    service: str, *, below: float = 0.05, window: float = 0.5, within: float = 15.0
+) -> None:
+    """Wait until the shared service's processes use less than `below` of a core over a
+    `window` (RabbitMQ writes and compacts its quorum queues for a while after a burst of
+    publishes); give up after `within` seconds."""
+    pids = _pids_named(service)
+    hz = os.sysconf("SC_CLK_TCK")
+    deadline = time.monotonic() + within
+
+    def ticks() -> int:
+        total = 0
+        for pid in pids:
+            try:
+                total += _ticks(pid)
+            except OSError:
+                continue
+        return total
+
+    while time.monotonic() < deadline:
+        before = ticks()
+        await asyncio.sleep(window)
+        if (ticks() - before) / hz / window < below:
+            return

@@ -285,6 +285,20 @@ MUTANTS: tuple[Mutant, ...] = (
             "test_batches_share_deliveries_and_never_exceed_the_concurrency_retries_included",
         ),
     ),
+    Mutant(
+        "a batch the runner fails on stays held",
+        CONSUMER,
+        edits=(
+            Edit(
+                '            self._finish(batch, "requeue")\n\n',
+                "\n",
+            ),
+        ),
+        tests=(
+            "tests/test_workers_batches.py::"
+            "test_a_batch_the_runner_fails_on_goes_back_to_the_queue_and_holds_nobody_back",
+        ),
+    ),
     # The API's edges.
     Mutant(
         "readiness gated on RabbitMQ",

@@ -86,3 +86,55 @@ async def test_batches_share_deliveries_and_never_exceed_the_concurrency_retries
     assert len(effect.batches) <= len(events) / 2
     assert worker.metrics.count("retried") == 2
     assert worker.metrics.retry_count() == 4
+
+
+class BuggyOnce:
+    """A test-only effect with a bug on its first call: it answers for one event fewer
+    than it was given."""
+
+    transient: tuple[type[BaseException], ...] = ()
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.applied: list[str] = []
+
+    async def apply(self, events: list[SessionEvent]) -> list[BaseException | None]:
+        self.calls += 1
+        if self.calls == 1:
+            return [None] * (len(events) - 1)
+        self.applied.extend(e.event_id for e in events)
+        return [None] * len(events)
+
+
+async def test_a_batch_the_runner_fails_on_goes_back_to_the_queue_and_holds_nobody_back(
+    settings: Settings, broker: Broker
+) -> None:
+    effect = BuggyOnce()
+
+    @asynccontextmanager
+    async def open_effect(_: Settings) -> AsyncIterator[Effect]:
+        yield effect
+
+    first = [make_event(n) for n in range(5)]
+    later = [make_event(n) for n in range(5, 10)]
+    worker = in_process(settings, "audit", open_effect)
+    async with running(worker):
+        await broker.publish_in_order(*first)
+
+        async def requeued() -> bool:
+            return worker.metrics.count("requeued") >= 1
+
+        await wait_until(requeued, "the failed batch handed back")
+        await broker.publish_in_order(*later)
+
+        async def all_applied() -> bool:
+            return set(effect.applied) >= {e.event_id for e in first + later}
+
+        await wait_until(all_applied, "every event applied, the handed-back ones too")
+
+        async def all_acked() -> bool:
+            return worker.metrics.count("acked") == len(first) + len(later)
+
+        await wait_until(all_acked, "every message acked")
+    ready, _ = await broker.depth(broker.topology.queue("audit"))
+    assert ready == 0

@@ -248,11 +248,13 @@ class Worker:
         self._schedule_batch()
 
     def _schedule_batch(self) -> None:
-        """A batch starts once a full one waits, or the oldest waiting message has waited
-        BATCH_LINGER_SECONDS, and there is room for it (a message settled makes room)."""
+        """A batch starts once there is room for it (a settled message makes room) and a
+        full one waits, or the oldest waiting message has waited BATCH_LINGER_SECONDS."""
+        if not self._waiting or self._working >= self._batch_size:
+            return
         if len(self._waiting) >= self._batch_size:
             self._start_batch()
-        elif self._waiting and self._linger is None:
+        elif self._linger is None:
             waited = time.monotonic() - self._waiting[0].delivered
             self._linger = asyncio.get_running_loop().call_later(
                 max(0.0, BATCH_LINGER_SECONDS - waited), self._start_batch
@@ -280,6 +282,18 @@ class Worker:
             self._schedule_batch()
 
     async def _run_batch(self, batch: list[Held]) -> None:
+        try:
+            await self._work_off(batch)
+        except asyncio.CancelledError:
+            self._finish(batch, "requeue")  # those not settled yet go back to the queue
+            raise
+        except Exception:
+            # A bug, not a message's fault: its messages go back rather than stay held,
+            # which would hold back the acks of every message behind them.
+            log.exception("worker failed on a batch; its messages go back to the queue")
+            self._finish(batch, "requeue")
+
+    async def _work_off(self, batch: list[Held]) -> None:
         pending: list[tuple[Held, SessionEvent]] = []
         for held in batch:
             try:
@@ -289,25 +303,21 @@ class Worker:
         # By failing message: its attempts, and those of them that count to poison.
         attempts: dict[Held, tuple[int, int]] = {}
         backoff: Backoff | None = None  # made on the first failure, the rare case
-        try:
-            while pending:
-                failures = await self._apply(pending)
-                if not failures:
-                    return
-                backoff = backoff or Backoff(self._retry_policy)
-                delay = backoff.next_delay()
-                pending = [
-                    (held, event)
-                    for held, event, exc in failures
-                    if self._retry_later(held, event, exc, attempts, delay)
-                ]
-                if pending and await self._stopped_within(delay):
-                    self._finish((held for held, _ in pending), "requeue")
-                    return
-                pending = [(held, event) for held, event in pending if self._still_ours(held)]
-        except asyncio.CancelledError:
-            self._finish((held for held, _ in pending), "requeue")
-            raise
+        while pending:
+            failures = await self._apply(pending)
+            if not failures:
+                return
+            backoff = backoff or Backoff(self._retry_policy)
+            delay = backoff.next_delay()
+            pending = [
+                (held, event)
+                for held, event, exc in failures
+                if self._retry_later(held, event, exc, attempts, delay)
+            ]
+            if pending and await self._stopped_within(delay):
+                self._finish((held for held, _ in pending), "requeue")
+                return
+            pending = [(held, event) for held, event in pending if self._still_ours(held)]
 
     async def _apply(
         self, pending: list[tuple[Held, SessionEvent]]

@@ -56,9 +56,11 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 RETRY = Policy(first=0.1, cap=5.0)
-# Long enough for the deliveries of a few loop iterations to share a batch at a modest
-# rate, short next to the end-to-end budget. A full batch starts at once.
-BATCH_LINGER_SECONDS = 0.005
+# A full batch starts at once. At a modest rate a batch waits this long for company: at
+# 1,000 events/s, 25 ms instead of 5 ms took each worker from about 25% to 19% of a core
+# (a batch's INSERT or script run, its ack frame and its wake-ups shared by more events),
+# for 20 ms more end to end against a budget of 250 ms.
+BATCH_LINGER_SECONDS = 0.025
 
 
 class Effect(Protocol):

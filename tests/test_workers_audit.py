@@ -57,6 +57,24 @@ async def test_each_event_gets_one_row_and_a_redelivery_adds_nothing(
     assert row["recorded_at"] is not None
 
 
+async def test_a_close_time_with_any_offset_is_stored_as_the_same_instant(
+    settings: Settings, broker: Broker, audit_table: AuditTable
+) -> None:
+    times = [
+        "2026-01-02T03:04:05.123456+05:30",
+        "2026-01-02T03:04:05-03:00",
+        "2026-01-02T03:04:05Z",
+    ]
+    events = [make_event(n, closed_at=t) for n, t in enumerate(times)]
+    worker = in_process(settings, "audit", open_audit)
+    async with running(worker):
+        await broker.publish(*events)
+        await wait_until(rows_reach(audit_table, len(events)), "a row per event")
+    for event, closed_at in zip(events, times, strict=True):
+        row = await audit_table.row(event.event_id)
+        assert row["closed_at"] == datetime.fromisoformat(closed_at)
+
+
 @pytest.mark.fault
 async def test_a_worker_killed_mid_batch_leaves_exactly_one_row_per_event_after_redelivery(
     settings: Settings,

@@ -5,9 +5,15 @@ fields (`log.warning("failed; retrying", extra={"attempt": n, "delay": d})`)."""
 from __future__ import annotations
 
 import ast
+import io
+import json
+import logging
+import sys
 from pathlib import Path
 
 import pytest
+
+from session_close.logs import EACH, configure_logging, log_each
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("session_close", "service", "workers", "bench")
@@ -71,3 +77,30 @@ def test_log_messages_are_constant_and_values_are_fields(package: str) -> None:
         for line in interpolating_log_calls(path.read_text())
     }
     assert found == set(), "log values as extra={...} fields, not in the message"
+
+
+def test_log_each_writes_a_json_line_per_item_with_the_records_fields(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stream)
+    logger = logging.getLogger("tests.each")
+    try:
+        configure_logging("INFO")
+        log_each(logger, logging.INFO, "thing done", [{"n": 1, "id": "a"}, {"n": 2}])
+        log_each(logger, logging.INFO, "nothing done", [])
+        log_each(logger, logging.DEBUG, "below the level", [{"n": 3}])
+        root.handlers[0].flush()
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["event"], line["level"], line["logger"]) for line in lines] == [
+        ("thing done", "info", "tests.each"),
+        ("thing done", "info", "tests.each"),
+    ]
+    assert [(line["n"], line.get("id")) for line in lines] == [(1, "a"), (2, None)]
+    assert lines[0]["timestamp"] == lines[1]["timestamp"]
+    assert all(EACH not in line for line in lines)

@@ -7,6 +7,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ from tests.support.workers import (
     Broker,
     WorkerProcess,
     in_process,
+    logged_lines,
     make_event,
     running,
 )
@@ -101,8 +103,8 @@ async def test_a_worker_killed_mid_batch_leaves_exactly_one_row_per_event_after_
     successor = in_process(settings, "audit", open_audit)
     caplog.set_level(logging.INFO, logger="workers.audit")
 
-    def already_audited() -> list[logging.LogRecord]:
-        return [r for r in caplog.records if r.__dict__.get("duplicate") is True]
+    def already_audited() -> list[dict[str, Any]]:
+        return [line for line in logged_lines(caplog.records) if line["duplicate"] is True]
 
     async with running(successor):
         await wait_until(rows_reach(audit_table, len(events)), "every row", within=30)
@@ -141,7 +143,7 @@ async def test_a_worker_killed_mid_batch_leaves_exactly_one_row_per_event_after_
     # not written: deliveries = new rows + "already audited" lines.
     assert delivered == len(events) - len(written) + len(already)
     assert len(already) >= len(again)
-    assert {r.__dict__["event_id"] for r in already} >= {e.event_id for e in again}
+    assert {line["event_id"] for line in already} >= {e.event_id for e in again}
     assert successor.metrics.count("dead_lettered") == 0
 
 

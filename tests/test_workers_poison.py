@@ -19,6 +19,7 @@ from tests.support.workers import (
     AuditTable,
     Broker,
     in_process,
+    logged_lines,
     make_event,
     running,
     table_rejecting,
@@ -80,7 +81,7 @@ async def test_a_row_the_database_rejects_is_dead_lettered_after_its_attempts_an
     assert line.__dict__["dead_letter"] == "poison"
     assert f"failed {MAX_ATTEMPTS} attempts" in line.__dict__["reason"]
     assert "CheckViolationError" in line.__dict__["reason"]
-    assert any(r.__dict__.get("duplicate") is False for r in caplog.records)
+    assert any(line["duplicate"] is False for line in logged_lines(caplog.records))
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import asyncpg
 import orjson
 
 from session_close.events import SessionEvent
-from session_close.logs import short_id
+from session_close.logs import log_each, short_id
 from session_close.retry import retry
 from session_close.settings import Settings
 from workers.consumer import Effect, event_ids, split_on_content_failure
@@ -88,12 +88,12 @@ class AuditTrail:
 
     async def apply(self, events: list[SessionEvent]) -> list[BaseException | None]:
         results = await self._write_or_split(events)
+        lines: dict[bool, list[dict[str, object]]] = {True: [], False: []}  # by inserted
         for event, inserted in zip(events, results, strict=True):
             if isinstance(inserted, BaseException):
                 continue
-            log.info(
-                "session close audited" if inserted else "session close already audited",
-                extra={
+            lines[inserted].append(
+                {
                     **event_ids(event),
                     "session_id": short_id(event.session_id),
                     "user_id": event.user_id,
@@ -101,8 +101,10 @@ class AuditTrail:
                     "os": event.os,
                     "app_version": event.app_version,
                     "duplicate": not inserted,
-                },
+                }
             )
+        log_each(log, logging.INFO, "session close audited", lines[True])
+        log_each(log, logging.INFO, "session close already audited", lines[False])
         return [r if isinstance(r, BaseException) else None for r in results]
 
     async def _write(self, events: list[SessionEvent]) -> Sequence[bool]:

@@ -21,7 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from session_close.events import SessionEvent
 from session_close.keys import Keys
-from session_close.logs import short_id
+from session_close.logs import log_each, short_id
 from session_close.redis_client import connect_redis
 from session_close.scripts import REMOVE_PUSH_TOKENS
 from session_close.settings import Settings
@@ -52,17 +52,22 @@ class PushCleanup:
 
     async def apply(self, events: list[SessionEvent]) -> list[BaseException | None]:
         results = await self._remove_or_split(events)
-        if log.isEnabledFor(logging.DEBUG):  # per event at DEBUG; per run at INFO (_remove)
-            for event, removed in zip(events, results, strict=True):
-                log.debug(
-                    "push tokens of a closed session removed",
-                    extra={
+        # Per event at DEBUG; at INFO, a line per script run (_remove).
+        if log.isEnabledFor(logging.DEBUG):
+            log_each(
+                log,
+                logging.DEBUG,
+                "push tokens of a closed session removed",
+                [
+                    {
                         **event_ids(event),
                         "session_id": short_id(event.session_id),
                         "user_id": event.user_id,
                         "removed": removed if isinstance(removed, int) else repr(removed),
-                    },
-                )
+                    }
+                    for event, removed in zip(events, results, strict=True)
+                ],
+            )
         return [r if isinstance(r, BaseException) else None for r in results]
 
     async def _remove(self, events: list[SessionEvent]) -> Sequence[int | BaseException]:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import signal
 import sys
 import uuid
@@ -21,6 +22,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from session_close.events import CLOSED, CONTENT_TYPE, SessionEvent
+from session_close.logs import EACH
 from session_close.retry import Policy
 from session_close.settings import Settings
 from session_close.topology import Topology
@@ -31,6 +33,12 @@ from workers.consumer import EffectFactory, Worker
 from workers.metrics import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def logged_lines(records: list[logging.LogRecord]) -> list[dict[str, Any]]:
+    """The lines of the records the workers log a line per event through (one record per
+    batch, session_close.logs.log_each), as the JSON lines on stdout would carry them."""
+    return [line for record in records for line in record.__dict__.get(EACH, ())]
 
 
 def make_event(

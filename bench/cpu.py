@@ -16,6 +16,17 @@ def _ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def _ticks_of(pids: list[int]) -> int:
+    """The processes' CPU ticks; those gone count for nothing."""
+    total = 0
+    for pid in pids:
+        try:
+            total += _ticks(pid)
+        except OSError:
+            continue
+    return total
+
+
 def _pids_named(name: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -51,16 +62,7 @@ class CpuMeter:
         self.busy = 0.0  # the machine's busy share of all its cores, after stop()
 
     def _sample(self) -> dict[str, int]:
-        out = {}
-        for name, pids in self._groups.items():
-            total = 0
-            for pid in pids:
-                try:
-                    total += _ticks(pid)
-                except OSError:
-                    continue
-            out[name] = total
-        return out
+        return {name: _ticks_of(pids) for name, pids in self._groups.items()}
 
     def start(self) -> None:
         self._start = self._sample()
@@ -94,17 +96,8 @@ async def quiet(
     hz = os.sysconf("SC_CLK_TCK")
     deadline = time.monotonic() + within
 
-    def ticks() -> int:
-        total = 0
-        for pid in pids:
-            try:
-                total += _ticks(pid)
-            except OSError:
-                continue
-        return total
-
     while time.monotonic() < deadline:
-        before = ticks()
+        before = _ticks_of(pids)
         await asyncio.sleep(window)
-        if (ticks() - before) / hz / window < below:
+        if (_ticks_of(pids) - before) / hz / window < below:
             return

@@ -5,14 +5,11 @@ work together, messages being retried included."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from session_close.events import SessionEvent
 from session_close.settings import Settings
 from tests.support.waiting import wait_until
-from tests.support.workers import Broker, in_process, make_event, running
-from workers.consumer import Effect
+from tests.support.workers import Broker, in_process, make_event, opening, running
 
 CONCURRENCY = 7
 
@@ -56,14 +53,10 @@ async def test_batches_share_deliveries_and_never_exceed_the_concurrency_retries
     events = [make_event(n) for n in range(120)]
     effect = Recording(fail_first={events[3].event_id, events[50].event_id})
 
-    @asynccontextmanager
-    async def open_effect(_: Settings) -> AsyncIterator[Effect]:
-        yield effect
-
     worker = in_process(
         settings,
         "audit",
-        open_effect,
+        opening(effect),
         worker_prefetch=100,
         worker_concurrency=CONCURRENCY,
     )
@@ -111,13 +104,9 @@ async def test_a_batch_the_runner_fails_on_goes_back_to_the_queue_and_holds_nobo
 ) -> None:
     effect = BuggyOnce()
 
-    @asynccontextmanager
-    async def open_effect(_: Settings) -> AsyncIterator[Effect]:
-        yield effect
-
     first = [make_event(n) for n in range(5)]
     later = [make_event(n) for n in range(5, 10)]
-    worker = in_process(settings, "audit", open_effect)
+    worker = in_process(settings, "audit", opening(effect))
     async with running(worker):
         await broker.publish_in_order(*first)
 

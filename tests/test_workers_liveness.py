@@ -8,8 +8,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from session_close.events import SessionEvent
 from session_close.settings import Settings
@@ -18,9 +16,9 @@ from tests.support.workers import (
     Broker,
     in_process,
     make_event,
+    opening,
     running,
 )
-from workers.consumer import Effect
 from workers.metrics import WorkerMetrics
 
 STALE_AFTER = 1.0
@@ -67,14 +65,10 @@ async def test_liveness_fails_while_the_event_loop_is_stuck_and_recovers_after(
 ) -> None:
     effect = BlocksTheLoop()
 
-    @asynccontextmanager
-    async def open_effect(_: Settings) -> AsyncIterator[Effect]:
-        yield effect
-
     metrics = WorkerMetrics("audit", stale_after=STALE_AFTER)
     port = metrics.serve(0, "127.0.0.1")
     prober = Prober(port)
-    worker = in_process(settings, "audit", open_effect, metrics=metrics, heartbeat_seconds=0.1)
+    worker = in_process(settings, "audit", opening(effect), metrics=metrics, heartbeat_seconds=0.1)
     try:
         async with running(worker):
             prober.start()

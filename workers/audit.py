@@ -1,4 +1,4 @@
-"""The audit worker: one row per session.closed event in PostgreSQL table AUDIT_TABLE.
+"""The audit worker: one row per event (session.closed, session.expired) in AUDIT_TABLE.
 
 Rows are keyed by event id and inserted with ON CONFLICT DO NOTHING, so a redelivered
 event (or one taken by a second copy of the worker) adds nothing. Each batch the runner

@@ -29,7 +29,7 @@ from session_close.topology import Topology
 from tests.support.processes import settings_env
 from tests.support.waiting import wait_until
 from workers.audit import create_table_sql
-from workers.consumer import EffectFactory, Worker
+from workers.consumer import Effect, EffectFactory, Worker
 from workers.metrics import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +39,16 @@ def logged_lines(records: list[logging.LogRecord]) -> list[dict[str, Any]]:
     """The lines of the records the workers log a line per event through (one record per
     batch, session_close.logs.log_each), as the JSON lines on stdout would carry them."""
     return [line for record in records for line in record.__dict__.get(EACH, ())]
+
+
+def opening(effect: Effect) -> EffectFactory:
+    """An EffectFactory that yields a test-only effect object as it is."""
+
+    @contextlib.asynccontextmanager
+    async def open_effect(_: Settings) -> AsyncIterator[Effect]:
+        yield effect
+
+    return open_effect
 
 
 def make_event(

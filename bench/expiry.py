@@ -108,7 +108,7 @@ async def run(stack: Stack, *, rate: float, seconds: float, connections: int) ->
     # The sweep alone: the API sweeps a backlog while closes run, its events staying in
     # the outbox (no relay).
     await seed_expired(stack, BACKLOG, expires_at=[time.time() - 60] * BACKLOG)
-    api = stack.start("api", ["-m", "service", "--no-relay"])
+    api = stack.start("api", ["-m", "service"], stack.env({"RELAY_ENABLED": "false"}))
     await wait_for_port(api, settings.http_port)
     load = asyncio.create_task(closes(window))
     await wait_until("the backlog to be swept", index_empty, within=300, interval=0.02)

@@ -141,8 +141,7 @@ class Stack:
         return process
 
     async def start_api(self, *, relay: bool = True) -> Process:
-        args = ["-m", "service"] + ([] if relay else ["--no-relay"])
-        api = self.start("api", args)
+        api = self.start("api", ["-m", "service"], self.env({"RELAY_ENABLED": str(relay).lower()}))
         await wait_for_port(api, self.settings.http_port)
         return api
 

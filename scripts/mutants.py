@@ -72,7 +72,7 @@ class Mutant:
     tests: tuple[str, ...]
 
 
-RELAY = "service/relay.py"
+RELAY = "outbox/relay.py"
 CLOSE_SCRIPT = "session_close/lua/close_sessions.lua"
 CLOSE_ALL_SCRIPT = "session_close/lua/close_all_sessions.lua"
 SWEEP_SCRIPT = "session_close/lua/sweep_expired.lua"

@@ -10,15 +10,16 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from service.appkeys import AMQP, CLOSER, METRICS, REDIS, RELAY, SETTINGS
+from outbox.relay import Relay, open_exchange
+from outbox.stream import ensure_group
+from outbox.sweeper import Sweeper
+from outbox.sweeper import stop as stop_sweeper
+from service.appkeys import AMQP, CLOSER, METRICS, REDIS, SETTINGS
 from service.closer import SessionCloser
-from service.handlers import close_all_sessions, close_session
-from service.middlewares import info_replies, whole_requests
-from service.ops import measure_requests, setup_ops
-from service.relay import Relay, ensure_group, open_exchange
+from service.metrics import Metrics
+from service.middlewares import setup_middlewares
+from service.routes import setup_routes
 from service.schemas import MAX_BODY_BYTES
-from service.sweeper import Sweeper
-from service.sweeper import stop as stop_sweeper
 from session_close import amqp
 from session_close.keys import Keys
 from session_close.redis_client import connect_redis, warn_unless_durable
@@ -60,12 +61,12 @@ async def amqp_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    metrics = app[METRICS]
-    relay = app[RELAY] = Relay(
+    metrics = app[METRICS].outbox
+    relay = Relay(
         app[REDIS],
         settings,
-        on_published=metrics.relay_published_n,
-        on_failed=metrics.relay_failed_n,
+        on_published=metrics.relay_published,
+        on_failed=metrics.relay_failed,
     )
 
     async def run() -> None:
@@ -79,27 +80,22 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
-    sweeper = Sweeper(app[REDIS], app[SETTINGS], on_sweep=app[METRICS].sweep)
+    sweeper = Sweeper(app[REDIS], app[SETTINGS], on_sweep=app[METRICS].outbox.sweep)
     task = asyncio.create_task(sweeper.run(), name="expiry-sweeper")
     yield
     await stop_sweeper(task)
 
 
 def create_app(settings: Settings) -> web.Application:
-    # measure_requests comes first so it sees the reply info_replies made of any failure,
-    # whole_requests last so that info_replies answers its failures too.
-    app = web.Application(
-        client_max_size=MAX_BODY_BYTES,
-        middlewares=[measure_requests, info_replies, whole_requests],
-    )
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
+    app[METRICS] = Metrics()
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(amqp_ctx)
     if settings.relay_enabled:
         app.cleanup_ctx.append(relay_ctx)
     if settings.sweeper_enabled:
         app.cleanup_ctx.append(sweeper_ctx)
-    app.router.add_post("/v1.0/session/close", close_session)
-    app.router.add_post("/v1.0/session/close-all", close_all_sessions)
-    setup_ops(app)
+    setup_middlewares(app)
+    setup_routes(app)
     return app

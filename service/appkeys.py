@@ -10,7 +10,6 @@ from redis.asyncio import Redis
 
 from service.closer import SessionCloser
 from service.metrics import Metrics
-from service.relay import Relay
 from session_close.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -19,7 +18,6 @@ CLOSER = web.AppKey("closer", SessionCloser)
 # Done once RabbitMQ was first reached and the topology declared; the API serves
 # closes (their events wait in the outbox) before that.
 AMQP = web.AppKey("amqp", asyncio.Task[AbstractRobustConnection])
-RELAY = web.AppKey("relay", Relay)
 # Per app, not module-global: tests build many apps in one process.
 METRICS = web.AppKey("metrics", Metrics)
 

@@ -9,12 +9,12 @@ import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import Enum
 
 from redis.asyncio import Redis
 
 from session_close.batching import Batcher
+from session_close.events import rfc3339_now
 from session_close.keys import Keys, token_digest
 from session_close.scripts import CLOSE_ALL_SESSIONS, CLOSE_SESSIONS
 from session_close.settings import Settings
@@ -74,10 +74,6 @@ class CloseAllRequest:
 class CloseAllResult:
     outcome: CloseOutcome  # CLOSED, SESSION_NOT_FOUND (the session to keep) or UNKNOWN_TOKEN
     closed: int = 0
-
-
-def rfc3339_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class SessionCloser:

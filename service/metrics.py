@@ -17,8 +17,8 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from outbox.metrics import OutboxMetrics
 from service.closer import CloseAllResult, CloseOutcome
-from service.sweeper import SweepResult
 from session_close import __version__
 
 # Closes run in about a millisecond; the tail that matters is Redis timeouts (1 s).
@@ -58,12 +58,6 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
-        self.outbox_backlog = Gauge(
-            "outbox_backlog",
-            "session.closed events in the Redis outbox not yet confirmed by RabbitMQ "
-            "(read at scrape time).",
-            registry=self.registry,
-        )
         self.redis_up = Gauge(
             "redis_up",
             "1 when Redis answered the last check (/readyz or a scrape).",
@@ -73,16 +67,6 @@ class Metrics:
             "rabbitmq_up",
             "1 while the API's RabbitMQ connection is open (read at scrape time). Closes "
             "keep succeeding while it is 0; their events wait in the outbox.",
-            registry=self.registry,
-        )
-        self.relay_published = Counter(
-            "outbox_relay_published",
-            "Outbox events the broker confirmed.",
-            registry=self.registry,
-        )
-        self.relay_failures = Counter(
-            "outbox_relay_publish_failures",
-            "Outbox publishes that failed or timed out (the entry stays and is retried).",
             registry=self.registry,
         )
         self.close_all_requests = Counter(
@@ -97,35 +81,13 @@ class Metrics:
             "Sessions closed by close-all requests.",
             registry=self.registry,
         )
-        self.swept = Counter(
-            "sweeper_sessions",
-            "Sessions of the expiry index the sweeper handled, by outcome: expired (event "
-            "recorded), rescored (sliding expiry), dropped (gone or no expires_at), failed.",
-            ["outcome"],
-            registry=self.registry,
-        )
-        self.sweeper_lag = Gauge(
-            "sweeper_lag_seconds",
-            "How far past its expires_at the oldest session still due was after the last "
-            "sweep (0 when none is due).",
-            registry=self.registry,
-        )
-        # For the alerts and the dashboard (deploy/prometheus, deploy/grafana):
-        self.outbox_oldest_age = Gauge(
-            "outbox_oldest_entry_age_seconds",
-            "Age of the oldest outbox entry not yet confirmed by RabbitMQ, 0 when the "
-            "outbox is empty (read at scrape time).",
-            registry=self.registry,
-        )
+        self.outbox = OutboxMetrics(self.registry)
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory
         # build_info{version="..."} 1: which release each process runs.
         Info("build", "The running release.", registry=self.registry).info({"version": __version__})
         self._close_children = {o: self.closes.labels(o.value) for o in CloseOutcome}
         for outcome in ("closed", "nothing", "missing", "token"):
             self.close_all_requests.labels(outcome)
-        self._swept_children = {
-            o: self.swept.labels(o) for o in ("expired", "rescored", "dropped", "failed")
-        }
         self._children: dict[tuple[str, str, int], _Child] = {}
         self._last_backlog = 0
 
@@ -134,7 +96,10 @@ class Metrics:
         for status in EXPECTED_STATUSES:
             self._child(route, method, status)
 
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+    def observe_request(self, route: str | None, method: str, status: int, seconds: float) -> None:
+        """`route` is the route template, None for a request that matched none."""
+        if route is None:
+            route = UNMATCHED
         if method not in METHODS:
             method = "OTHER"
         requests, latency = self._child(route, method, status)
@@ -157,7 +122,7 @@ class Metrics:
         self.redis_up.set(redis_up)
         self.rabbitmq_up.set(rabbitmq_up)
         if backlog is not None:
-            self.outbox_backlog.set(backlog)
+            self.outbox.backlog.set(backlog)
             self._last_backlog = backlog
         return self._last_backlog
 
@@ -170,14 +135,3 @@ class Metrics:
             outcome = "closed" if result.closed else "nothing"
         self.close_all_requests.labels(outcome).inc()
         self.close_all_sessions.inc(result.closed)
-
-    def sweep(self, result: SweepResult) -> None:
-        for outcome, child in self._swept_children.items():
-            child.inc(getattr(result, outcome))
-        self.sweeper_lag.set(result.lag)
-
-    def relay_published_n(self, n: int) -> None:
-        self.relay_published.inc(n)
-
-    def relay_failed_n(self, n: int) -> None:
-        self.relay_failures.inc(n)

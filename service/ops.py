@@ -1,12 +1,10 @@
-"""The operational endpoints (/healthz, /readyz, /metrics, /openapi.json) and the
-middleware that measures every request."""
+"""The operational endpoints: /healthz, /readyz, /metrics and /openapi.json."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import time
 from dataclasses import dataclass
 
 from aio_pika.abc import AbstractRobustConnection
@@ -15,41 +13,14 @@ from aiohttp.typedefs import Handler
 from prometheus_client.aiohttp import make_aiohttp_handler
 from redis.exceptions import RedisError
 
-from service.appkeys import AMQP, METRICS, REDIS, REQUEST_STARTED, SETTINGS
-from service.metrics import UNMATCHED, Metrics
-from service.middlewares import CLIENT_CLOSED
+from outbox.stream import backlog, oldest_entry_age
+from service.appkeys import AMQP, METRICS, REDIS, SETTINGS
 from service.openapi import spec_json
-from service.relay import backlog
 from service.replies import Reply, info_reply
 from session_close import amqp
 from session_close.keys import Keys
 
 log = logging.getLogger(__name__)
-
-
-@web.middleware
-async def measure_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
-    start = request[REQUEST_STARTED] = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    except asyncio.CancelledError:
-        status = CLIENT_CLOSED
-        raise
-    finally:
-        # The route template, never the raw path, so label values stay bounded.
-        resource = request.match_info.route.resource
-        request.app[METRICS].observe_request(
-            resource.canonical if resource is not None else UNMATCHED,
-            request.method,
-            status,
-            time.perf_counter() - start,
-        )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -102,50 +73,28 @@ async def readyz(request: web.Request) -> web.Response:
     return info_reply(request, reply, beside=seen.body())
 
 
-async def _read_oldest_entry_age(app: web.Application) -> None:
-    """The age of the outbox's first entry, from its id (Redis's clock, in ms): one
-    XRANGE of one entry and one TIME, in one round trip."""
-    settings = app[SETTINGS]
-    async with asyncio.timeout(settings.redis_timeout_seconds):
-        pipe = app[REDIS].pipeline(transaction=False)
-        pipe.xrange(Keys(settings.redis_key_prefix).outbox, count=1)
-        pipe.time()
-        first, (seconds, micros) = await pipe.execute()
-    age = 0.0
-    if first:
-        entry_ms = int(str(first[0][0]).split("-", 1)[0])
-        age = max(0.0, seconds + micros / 1e6 - entry_ms / 1000)
-    app[METRICS].outbox_oldest_age.set(age)
-
-
 async def read_scraped_values(app: web.Application) -> None:
     """The values read at scrape time. A scrape while Redis is away still answers; the
     backlog keeps its last value."""
     await check_dependencies(app)
+    settings = app[SETTINGS]
     with contextlib.suppress(RedisError, OSError, TimeoutError):
-        await _read_oldest_entry_age(app)
+        async with asyncio.timeout(settings.redis_timeout_seconds):
+            age = await oldest_entry_age(app[REDIS], Keys(settings.redis_key_prefix))
+        app[METRICS].outbox.oldest_age.set(age)
 
 
-async def openapi(request: web.Request) -> web.Response:
-    return web.Response(body=spec_json(), content_type="application/json")
-
-
-def setup_ops(app: web.Application) -> None:
-    """The app's metrics and the operational routes; call it after the app's own routes,
-    whose series it creates."""
-    metrics = app[METRICS] = Metrics()
-    for route in app.router.routes():
-        if route.method == "POST" and route.resource is not None:
-            metrics.expect_requests(route.resource.canonical, route.method)
-    # prometheus_client's own handler: the format the scraper accepts (text or
-    # OpenMetrics), compressed when it asks.
-    render = make_aiohttp_handler(metrics.registry)
+def scrape_handler(app: web.Application) -> Handler:
+    """/metrics: prometheus_client's own handler (the format the scraper accepts, text or
+    OpenMetrics, compressed when it asks), after the values read at scrape time."""
+    render = make_aiohttp_handler(app[METRICS].registry)
 
     async def scrape(request: web.Request) -> web.StreamResponse:
         await read_scraped_values(request.app)
         return await render(request)
 
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", scrape)
-    app.router.add_get("/openapi.json", openapi)
+    return scrape
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=spec_json(), content_type="application/json")

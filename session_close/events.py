@@ -294,6 +294,11 @@ class SessionEvent:
         )
 
 
+def rfc3339_now() -> str:
+    """Now, as the events' times are written (the scripts store it as closedAt)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def _rfc3339(unix: float) -> str:
     return (
         datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -80,7 +80,7 @@ def accepts(argv: tuple[str, ...]) -> bool:
 def assert_entry_point(argv: list[str]) -> None:
     assert argv[:2] == ["python", "-m"] or argv[0] in console_scripts(), argv
     if argv[0] == "python":
-        assert argv[2] in ("service", "workers"), argv
+        assert argv[2] in ("service", "outbox", "workers"), argv
     assert accepts(tuple(argv)), f"not an entry point: {shlex.join(argv)}"
 
 
@@ -106,7 +106,7 @@ def assert_valid_settings(env: Mapping[str, str]) -> Settings:
 
 def test_the_checks_themselves_reject_what_is_wrong() -> None:
     assert not accepts(("python", "-m", "workers", "no-such-worker"))
-    assert not accepts(("python", "-m", "service", "no-such-command"))
+    assert not accepts(("python", "-m", "outbox", "no-such-command"))
     assert not accepts(("python", "-m", "no_such_module"))
     assert accepts(("session-workers", "push-cleanup"))
     assert "/readyz" in get_routes()

@@ -13,8 +13,8 @@ from collections import Counter
 from aiohttp.pytest_plugin import AiohttpClient
 from redis.asyncio import Redis
 
+from outbox.sweeper import Sweeper
 from service.app import create_app
-from service.sweeper import Sweeper
 from session_close.cli import create_session, create_token
 from session_close.events import SessionEvent, _schema
 from session_close.keys import Keys

@@ -3,7 +3,7 @@ included) validates strictly against its schema (kubernetes-validate for built-i
 tests/schemas/crds.yaml for KEDA's and the Prometheus operator's), every pod passes Pod
 Security "restricted", no Deployment sets the replicas an HPA or KEDA owns, a PodMonitor
 scrapes every pod's metrics port, and the standalone-relay component turns the API's
-relay off and runs `python -m service relay` instead."""
+relay off and runs `python -m outbox relay` instead."""
 
 from __future__ import annotations
 
@@ -236,7 +236,7 @@ def test_standalone_relay_component_moves_the_relay_out_of_the_api() -> None:
     relay = rendered["session-close-relay"]
     container = relay["spec"]["template"]["spec"]["containers"][0]
     assert_entry_point(container["command"])
-    assert container["command"] == ["python", "-m", "service", "relay"]
+    assert container["command"] == ["python", "-m", "outbox", "relay"]
     assert container["envFrom"] == api["envFrom"]
     assert relay["spec"]["replicas"] >= 2
     budgets = [

@@ -16,7 +16,7 @@ import pytest
 from session_close.logs import EACH, configure_logging, log_each
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("session_close", "service", "workers", "bench")
+PACKAGES = ("session_close", "service", "outbox", "workers", "bench")
 LEVELS = frozenset({"debug", "info", "warning", "error", "exception", "critical", "log"})
 LOGGERS = frozenset({"log", "logger", "logging"})
 

@@ -21,9 +21,10 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp.pytest_plugin import AiohttpClient
 from redis.asyncio import Redis
 
+from outbox.relay import Relay
+from outbox.stream import ensure_group
 from service.app import create_app
 from service.appkeys import AMQP
-from service.relay import Relay, ensure_group
 from session_close.keys import OUTBOX_GROUP, Keys, token_digest
 from session_close.scripts import CLOSE_SESSIONS
 from session_close.settings import Settings
@@ -200,9 +201,7 @@ async def test_entries_of_a_killed_relay_are_published_by_another_within_10_s(
     env = settings_env(
         settings, AMQP_URL=through(settings.amqp_url, amqp_proxy), LOG_LEVEL="WARNING"
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "relay", env=env
-    )
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "outbox", "relay", env=env)
     try:
 
         async def relay_reading() -> bool:
@@ -265,7 +264,7 @@ async def test_an_idle_relay_does_not_time_out_on_redis(
     """Its blocking read must end inside the client's socket timeout; it used not to."""
     from session_close.redis_client import connect_redis
 
-    caplog.set_level(logging.WARNING, logger="service.relay")
+    caplog.set_level(logging.WARNING, logger="outbox.relay")
     relay_redis = connect_redis(settings)
     connection = await aio_pika.connect_robust(settings.amqp_url)
     async with connection:
@@ -278,7 +277,7 @@ async def test_an_idle_relay_does_not_time_out_on_redis(
         assert not done
         await relay.stop(task)
     await relay_redis.aclose()
-    assert [r.getMessage() for r in caplog.records if r.name == "service.relay"] == []
+    assert [r.getMessage() for r in caplog.records if r.name == "outbox.relay"] == []
 
 
 @pytest.mark.parametrize("mode", ["reset", "blackhole"])

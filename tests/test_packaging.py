@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # Import names that differ from their distribution's name.
 DISTRIBUTIONS = {"redis": "redis", "aio_pika": "aio-pika", "prometheus_client": "prometheus-client"}
+# The shared package and a package per process.
+OURS = {"session_close", "service", "outbox", "workers"}
 
 
 def pins(lock: str) -> dict[str, str]:
@@ -48,17 +50,16 @@ def test_the_lock_files_pin_every_declared_dependency_within_its_floor() -> None
 
 def imported_distributions() -> set[str]:
     names = set()
-    for package in ("session_close", "service", "workers"):
+    for package in OURS:
         for path in (ROOT / package).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Import):
                     names |= {alias.name.split(".")[0] for alias in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                     names.add(node.module.split(".")[0])
-    ours = {"session_close", "service", "workers"}
     return {
         canonicalize_name(DISTRIBUTIONS.get(name, name))
-        for name in names - ours - set(sys.stdlib_module_names)
+        for name in names - OURS - set(sys.stdlib_module_names)
     }
 
 
@@ -67,7 +68,7 @@ def test_every_package_the_code_imports_is_a_declared_runtime_dependency() -> No
     assert imported_distributions() - declared == set()
 
 
-def test_pip_install_gives_one_shared_package_beside_service_and_workers(tmp_path: Path) -> None:
+def test_pip_install_gives_one_shared_package_beside_a_package_per_process(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), "."],
         cwd=ROOT,
@@ -79,5 +80,5 @@ def test_pip_install_gives_one_shared_package_beside_service_and_workers(tmp_pat
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
-    assert top == {"session_close", "service", "workers"}
+    assert top == OURS
     assert "session_close/lua/close_sessions.lua" in names

@@ -13,7 +13,7 @@ import uuid
 
 from redis.asyncio import Redis
 
-from service.sweeper import EVENT_NAMESPACE, Sweeper, SweepResult
+from outbox.sweeper import EVENT_NAMESPACE, Sweeper, SweepResult
 from session_close.cli import create_session
 from session_close.keys import Keys
 from session_close.settings import Settings

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from service.closer import rfc3339_now
+from session_close.events import rfc3339_now
 from session_close.keys import Keys
 from session_close.retry import Backoff, Policy
 from session_close.scripts import SWEEP_EXPIRED
@@ -107,7 +107,7 @@ async def stop(task: asyncio.Task[None]) -> None:
 
 
 async def run_standalone(settings: Settings) -> None:
-    """The sweeper as its own process (`python -m service sweeper`), until SIGTERM/SIGINT.
+    """The sweeper as its own process (`python -m outbox sweeper`), until SIGTERM/SIGINT.
     Its events wait in the outbox for the relays."""
     from session_close.redis_client import connect_redis
     from session_close.runtime import tune_gc

@@ -29,8 +29,9 @@ from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from aiormq.exceptions import ChannelInvalidStateError
 from pamqp.commands import Basic
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
+from outbox.stream import ensure_group
 from session_close.events import CONTENT_TYPE, SessionEvent
 from session_close.keys import OUTBOX_GROUP, Keys
 from session_close.retry import Backoff, Policy, retry
@@ -49,19 +50,6 @@ PUBLISH_SLICE = 10
 RELAY = Policy(first=0.1, cap=5.0)
 CHANNEL = Policy(first=1.0, cap=1.0)
 PERSISTENT = aio_pika.DeliveryMode.PERSISTENT.value
-
-
-async def ensure_group(redis: Redis, keys: Keys) -> None:
-    try:
-        await redis.xgroup_create(keys.outbox, OUTBOX_GROUP, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
-
-
-async def backlog(redis: Redis, keys: Keys) -> int:
-    """Entries not yet confirmed by the broker (confirmed ones are deleted)."""
-    return int(await redis.xlen(keys.outbox))
 
 
 def consumer_name() -> str:
@@ -299,7 +287,7 @@ async def open_exchange(
 
 
 async def run_standalone(settings: Settings) -> None:
-    """The relay as its own process (`python -m service relay`), until SIGTERM/SIGINT."""
+    """The relay as its own process (`python -m outbox relay`), until SIGTERM/SIGINT."""
     from session_close.amqp import connect_and_declare
     from session_close.redis_client import connect_redis
     from session_close.runtime import tune_gc

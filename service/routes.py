@@ -1,0 +1,23 @@
+"""Every route of the API, in one place."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from service.appkeys import METRICS
+from service.handlers import close_all_sessions, close_session
+from service.ops import healthz, openapi, readyz, scrape_handler
+
+
+def setup_routes(app: web.Application) -> None:
+    """Call it once app[METRICS] is set: the session routes' series are created before
+    their first request, and /metrics serves that registry."""
+    app.router.add_post("/v1.0/session/close", close_session)
+    app.router.add_post("/v1.0/session/close-all", close_all_sessions)
+    for route in app.router.routes():
+        if route.resource is not None:
+            app[METRICS].expect_requests(route.resource.canonical, route.method)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", scrape_handler(app))
+    app.router.add_get("/openapi.json", openapi)

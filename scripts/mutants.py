@@ -76,13 +76,13 @@ RELAY = "outbox/relay.py"
 CLOSE_SCRIPT = "session_close/lua/close_sessions.lua"
 CLOSE_ALL_SCRIPT = "session_close/lua/close_all_sessions.lua"
 SWEEP_SCRIPT = "session_close/lua/sweep_expired.lua"
-CONSUMER = "workers/consumer.py"
-OUTBOX = "tests/test_outbox.py::test_"
-IDEMPOTENCY = "tests/test_close_idempotency.py::test_"
-CLOSE_ALL = "tests/test_close_all.py::test_"
-SWEEPER = "tests/test_sweeper.py::test_"
-POISON = "tests/test_workers_poison.py::test_"
-ERRORS = "tests/test_close_errors.py::test_"
+RUNNER = "workers/runner.py"
+OUTBOX = "tests/outbox/test_relay.py::test_"
+IDEMPOTENCY = "tests/api/test_close_idempotency.py::test_"
+CLOSE_ALL = "tests/api/test_close_all.py::test_"
+SWEEPER = "tests/outbox/test_sweeper.py::test_"
+POISON = "tests/workers/test_poison.py::test_"
+HYGIENE = "tests/api/test_http_hygiene.py::test_"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -96,7 +96,7 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         tests=(
-            "tests/test_ops_process.py::test_access_log_is_one_json_line_per_request_without_secrets",
+            "tests/api/test_ops_process.py::test_access_log_is_one_json_line_per_request_without_secrets",
         ),
     ),
     # The outbox and its relay: no event lost, none stranded, none unconfirmed.
@@ -172,7 +172,7 @@ MUTANTS: tuple[Mutant, ...] = (
             Edit("        ON CONFLICT (event_id) DO NOTHING\n", ""),
         ),
         tests=(
-            "tests/test_workers_audit.py::"
+            "tests/workers/test_audit.py::"
             "test_a_worker_killed_mid_batch_leaves_exactly_one_row_per_event_after_redelivery",
         ),
     ),
@@ -191,7 +191,7 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         tests=(
-            "tests/test_workers_push.py::"
+            "tests/workers/test_push.py::"
             "test_tokens_reregistered_while_the_cleanup_runs_are_never_removed",
         ),
     ),
@@ -200,7 +200,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "session_close/lua/remove_push_tokens.lua",
         edits=(Edit("    if pairs[i + 1] == sid then\n", "    if true then\n"),),
         tests=(
-            "tests/test_workers_push.py::"
+            "tests/workers/test_push.py::"
             "test_a_token_reregistered_by_a_newer_session_survives_a_late_or_repeated_event",
         ),
     ),
@@ -218,7 +218,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "poison message retried forever",
-        CONSUMER,
+        RUNNER,
         edits=(
             Edit(
                 "        if not transient:\n            failed += 1\n",
@@ -231,7 +231,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "a batch failing for one message's content is not split",
-        CONSUMER,
+        "session_close/batching.py",
         edits=(
             Edit(
                 "            return await asyncio.gather(*(alone(item) for item in items), "
@@ -245,7 +245,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "malformed message requeued instead of dead-lettered",
-        CONSUMER,
+        RUNNER,
         edits=(
             Edit(
                 '                self._dead_letter(held, "malformed", str(exc))\n',
@@ -253,7 +253,7 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         tests=(
-            "tests/test_workers_dlq.py::"
+            "tests/workers/test_dlq.py::"
             "test_malformed_messages_are_dead_lettered_at_once_and_replay_brings_good_ones_back",
         ),
     ),
@@ -267,13 +267,13 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         tests=(
-            "tests/test_workers_settle.py::"
+            "tests/workers/test_settle.py::"
             "test_a_message_held_for_retry_is_never_acked_by_a_later_run_even_after_a_reconnect",
         ),
     ),
     Mutant(
         "worker batches in work uncapped",
-        CONSUMER,
+        RUNNER,
         edits=(
             Edit(
                 "size = min(self._batch_size - self._working, len(self._waiting))",
@@ -281,13 +281,13 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         tests=(
-            "tests/test_workers_batches.py::"
+            "tests/workers/test_batches.py::"
             "test_batches_share_deliveries_and_never_exceed_the_concurrency_retries_included",
         ),
     ),
     Mutant(
         "a batch the runner fails on stays held",
-        CONSUMER,
+        RUNNER,
         edits=(
             Edit(
                 '            self._finish(batch, "requeue")\n\n',
@@ -295,7 +295,7 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         tests=(
-            "tests/test_workers_batches.py::"
+            "tests/workers/test_batches.py::"
             "test_a_batch_the_runner_fails_on_goes_back_to_the_queue_and_holds_nobody_back",
         ),
     ),
@@ -310,7 +310,7 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         tests=(
-            "tests/test_ops_endpoints.py::"
+            "tests/api/test_ops_endpoints.py::"
             "test_readyz_stays_ready_while_rabbitmq_is_unreachable_and_reports_it",
         ),
     ),
@@ -318,7 +318,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "a client stalled mid-request is never cut off",
         "service/server.py",
         edits=(Edit("if data and self._read_deadline is None:", "if False:"),),
-        tests=(f"{ERRORS}a_client_stalled_mid_headers_is_disconnected_after_the_read_timeout",),
+        tests=(f"{HYGIENE}a_client_stalled_mid_headers_is_disconnected_after_the_read_timeout",),
     ),
     Mutant(
         "close batches in flight uncapped",
@@ -330,7 +330,7 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         tests=(
-            "tests/test_ops_endpoints.py::"
+            "tests/api/test_ops_endpoints.py::"
             "test_a_hanging_redis_gives_503s_from_a_bounded_number_of_connections",
         ),
     ),
@@ -393,7 +393,7 @@ MUTANTS: tuple[Mutant, ...] = (
         CLOSE_SCRIPT,
         edits=(Edit("  if expires_at and expires_at <= now then\n", "  if false then\n"),),
         tests=(
-            "tests/test_expiry.py::"
+            "tests/outbox/test_expiry.py::"
             "test_a_close_of_a_session_past_its_expires_at_is_404_before_and_after_the_sweep",
         ),
     ),

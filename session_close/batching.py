@@ -1,7 +1,7 @@
 """Micro-batching: calls made close together share one round trip to a backend.
 
 Each caller awaits its own result; the batch is flushed when it is full, or when the
-current event-loop iteration ends (linger 0), or after `linger` seconds. At most
+current event-loop iteration ends. At most
 `max_in_flight` batches run at once: while all are busy, new calls gather into the next
 batch, and callers that gave up meanwhile (their future cancelled) are left out of it.
 """
@@ -9,8 +9,11 @@ batch, and callers that gave up meanwhile (their future cancelled) are left out 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -24,15 +27,13 @@ class Batcher(Generic[T, R]):
         flush: FlushFn[T, R],
         *,
         max_size: int,
-        linger: float = 0.0,
         max_in_flight: int | None = None,
     ) -> None:
         self._flush = flush
         self._max_size = max_size
         self._max_in_flight = max_in_flight
-        self._linger = linger
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
-        self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._timer: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: T) -> R:
@@ -42,10 +43,7 @@ class Batcher(Generic[T, R]):
         if len(self._pending) >= self._max_size:
             self._start_flush()
         elif self._timer is None:
-            if self._linger > 0:
-                self._timer = loop.call_later(self._linger, self._start_flush)
-            else:
-                self._timer = loop.call_soon(self._start_flush)
+            self._timer = loop.call_soon(self._start_flush)
         return await future
 
     def _start_flush(self) -> None:
@@ -89,3 +87,30 @@ class Batcher(Generic[T, R]):
         while self._pending or self._tasks:
             self._start_flush()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def split_on_content_failure(
+    flush: FlushFn[T, R], transient: tuple[type[BaseException], ...]
+) -> FlushFn[T, R]:
+    """A batch flush that, when the batch fails for something other than its backend,
+    flushes each item alone: the items that fail alone get their own error, the others
+    their result, so one bad item cannot fail the batch it shared."""
+
+    async def alone(item: T) -> R:
+        [result] = await flush([item])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def flush_or_split(items: list[T]) -> Sequence[R | BaseException]:
+        try:
+            return await flush(items)
+        except transient:
+            raise
+        except Exception:
+            if len(items) == 1:
+                raise
+            log.warning("a batch failed for its content; applying its items one by one")
+            return await asyncio.gather(*(alone(item) for item in items), return_exceptions=True)
+
+    return flush_or_split

@@ -141,7 +141,7 @@ def _traceparent(value: object) -> str | None:
 
 # The usual, well-formed event is checked here without marshmallow's per-call cost (about
 # 40 us, an eighth of a worker's CPU per message). This accepts only what the schema
-# accepts (tests/test_validation_fast_path.py); anything else goes to the schema, which
+# accepts (tests/api/test_validation_fast_path.py); anything else goes to the schema, which
 # decides and words the error.
 _TRACED_EVENT_KEYS = frozenset(_schema.fields)
 _EVENT_KEYS = _TRACED_EVENT_KEYS - {"traceparent"}

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = dataclasses.replace(
         settings, **{k: v for k, v in overrides.items() if v is not None}
     )
-    from workers.consumer import run_worker
+    from workers.runner import run_worker
 
     if args.command == "audit":
         from workers.audit import open_audit

@@ -18,11 +18,12 @@ from datetime import UTC, datetime
 import asyncpg
 import orjson
 
+from session_close.batching import split_on_content_failure
 from session_close.events import SessionEvent
 from session_close.logs import log_each, short_id
 from session_close.retry import retry
 from session_close.settings import Settings
-from workers.consumer import Effect, event_ids, split_on_content_failure
+from workers.effect import Effect, event_ids
 
 log = logging.getLogger(__name__)
 

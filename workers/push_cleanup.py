@@ -19,13 +19,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from session_close.batching import split_on_content_failure
 from session_close.events import SessionEvent
 from session_close.keys import Keys
 from session_close.logs import log_each, short_id
 from session_close.redis_client import connect_redis
 from session_close.scripts import REMOVE_PUSH_TOKENS
 from session_close.settings import Settings
-from workers.consumer import Effect, event_ids, split_on_content_failure
+from workers.effect import Effect, event_ids
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 `make dashboard` writes deploy/grafana/session-close.json from this module; a test
 regenerates it and fails when the committed JSON differs. Every metric name a panel
 queries is checked against the live /metrics of the API and the workers
-(tests/test_prometheus_live.py).
+(tests/deploy/test_prometheus_live.py).
 """
 
 from __future__ import annotations

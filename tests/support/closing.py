@@ -1,15 +1,19 @@
 """Helpers for tests of the close endpoint: the apps' request, sessions written the way
-the login side writes them, and a snapshot of a test's Redis keys."""
+the login side writes them, a snapshot of a test's Redis keys, and a reply's info."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aio_pika
-from aiohttp import web
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from service.schemas import InfoReplySchema
 from session_close.cli import create_session, create_token
 from session_close.keys import Keys
 
@@ -19,6 +23,11 @@ APP_CONTENT_TYPE = "application/json; multipart/form-data;"
 BODY = b'{ "requestContent": { } }'
 
 Client = TestClient[web.Request, web.Application]
+
+# The user, session and token of the `session` fixture (tests/api/conftest.py).
+USER = "user-1"
+SID = "session-0001"
+TOKEN = "token-of-user-1"
 
 
 def app_headers(token: str, session_id: str, **extra: str) -> dict[str, str]:
@@ -80,3 +89,23 @@ async def queue_depth(amqp_url: str, queue: str) -> int:
         count = declared.declaration_result.message_count
         assert count is not None
         return int(count)
+
+
+async def info_of(resp: ClientResponse, status: int, info_type: str) -> dict[str, Any]:
+    """The reply's info object, after checking the status and the shape every reply has."""
+    body = await resp.text()
+    assert resp.status == status, body
+    assert resp.content_type == "application/json"
+    reply = json.loads(body)
+    assert InfoReplySchema().validate(reply) == {}, reply
+    info: dict[str, Any] = reply["info"]
+    assert info["type"] == info_type
+    assert resp.headers["X-Request-ID"]
+    return info
+
+
+@asynccontextmanager
+async def state_unchanged(redis: Redis, keys: Keys) -> AsyncIterator[None]:
+    before = await snapshot(redis, keys.prefix)
+    yield
+    assert await snapshot(redis, keys.prefix) == before

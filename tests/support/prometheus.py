@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.paths import ROOT
+
 RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
-ALERT_TESTS = ROOT / "tests" / "prometheus" / "alerts_test.yaml"
+ALERT_TESTS = ROOT / "tests" / "deploy" / "prometheus" / "alerts_test.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "session-close.json"
 
 PROMTOOL = shutil.which("promtool")

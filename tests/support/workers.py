@@ -13,7 +13,6 @@ import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -26,13 +25,13 @@ from session_close.logs import EACH
 from session_close.retry import Policy
 from session_close.settings import Settings
 from session_close.topology import Topology
+from tests.support.paths import ROOT
 from tests.support.processes import settings_env
 from tests.support.waiting import wait_until
 from workers.audit import create_table_sql
-from workers.consumer import Effect, EffectFactory, Worker
+from workers.effect import Effect, EffectFactory
 from workers.metrics import WorkerMetrics
-
-ROOT = Path(__file__).resolve().parents[2]
+from workers.runner import Worker
 
 
 def logged_lines(records: list[logging.LogRecord]) -> list[dict[str, Any]]:

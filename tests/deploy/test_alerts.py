@@ -9,10 +9,10 @@ from typing import Any
 
 import yaml
 
+from tests.support.paths import ROOT
 from tests.support.prometheus import (
     ALERT_TESTS,
     PROMTOOL,
-    ROOT,
     RULES,
     needs_promtool,
 )

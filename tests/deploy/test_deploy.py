@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,9 +21,9 @@ from service.app import create_app
 from session_close.redis_client import DURABLE
 from session_close.settings import Settings, SettingsSchema
 from session_close.topology import WORKERS, Topology
+from tests.support.paths import ROOT
 from workers.metrics import STALE_AFTER_SECONDS
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 SETTING_NAMES = frozenset(SettingsSchema.fields)
@@ -40,12 +39,12 @@ def test_every_file_under_deploy_is_checked_here() -> None:
         DEPLOY / "compose.yaml",
         DEPLOY / "rabbitmq" / "enabled_plugins",
         *K8S.glob("*.yaml"),
-        # checked by tests/test_alerts.py, test_dashboard.py and test_prometheus_live.py
+        # checked by tests/deploy/test_alerts.py, test_dashboard.py and test_prometheus_live.py
         DEPLOY / "prometheus" / "rules.yaml",
         DEPLOY / "prometheus" / "prometheusrule.py",
         DEPLOY / "grafana" / "dashboard.py",
         DEPLOY / "grafana" / "session-close.json",
-        # checked by tests/test_k8s_validate.py
+        # checked by tests/deploy/test_k8s_validate.py
         *(K8S / "components").rglob("*.yaml"),
         K8S / "components" / "standalone-relay" / "README.md",
     }

@@ -15,8 +15,8 @@ batches of deliveries, ack after it.
   message's own: it is retried until WORKER_MAX_ATTEMPTS attempts (counted here, while
   the message is held; a redelivery starts again), then dead-lettered as poison. The
   messages of a batch that failed are retried together; the others are acked at once.
-  A batch that fails for its content is split (split_on_content_failure) so that only
-  the bad message pays.
+  A batch that fails for its content is split (batching.split_on_content_failure) so
+  that only the bad message pays.
 - The loop itself beats (WorkerMetrics.beat) so that liveness fails when it is stuck.
 - SIGTERM, the way arq stops: cancel the consumer so nothing new arrives, let the
   batches in hand finish within SHUTDOWN_TIMEOUT_SECONDS (messages waiting for a batch or
@@ -34,9 +34,9 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from typing import Protocol, TypeVar
+from collections.abc import Iterable, Sequence
+from contextlib import AsyncExitStack
+from typing import TypeVar
 
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
@@ -47,6 +47,7 @@ from session_close.runtime import tune_gc
 from session_close.settings import Settings
 from session_close.topology import Topology
 from workers.delivery import Consumer, DeliveredMessage, channel_closed, message_id
+from workers.effect import Effect, EffectFactory, event_ids
 from workers.metrics import HEARTBEAT_SECONDS, WorkerMetrics
 from workers.settler import BROKER_CALL_TIMEOUT_SECONDS, Disposition, Held, Settler
 
@@ -61,58 +62,6 @@ RETRY = Policy(first=0.1, cap=5.0)
 # (a batch's INSERT or script run, its ack frame and its wake-ups shared by more events),
 # for 20 ms more end to end against a budget of 250 ms.
 BATCH_LINGER_SECONDS = 0.025
-
-
-class Effect(Protocol):
-    """What a worker does with events. It must be idempotent. Per event, `apply` returns
-    None when it is done or the exception it failed with: MalformedEvent for an event it
-    can never act on, one of `transient` when its backend cannot be reached or is out of
-    resources, anything else when the event itself failed. Raising fails every event of
-    the call (a backend down, say)."""
-
-    transient: tuple[type[BaseException], ...]  # retried without limit, logged without traceback
-
-    async def apply(self, events: list[SessionEvent]) -> Sequence[BaseException | None]: ...
-
-
-EffectFactory = Callable[[Settings], AbstractAsyncContextManager[Effect]]
-
-
-def split_on_content_failure(
-    flush: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
-    transient: tuple[type[BaseException], ...],
-) -> Callable[[list[T]], Awaitable[Sequence[R | BaseException]]]:
-    """A batch flush that, when the batch fails for something other than its backend,
-    flushes each item alone: the items that fail alone get their own error, the others
-    their result, so one bad item cannot fail the batch it shared."""
-
-    async def alone(item: T) -> R:
-        [result] = await flush([item])
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-    async def flush_or_split(items: list[T]) -> Sequence[R | BaseException]:
-        try:
-            return await flush(items)
-        except transient:
-            raise
-        except Exception:
-            if len(items) == 1:
-                raise
-            log.warning("a batch failed for its content; applying its items one by one")
-            return await asyncio.gather(*(alone(item) for item in items), return_exceptions=True)
-
-    return flush_or_split
-
-
-def event_ids(event: SessionEvent) -> dict[str, str | None]:
-    """The ids every line logged about an event carries."""
-    return {
-        "request_id": event.request_id,
-        "event_id": event.event_id,
-        "trace_id": event.trace_id,
-    }
 
 
 class Worker:

@@ -10,7 +10,6 @@ import gzip
 import tomllib
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient
@@ -21,9 +20,8 @@ from redis.asyncio import Redis
 from service.app import create_app
 from session_close.keys import Keys
 from session_close.settings import Settings
+from tests.support.paths import ROOT
 from workers.metrics import WorkerMetrics
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 async def scrape(aiohttp_client: AiohttpClient, settings: Settings) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """The Grafana dashboard in deploy/grafana: the committed JSON is what the code generates,
 and it shows what an operator looks at first. (Its metric names are checked against the
-live /metrics in tests/test_prometheus_live.py.)"""
+live /metrics in tests/deploy/test_prometheus_live.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import json
 from types import ModuleType
 from typing import Any
 
-from tests.support.prometheus import DASHBOARD, ROOT
+from tests.support.paths import ROOT
+from tests.support.prometheus import DASHBOARD
 from tests.support.promql import metric_names
 
 

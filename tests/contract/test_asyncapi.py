@@ -5,7 +5,6 @@ validate with, lint clean, and describe exactly what the relay publishes."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,9 +13,9 @@ from jsonschema import Draft202012Validator
 from session_close.asyncapi import build_document, dumps, event_json_schema
 from session_close.events import SessionEvent
 from session_close.topology import ROUTING_KEYS
+from tests.support.paths import ROOT
 from tests.support.redocly import assert_lints_clean
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 

@@ -1,6 +1,6 @@
 """Kubernetes by the book, without a cluster: every object in deploy/k8s (its components
 included) validates strictly against its schema (kubernetes-validate for built-in kinds,
-tests/schemas/crds.yaml for KEDA's and the Prometheus operator's), every pod passes Pod
+tests/deploy/schemas/crds.yaml for KEDA's and the Prometheus operator's), every pod passes Pod
 Security "restricted", no Deployment sets the replicas an HPA or KEDA owns, a PodMonitor
 scrapes every pod's metrics port, and the standalone-relay component turns the API's
 relay off and runs `python -m outbox relay` instead."""
@@ -19,7 +19,13 @@ import pytest
 import yaml
 from kubernetes_validate.utils import SchemaNotFoundError, latest_version
 
-from tests.test_deploy import K8S, Manifest, assert_entry_point, assert_valid_settings, get_routes
+from tests.deploy.test_deploy import (
+    K8S,
+    Manifest,
+    assert_entry_point,
+    assert_valid_settings,
+    get_routes,
+)
 
 SCHEMAS = Path(__file__).parent / "schemas" / "crds.yaml"
 COMPONENTS = K8S / "components"

@@ -9,13 +9,12 @@ import io
 import json
 import logging
 import sys
-from pathlib import Path
 
 import pytest
 
 from session_close.logs import EACH, configure_logging, log_each
+from tests.support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("session_close", "service", "outbox", "workers", "bench")
 LEVELS = frozenset({"debug", "info", "warning", "error", "exception", "critical", "log"})
 LOGGERS = frozenset({"log", "logger", "logging"})

@@ -7,11 +7,11 @@ import dataclasses
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from session_close.settings import Settings, SettingsError
+from tests.support.paths import ROOT
 
 SPEC_DEFAULTS = {
     "HTTP_HOST": "0.0.0.0",
@@ -171,7 +171,7 @@ def test_service_help_works_even_with_a_bad_variable() -> None:
 
 
 def test_the_readme_configuration_table_lists_every_variable_with_its_default() -> None:
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
     rows = {
         cells[0].strip("` "): cells[1].strip()

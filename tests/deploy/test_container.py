@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_deploy import (
+from tests.deploy.test_deploy import (
     DEPLOY,
     assert_valid_settings,
     compose,

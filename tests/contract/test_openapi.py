@@ -45,12 +45,12 @@ from service.schemas import (
 from session_close.cli import create_session, create_token
 from session_close.keys import Keys
 from session_close.settings import Settings
+from tests.support.paths import ROOT
 from tests.support.processes import listening_port, running, settings_env
 from tests.support.redocly import assert_lints_clean
 
 Client = TestClient[web.Request, web.Application]
 
-ROOT = Path(__file__).resolve().parents[1]
 # The error table: every status the session endpoints answer with.
 SESSION_STATUSES = {200, 400, 401, 404, 405, 413, 415, 500, 503}
 
@@ -285,7 +285,7 @@ def test_schemathesis_finds_no_server_error_and_no_reply_outside_the_document(
         **{f"status_{status}": n for status, n in sorted(statuses.items())},
     )
     # the run reached every kind of reply the session endpoints give to a client
-    # (415 is left to test_close_errors: the document gives the body one media type, so
+    # (415 is left to test_close_request_checks: the document gives the body one media type, so
     # schemathesis sends no other)
     assert {200, 400, 401, 404} <= statuses.keys(), statuses
     assert statuses.total() >= 150

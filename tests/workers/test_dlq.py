@@ -42,7 +42,7 @@ async def test_malformed_messages_are_dead_lettered_at_once_and_replay_brings_go
     good = [make_event(n) for n in range(2)]
     worker = in_process(settings, "audit", open_audit)
     async with running(worker):
-        with caplog.at_level(logging.ERROR, logger="workers.consumer"):
+        with caplog.at_level(logging.ERROR, logger="workers.runner"):
             for message_id, body in malformed_bodies(settings).items():
                 await broker.publish_raw(body, message_id)
             await broker.publish(*good)

@@ -25,8 +25,8 @@ from tests.support.workers import (
     table_rejecting,
 )
 from workers.audit import open_audit
-from workers.consumer import Worker
 from workers.push_cleanup import open_push_cleanup
+from workers.runner import Worker
 
 MAX_ATTEMPTS = 3
 

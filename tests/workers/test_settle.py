@@ -22,7 +22,7 @@ from tests.support.workers import (
     table_rejecting,
 )
 from workers.audit import open_audit
-from workers.consumer import Worker
+from workers.runner import Worker
 
 
 async def test_the_acks_of_a_burst_share_frames(

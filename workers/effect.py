@@ -1,0 +1,35 @@
+"""What a worker does with the events it is handed (its effect), and what every effect
+shares: the ids its log lines carry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+from session_close.events import SessionEvent
+from session_close.settings import Settings
+
+
+class Effect(Protocol):
+    """What a worker does with events. It must be idempotent. Per event, `apply` returns
+    None when it is done or the exception it failed with: MalformedEvent for an event it
+    can never act on, one of `transient` when its backend cannot be reached or is out of
+    resources, anything else when the event itself failed. Raising fails every event of
+    the call (a backend down, say)."""
+
+    transient: tuple[type[BaseException], ...]  # retried without limit, logged without traceback
+
+    async def apply(self, events: list[SessionEvent]) -> Sequence[BaseException | None]: ...
+
+
+EffectFactory = Callable[[Settings], AbstractAsyncContextManager[Effect]]
+
+
+def event_ids(event: SessionEvent) -> dict[str, str | None]:
+    """The ids every line logged about an event carries."""
+    return {
+        "request_id": event.request_id,
+        "event_id": event.event_id,
+        "trace_id": event.trace_id,
+    }

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The Debian packages the project uses beside Python: `prometheus` (promtool and
-# prometheus, for the alert unit tests and the live scrape test) and `wrk` (the
-# benchmarks). Installed only when run as root (CI); otherwise named, and the tests that
-# need them are skipped with the same message.
+# The Debian packages the project uses beside Python: the three services it talks to
+# (`redis-server`, `rabbitmq-server`, `postgresql`, started by scripts/start-services.sh),
+# `prometheus` (promtool and prometheus, for the alert unit tests and the live scrape
+# test) and `wrk` (the benchmarks). Installed only when run as root (CI); otherwise named,
+# and the tests that need them are skipped with the same message.
 set -euo pipefail
 
 missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
+ls /etc/postgresql/*/main >/dev/null 2>&1 || missing+=(postgresql)
 command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
 command -v wrk >/dev/null || missing+=(wrk)
 [ ${#missing[@]} -eq 0 ] && exit 0
@@ -16,8 +20,9 @@ if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
   exit 0
 fi
 
-# The package would start a system Prometheus on :9090; the tests start their own on free
-# ports. A policy-rc.d that refuses service starts (as Docker images ship) prevents it.
+# The packages would start their services through the init system; start-services.sh
+# starts them as the project expects instead, and the tests start their own Prometheus on
+# free ports. A policy-rc.d that refuses service starts (as Docker images ship) prevents it.
 policy=/usr/sbin/policy-rc.d
 added_policy=false
 if [ ! -e "$policy" ]; then
@@ -31,4 +36,12 @@ DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${mis
 # Where systemd enabled it anyway (policy-rc.d is not consulted by every init), stop it.
 if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
   systemctl disable --now prometheus
+fi
+# A PostgreSQL cluster installed here is a local one for development and CI: the project
+# connects as `postgres` over 127.0.0.1 without a password (trust), as on its machines.
+if [[ " ${missing[*]} " == *" postgresql "* ]]; then
+  for hba in /etc/postgresql/*/main/pg_hba.conf; do
+    sed -i -E 's/^(host +all +all +(127\.0\.0\.1\/32|::1\/128) +)[a-z0-9-]+$/\1trust/' "$hba"
+    sed -i -E 's/^(local +all +(postgres|all) +)peer$/\1trust/' "$hba"
+  done
 fi

@@ -1,4 +1,4 @@
-"""HTTP handlers: the close endpoint and the operational endpoints."""
+"""HTTP handlers of the session endpoints, close and close-all (ops.py has the others)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from service.schemas import (
     CloseHeadersSchema,
     header_values,
 )
+from session_close.events import traceparent_of_request
 from session_close.logs import short_id
 
 log = logging.getLogger(__name__)
@@ -88,18 +89,10 @@ def _flat(errors: dict[str, Any], parent: str = "") -> dict[str, list[str]]:
 _AUTHORIZATION = re.compile(AUTHORIZATION_RE)
 _SESSION_ID = re.compile(SESSION_ID_RE.pattern + r"\Z")
 _SEMVER = re.compile(SEMVER_RE)
-# W3C Trace Context, version 00: lower-case hex, and neither id may be all zeros.
-_TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}\Z")
 
 
 def _plain_authorization(value: str | None) -> bool:
     return value is not None and _AUTHORIZATION.match(value) is not None
-
-
-def traceparent(value: str | None) -> str | None:
-    """The header when well formed; a malformed one is ignored, as W3C Trace Context
-    asks, rather than failing the close."""
-    return value if value is not None and _TRACEPARENT.match(value) else None
 
 
 def _plain_request(headers: dict[str, str], body: bytes) -> bool:
@@ -163,7 +156,7 @@ async def close_session(request: web.Request) -> web.Response:
             headers.get("OS"),
             headers.get("AppVersion"),
             request[REQUEST_ID],
-            traceparent(request.headers.get("traceparent")),
+            traceparent_of_request(request.headers.get("traceparent")),
         )
     )
     request.app[METRICS].close_outcome(outcome)
@@ -193,7 +186,7 @@ async def close_all_sessions(request: web.Request) -> web.Response:
             token,
             headers["SessionID"] if keep_current else None,
             request[REQUEST_ID],
-            traceparent(request.headers.get("traceparent")),
+            traceparent_of_request(request.headers.get("traceparent")),
         )
     )
     request.app[METRICS].close_all_outcome(result)

@@ -243,7 +243,7 @@ def build_spec() -> dict[str, Any]:
         info={
             "description": "Closes mobile app sessions: the one a device logs out of, or "
             "every session of its user (log out everywhere). Each session closed gets one "
-            "`session.closed` event on RabbitMQ (see docs/asyncapi.yaml). Every reply, on "
+            "`session.closed` event on RabbitMQ (see docs/asyncapi.json). Every reply, on "
             "every path, is JSON with an `info` object.",
             "license": {"name": "Proprietary"},
         },

@@ -29,6 +29,15 @@ EVENT_TYPES = tuple(REASONS)
 CONTENT_TYPE = "application/cloudevents+json"
 
 
+# W3C Trace Context: version-traceid-parentid-flags, in lower-case hex; neither id may be
+# all zeros. The one rule: this service writes version 00 (TRACEPARENT); a consumer also
+# reads later versions, which may append fields.
+_TRACE_IDS = r"-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
+TRACEPARENT = "00" + _TRACE_IDS
+_TRACEPARENT = re.compile(TRACEPARENT + r"\Z")
+_ANY_TRACEPARENT = re.compile(r"(?!ff)([0-9a-f]{2})" + _TRACE_IDS + r"(-.*)?\Z")
+
+
 class MalformedEvent(ValueError):
     """A message that is not a valid session event; never worth a retry."""
 
@@ -80,7 +89,7 @@ class CloudEventSchema(Schema):
     data = fields.Nested(SessionEventDataSchema, required=True)
     # The CloudEvents distributed-tracing extension, when the closing request had one.
     traceparent = fields.String(
-        validate=validate.Regexp(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"),
+        validate=validate.Regexp(f"^{TRACEPARENT}$"),
         metadata={"description": "W3C Trace Context of the request that closed the session."},
     )
 
@@ -122,21 +131,22 @@ def read_errors(raw: dict[str, Any]) -> dict[str, Any]:
     return errors
 
 
-# W3C Trace Context: version-traceid-parentid-flags; version ff and all-zero ids are
-# invalid, and a later version may append fields.
-_TRACEPARENT = re.compile(
-    r"(?!ff)([0-9a-f]{2})-(?!0{32})([0-9a-f]{32})-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}(-.*)?\Z"
-)
-
-
 def _traceparent(value: object) -> str | None:
-    """The value if it is a valid traceparent, else None: a bad one is ignored."""
+    """The value if it is a valid traceparent of any version, else None: a consumer
+    ignores a bad one. A later version may append fields; version ff is invalid."""
     if not isinstance(value, str):
         return None
-    match = _TRACEPARENT.match(value)
-    if match is None or (match[1] == "00" and match[3] is not None):
+    match = _ANY_TRACEPARENT.match(value)
+    if match is None or (match[1] == "00" and match[2] is not None):
         return None
     return value
+
+
+def traceparent_of_request(value: str | None) -> str | None:
+    """A request's traceparent header when it is one this service carries into the event
+    (version 00), else None: a malformed header is ignored, as W3C Trace Context asks,
+    rather than failing the close."""
+    return value if value is not None and _TRACEPARENT.match(value) else None
 
 
 # The usual, well-formed event is checked here without marshmallow's per-call cost (about

@@ -27,10 +27,13 @@ def _port(text: str) -> int:
     return value
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+PROG = "python -m workers"
+
+
+def parse_args(argv: list[str] | None, prog: str = PROG) -> argparse.Namespace:
     common = {"epilog": env_help(), "formatter_class": argparse.RawDescriptionHelpFormatter}
     parser = argparse.ArgumentParser(
-        prog="python -m workers",
+        prog=prog,
         description="Consumers of the session events (session.closed, session.expired).",
         **common,  # type: ignore[arg-type]
     )
@@ -69,9 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    settings = settings_or_exit("python -m workers")
+def main(argv: list[str] | None = None, prog: str = PROG) -> None:
+    args = parse_args(argv, prog)
+    settings = settings_or_exit(prog)
     configure_logging(settings.log_level)
     import uvloop
 
@@ -100,6 +103,11 @@ def main(argv: list[str] | None = None) -> None:
         from workers.push_cleanup import open_push_cleanup
 
         uvloop.run(run_worker(settings, "push-cleanup", open_push_cleanup))
+
+
+def console_main() -> None:
+    """The `session-workers` console script: the same, under its own name."""
+    main(prog="session-workers")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         self.messages = Counter(
             "worker_messages",
-            "session.closed messages settled, by outcome",
+            "Session event messages (session.closed, session.expired) settled, by outcome",
             ["worker", "outcome"],
             registry=self.registry,
         )

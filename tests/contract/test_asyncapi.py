@@ -11,7 +11,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from session_close.asyncapi import build_document, dumps, event_json_schema
-from session_close.events import SessionEvent
+from session_close.events import SessionEvent, traceparent_of_request
 from session_close.topology import ROUTING_KEYS
 from tests.support.paths import ROOT
 from tests.support.redocly import assert_lints_clean
@@ -87,3 +87,19 @@ def test_the_documents_examples_match_the_schema() -> None:
     for message in build_document()["components"]["messages"].values():
         for example in message["examples"]:
             assert list(validator.iter_errors(example["payload"])) == [], message["name"]
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    ],
+)
+def test_the_published_schema_refuses_a_traceparent_the_api_ignores(traceparent: str) -> None:
+    validator = Draft202012Validator(event_json_schema())
+    event = relay_events()[1]
+    assert validator.is_valid(event)
+    assert traceparent_of_request(traceparent) is None
+    assert not validator.is_valid({**event, "traceparent": traceparent})

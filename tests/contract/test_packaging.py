@@ -83,3 +83,15 @@ def test_pip_install_gives_one_shared_package_beside_a_package_per_process(tmp_p
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top == OURS
     assert "session_close/lua/close_sessions.lua" in names
+
+
+def test_every_console_script_names_itself_in_its_version() -> None:
+    for name in PYPROJECT["scripts"]:
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / name), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert done.stdout.split() == [name, PYPROJECT["version"]]

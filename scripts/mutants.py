@@ -413,7 +413,9 @@ MUTANTS: tuple[Mutant, ...] = (
         "a session failing to sweep holds back the others",
         SWEEP_SCRIPT,
         edits=(Edit("    redis.call('ZADD', expiry, now + set_aside, sid)\n", ""),),
-        tests=(f"{SWEEPER}a_session_failing_inside_redis_is_set_aside_and_writes_nothing",),
+        tests=(
+            f"{SWEEPER}sessions_failing_inside_redis_never_hold_back_the_sessions_due_after_them",
+        ),
     ),
     # Issue 20: promises no test held (each broken, the whole suite stayed green).
     Mutant(

@@ -413,7 +413,72 @@ MUTANTS: tuple[Mutant, ...] = (
         "a session failing to sweep holds back the others",
         SWEEP_SCRIPT,
         edits=(Edit("    redis.call('ZADD', expiry, now + set_aside, sid)\n", ""),),
-        tests=(f"{SWEEPER}a_session_failing_inside_redis_is_set_aside_and_writes_nothing",),
+        tests=(
+            f"{SWEEPER}sessions_failing_inside_redis_never_hold_back_the_sessions_due_after_them",
+        ),
+    ),
+    # Issue 20: promises no test held (each broken, the whole suite stayed green).
+    Mutant(
+        "a close drops the request's traceparent",
+        "service/handlers.py",
+        edits=(
+            Edit(
+                '            headers.get("AppVersion"),\n'
+                "            request[REQUEST_ID],\n"
+                '            traceparent(request.headers.get("traceparent")),\n',
+                '            headers.get("AppVersion"),\n'
+                "            request[REQUEST_ID],\n"
+                "            None,\n",
+            ),
+        ),
+        tests=(
+            "tests/outbox/test_traceparent.py::"
+            "test_a_close_requests_traceparent_reaches_the_event_and_the_workers_log_line",
+        ),
+    ),
+    Mutant(
+        "an outage counts against the attempts",
+        RUNNER,
+        edits=(
+            Edit(
+                "        if not transient:\n            failed += 1\n",
+                "        if True:\n            failed += 1\n",
+            ),
+        ),
+        tests=(
+            "tests/workers/test_audit_outage.py::"
+            "test_an_outage_longer_than_the_attempts_never_dead_letters_the_message",
+        ),
+    ),
+    Mutant(
+        "Accept-Language q-values ignored (the first listed language wins)",
+        "service/replies.py",
+        edits=(Edit('        if params.startswith("q="):', "        if False:"),),
+        tests=("tests/api/test_languages.py::test_the_language_with_the_higher_q_value_answers",),
+    ),
+    Mutant(
+        "the token logged with Redis unavailable",
+        "service/middlewares.py",
+        edits=(
+            Edit(
+                'extra={"error": repr(exc)})',
+                'extra={"error": repr(exc), "auth": request.headers.get("Authorization")})',
+            ),
+        ),
+        tests=("tests/api/test_no_secrets_in_logs.py::test_no_token_in_any_log_line_on_any_path",),
+    ),
+    Mutant(
+        "the read timeout 10 times too long",
+        "service/server.py",
+        edits=(
+            Edit(
+                "                self._read_timeout, self._stalled",
+                "                self._read_timeout * 10, self._stalled",
+            ),
+        ),
+        tests=(
+            "tests/api/test_read_timeout.py::test_a_stalled_client_is_cut_off_close_to_the_read_timeout",
+        ),
     ),
 )
 

@@ -148,27 +148,36 @@ async def test_closes_racing_the_sweeper_give_exactly_one_event_per_session(
     sweeper = Sweeper(sweeper_redis, dataclasses.replace(quiet, sweep_batch_size=7))
     try:
 
-        async def sweep_for(seconds: float) -> None:
-            deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline:
-                await sweeper.sweep_once()
-                await asyncio.sleep(0.01)
-
-        async def close_all_one_by_one() -> list[int]:
-            statuses = []
-            for batch in range(0, len(sids), 10):
-                replies = await asyncio.gather(
+        async def close_racing_a_sweep(batch: list[str]) -> list[int]:
+            """The batch's closes and a sweep, sent at once: their scripts interleave."""
+            replies, _ = await asyncio.gather(
+                asyncio.gather(
                     *(
                         client.post(CLOSE_PATH, headers=app_headers(TOKEN, sid), data=BODY)
-                        for sid in sids[batch : batch + 10]
+                        for sid in batch
                     )
-                )
-                statuses += [r.status for r in replies]
-                await asyncio.sleep(0.02)
-            return statuses
+                ),
+                sweeper.sweep_once(),
+            )
+            return [r.status for r in replies]
 
-        _, statuses = await asyncio.gather(sweep_for(1.5), close_all_one_by_one())
-        await sweep_for(0.1)  # whatever expired unclosed after the last close
+        batches = [sids[i : i + 10] for i in range(0, len(sids), 10)]
+        statuses: list[int] = []
+        for batch in batches[:5]:  # right away: most are closed before they expire
+            statuses += await close_racing_a_sweep(batch)
+
+        async def one_swept() -> bool:
+            return (await sweeper.sweep_once()).expired > 0
+
+        await wait_until(one_swept, "the sweeper's first session.expired", within=10)
+        for batch in batches[5:]:  # the rest expire (0.3 to 0.6 s) as their closes arrive
+            statuses += await close_racing_a_sweep(batch)
+
+        async def all_swept() -> bool:  # whatever expired unclosed after the last close
+            await sweeper.sweep_once()
+            return await redis.zcard(keys.expiry) == 0
+
+        await wait_until(all_swept, "every session left unclosed swept", within=10)
     finally:
         await sweeper_redis.aclose()
 

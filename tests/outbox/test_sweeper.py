@@ -181,6 +181,29 @@ async def test_a_session_failing_inside_redis_is_set_aside_and_writes_nothing(
     assert score > time.time() + 30
 
 
+async def test_sessions_failing_inside_redis_never_hold_back_the_sessions_due_after_them(
+    redis: Redis, keys: Keys, settings: Settings
+) -> None:
+    # Two bad sessions due first, four good ones due after them, three sessions a run:
+    # the first run fails both bad ones and sweeps its good neighbour; the bad ones set
+    # aside, the second run reaches the three good ones left.
+    for n in range(2):
+        await write_session(redis, keys, f"sid-bad-{n:04d}", expires_in=-10 + n, user="user-bad")
+    await redis.delete(keys.user_sessions("user-bad"))
+    await redis.set(keys.user_sessions("user-bad"), "not a set")
+    good = [f"sid-good-{n:03d}" for n in range(4)]
+    for n, sid in enumerate(good):
+        await write_session(redis, keys, sid, expires_in=-5 + n / 10)
+    sweep = sweeper(redis, settings, sweep_batch_size=3)
+
+    first = await sweep.sweep_once()
+    second = await sweep.sweep_once()
+
+    assert (first.expired, first.failed) == (1, 2)
+    assert (second.expired, second.failed) == (3, 0)
+    assert sorted(e["session_id"] for e in await outbox_entries(redis, keys)) == good
+
+
 async def test_the_sweeper_loop_sweeps_sessions_as_they_expire(
     redis: Redis, keys: Keys, settings: Settings
 ) -> None:

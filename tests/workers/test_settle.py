@@ -47,10 +47,11 @@ async def test_the_acks_of_a_burst_share_frames(
     assert ready == 0
     assert await audit_table.count() == len(events)
     # One frame per message would be 200. Each batch (up to 50 here) is acked with one
-    # frame when nothing older is still held: 4 frames were seen. How the deliveries fall
-    # into batches depends on the machine's load; a quarter shows the sharing and leaves
-    # room for a busy machine's smaller batches.
-    assert 1 <= frames <= len(events) / 4
+    # frame when nothing older is still held, so 4 is the least. Measured: 4 frames in
+    # each of 5 runs (December 2026, 2 cores shared by 6 agents). How the deliveries fall
+    # into batches depends on the machine's load: 5 times the measured count leaves a
+    # busy machine batches of 10 on average, still a tenth of one frame per message.
+    assert 1 <= frames <= 5 * 4
 
 
 async def held_back_after_cut(broker: Broker, proxy: TcpProxy) -> int:

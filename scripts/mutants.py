@@ -425,7 +425,7 @@ MUTANTS: tuple[Mutant, ...] = (
             Edit(
                 '            headers.get("AppVersion"),\n'
                 "            request[REQUEST_ID],\n"
-                '            traceparent(request.headers.get("traceparent")),\n',
+                '            traceparent_of_request(request.headers.get("traceparent")),\n',
                 '            headers.get("AppVersion"),\n'
                 "            request[REQUEST_ID],\n"
                 "            None,\n",

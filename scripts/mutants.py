@@ -305,8 +305,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "service/ops.py",
         edits=(
             Edit(
-                "Reply.READY if seen.redis_up else",
-                "Reply.READY if seen.redis_up and seen.rabbitmq_up else",
+                "ready = seen.redis_up and seen.redis_writes_up\n",
+                "ready = seen.redis_up and seen.redis_writes_up and seen.rabbitmq_up\n",
             ),
         ),
         tests=(
@@ -414,6 +414,39 @@ MUTANTS: tuple[Mutant, ...] = (
         SWEEP_SCRIPT,
         edits=(Edit("    redis.call('ZADD', expiry, now + set_aside, sid)\n", ""),),
         tests=(f"{SWEEPER}a_session_failing_inside_redis_is_set_aside_and_writes_nothing",),
+    ),
+    # Issue 19 (3, 5, 6): one "Redis unavailable", the workers' input bounds, /metrics on
+    # a port of its own.
+    Mutant(
+        "MISCONF not taken for Redis unavailable",
+        "session_close/redis_client.py",
+        edits=(Edit('    "MISCONF",\n', ""),),
+        tests=(
+            "tests/api/test_redis_misconf.py::"
+            "test_closes_answer_503_while_redis_cannot_persist_and_succeed_once_it_can",
+            "tests/workers/test_push_misconf.py::"
+            "test_push_cleanup_retries_while_redis_cannot_persist_and_dead_letters_nothing",
+        ),
+    ),
+    Mutant(
+        "an error code taken for an outage by its first letters (BUSYGROUP for BUSY)",
+        "session_close/redis_client.py",
+        edits=(Edit('})(?: |\\Z)"', '})"'),),
+        tests=(
+            "tests/shared/test_redis_unavailable.py::"
+            "test_an_error_of_the_request_or_the_data_is_not_unavailable",
+        ),
+    ),
+    Mutant(
+        "readiness blind to a Redis that refuses writes",
+        "service/ops.py",
+        edits=(
+            Edit("ready = seen.redis_up and seen.redis_writes_up\n", "ready = seen.redis_up\n"),
+        ),
+        tests=(
+            "tests/api/test_redis_misconf.py::"
+            "test_closes_answer_503_while_redis_cannot_persist_and_succeed_once_it_can",
+        ),
     ),
 )
 

@@ -83,6 +83,7 @@ CLOSE_ALL = "tests/api/test_close_all.py::test_"
 SWEEPER = "tests/outbox/test_sweeper.py::test_"
 POISON = "tests/workers/test_poison.py::test_"
 HYGIENE = "tests/api/test_http_hygiene.py::test_"
+BOUNDS = "tests/workers/test_input_bounds.py::test_"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -446,6 +447,34 @@ MUTANTS: tuple[Mutant, ...] = (
         tests=(
             "tests/api/test_redis_misconf.py::"
             "test_closes_answer_503_while_redis_cannot_persist_and_succeed_once_it_can",
+        ),
+    ),
+    Mutant(
+        "event id check relaxed to any UUID spelling",
+        "session_close/events.py",
+        edits=(
+            # The rest of the line becomes a comment.
+            Edit('CANONICAL_UUID = r"^', 'CANONICAL_UUID = r"^[{}:a-zA-Z0-9-]+$"  # '),
+            Edit("            validate.Length(equal=36),\n", ""),
+        ),
+        tests=(f"{BOUNDS}an_event_past_the_apis_bounds_is_dead_lettered_at_its_first_delivery",),
+    ),
+    Mutant(
+        "an os past the API's bound read as it comes",
+        "session_close/events.py",
+        edits=(
+            Edit('    "os": OS_MAX,\n', '    "os": 10**9,\n'),
+            Edit("validate=_storable_up_to(OS_MAX)", "validate=_storable_up_to(10**9)"),
+        ),
+        tests=(f"{BOUNDS}an_event_past_the_apis_bounds_is_dead_lettered_at_its_first_delivery",),
+    ),
+    Mutant(
+        "os from the session hash published uncut",
+        "session_close/events.py",
+        edits=(Edit('(entry.get("os") or "")[:OS_MAX]', '(entry.get("os") or "")'),),
+        tests=(
+            "tests/outbox/test_event_bounds.py::"
+            "test_an_os_and_app_version_from_the_session_hash_are_cut_to_the_apis_bounds",
         ),
     ),
 )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 import uuid
 
@@ -17,11 +16,11 @@ from aiohttp.typedefs import Handler
 from service.appkeys import METRICS, REQUEST_ID, REQUEST_STARTED
 from service.replies import Reply, info_reply
 from service.schemas import MAX_BODY_BYTES
+from session_close.events import REQUEST_ID_RE
 from session_close.redis_client import unavailable
 
 log = logging.getLogger(__name__)
 
-_REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
 
 # nginx's code for "the client went away before the reply": not the server's fault.
 CLIENT_CLOSED = 499
@@ -61,7 +60,7 @@ async def measure_requests(request: web.Request, handler: Handler) -> web.Stream
 def request_id_of(request: web.Request) -> str:
     """The client's X-Request-ID when it is sane (it reaches logs and events), else new."""
     sent = request.headers.get("X-Request-ID")
-    if sent is not None and _REQUEST_ID_RE.fullmatch(sent):
+    if sent is not None and REQUEST_ID_RE.fullmatch(sent):
         return sent
     return uuid.uuid4().hex
 

@@ -477,6 +477,15 @@ MUTANTS: tuple[Mutant, ...] = (
             "test_an_os_and_app_version_from_the_session_hash_are_cut_to_the_apis_bounds",
         ),
     ),
+    Mutant(
+        "/metrics left on the public port with METRICS_PORT set",
+        "service/routes.py",
+        edits=(Edit("    if app[SETTINGS].metrics_port is None:\n", "    if True:\n"),),
+        tests=(
+            "tests/api/test_metrics_port.py::"
+            "test_with_metrics_port_set_metrics_is_served_there_and_404_on_the_public_port",
+        ),
+    ),
 )
 
 

@@ -115,7 +115,7 @@ def scrape_handler(app: web.Application) -> Handler:
     render = make_aiohttp_handler(app[METRICS].registry)
 
     async def scrape(request: web.Request) -> web.StreamResponse:
-        await read_scraped_values(request.app)
+        await read_scraped_values(app)  # also when served by metrics_app on its own port
         return await render(request)
 
     return scrape

@@ -478,6 +478,15 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
     ),
     Mutant(
+        "the sweeper takes MISCONF for a bug",
+        "outbox/sweeper.py",
+        edits=(Edit("                if unavailable(exc):\n", "                if False:\n"),),
+        tests=(
+            "tests/outbox/test_outbox_misconf.py::"
+            "test_the_sweeper_waits_out_a_redis_that_cannot_persist_and_sweeps_after",
+        ),
+    ),
+    Mutant(
         "/metrics left on the public port with METRICS_PORT set",
         "service/routes.py",
         edits=(Edit("    if app[SETTINGS].metrics_port is None:\n", "    if True:\n"),),

@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 from outbox.stream import ensure_group
 from session_close.events import CONTENT_TYPE, SessionEvent
 from session_close.keys import OUTBOX_GROUP, Keys
+from session_close.redis_client import unavailable
 from session_close.retry import Backoff, Policy, retry
 from session_close.scripts import TAKE_OVER_RELAYS
 from session_close.settings import Settings
@@ -107,11 +108,12 @@ class Relay:
                 if not failed:
                     backoff.reset()
                     continue
-            except (RedisError, OSError) as exc:
-                log.warning("outbox relay cannot reach Redis", extra={"error": repr(exc)})
-                await self._ensure_group_quietly()
-            except Exception:
-                log.exception("outbox relay failed; retrying")
+            except Exception as exc:
+                if unavailable(exc):
+                    # An outage (unreachable, or refusing writes: MISCONF, OOM...), waited out.
+                    log.warning("outbox relay: Redis unavailable", extra={"error": repr(exc)})
+                else:
+                    log.exception("outbox relay failed; retrying")
                 await self._ensure_group_quietly()
             self._retry_own = True
             await backoff.sleep()

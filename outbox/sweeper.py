@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from session_close.events import rfc3339_now
 from session_close.keys import Keys
+from session_close.redis_client import unavailable
 from session_close.retry import Backoff, Policy
 from session_close.scripts import SWEEP_EXPIRED
 from session_close.settings import Settings
@@ -87,8 +87,12 @@ class Sweeper:
         while True:
             try:
                 result = await self.sweep_once()
-            except (RedisError, OSError, TimeoutError) as exc:
-                log.warning("expiry sweeper cannot reach Redis", extra={"error": repr(exc)})
+            except Exception as exc:
+                if unavailable(exc):
+                    # An outage (unreachable, or refusing writes: MISCONF...), waited out.
+                    log.warning("expiry sweeper: Redis unavailable", extra={"error": repr(exc)})
+                else:
+                    log.exception("expiry sweeper failed; retrying")
                 await backoff.sleep()
                 continue
             backoff.reset()

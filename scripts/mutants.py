@@ -83,6 +83,7 @@ CLOSE_ALL = "tests/api/test_close_all.py::test_"
 SWEEPER = "tests/outbox/test_sweeper.py::test_"
 POISON = "tests/workers/test_poison.py::test_"
 HYGIENE = "tests/api/test_http_hygiene.py::test_"
+BOUNDS = "tests/workers/test_input_bounds.py::test_"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -210,8 +211,9 @@ MUTANTS: tuple[Mutant, ...] = (
         edits=(
             Edit('    if "\\x00" in value:\n', "    if False:\n"),
             Edit(
-                '    return value is None or (isinstance(value, str) and "\\x00" not in value)',
-                "    return value is None or isinstance(value, str)",
+                '    return isinstance(value, str) and "\\x00" not in value and ('
+                "most is None or len(value) <= most)",
+                "    return isinstance(value, str) and (most is None or len(value) <= most)",
             ),
         ),
         tests=(f"{POISON}a_value_no_consumer_can_store_is_dead_lettered_at_first_delivery",),
@@ -305,8 +307,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "service/ops.py",
         edits=(
             Edit(
-                "Reply.READY if seen.redis_up else",
-                "Reply.READY if seen.redis_up and seen.rabbitmq_up else",
+                "ready = seen.redis_up and seen.redis_writes_up\n",
+                "ready = seen.redis_up and seen.redis_writes_up and seen.rabbitmq_up\n",
             ),
         ),
         tests=(
@@ -478,6 +480,85 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
         tests=(
             "tests/api/test_read_timeout.py::test_a_stalled_client_is_cut_off_close_to_the_read_timeout",
+        ),
+    ),
+    # Issue 19 (3, 5, 6): one "Redis unavailable", the workers' input bounds, /metrics on
+    # a port of its own.
+    Mutant(
+        "MISCONF not taken for Redis unavailable",
+        "session_close/redis_client.py",
+        edits=(Edit('    "MISCONF",\n', ""),),
+        tests=(
+            "tests/api/test_redis_misconf.py::"
+            "test_closes_answer_503_while_redis_cannot_persist_and_succeed_once_it_can",
+            "tests/workers/test_push_misconf.py::"
+            "test_push_cleanup_retries_while_redis_cannot_persist_and_dead_letters_nothing",
+        ),
+    ),
+    Mutant(
+        "an error code taken for an outage by its first letters (BUSYGROUP for BUSY)",
+        "session_close/redis_client.py",
+        edits=(Edit('})(?: |\\Z)"', '})"'),),
+        tests=(
+            "tests/shared/test_redis_unavailable.py::"
+            "test_an_error_of_the_request_or_the_data_is_not_unavailable",
+        ),
+    ),
+    Mutant(
+        "readiness blind to a Redis that refuses writes",
+        "service/ops.py",
+        edits=(
+            Edit("ready = seen.redis_up and seen.redis_writes_up\n", "ready = seen.redis_up\n"),
+        ),
+        tests=(
+            "tests/api/test_redis_misconf.py::"
+            "test_closes_answer_503_while_redis_cannot_persist_and_succeed_once_it_can",
+        ),
+    ),
+    Mutant(
+        "event id check relaxed to any UUID spelling",
+        "session_close/events.py",
+        edits=(
+            # The rest of the line becomes a comment.
+            Edit('CANONICAL_UUID = r"^', 'CANONICAL_UUID = r"^[{}:a-zA-Z0-9-]+$"  # '),
+            Edit("            validate.Length(equal=36),\n", ""),
+        ),
+        tests=(f"{BOUNDS}an_event_past_the_apis_bounds_is_dead_lettered_at_its_first_delivery",),
+    ),
+    Mutant(
+        "an os past the API's bound read as it comes",
+        "session_close/events.py",
+        edits=(
+            Edit('    "os": OS_MAX,\n', '    "os": 10**9,\n'),
+            Edit("validate=_storable_up_to(OS_MAX)", "validate=_storable_up_to(10**9)"),
+        ),
+        tests=(f"{BOUNDS}an_event_past_the_apis_bounds_is_dead_lettered_at_its_first_delivery",),
+    ),
+    Mutant(
+        "os from the session hash published uncut",
+        "session_close/events.py",
+        edits=(Edit('(entry.get("os") or "")[:OS_MAX]', '(entry.get("os") or "")'),),
+        tests=(
+            "tests/outbox/test_event_bounds.py::"
+            "test_an_os_and_app_version_from_the_session_hash_are_cut_to_the_apis_bounds",
+        ),
+    ),
+    Mutant(
+        "the sweeper takes MISCONF for a bug",
+        "outbox/sweeper.py",
+        edits=(Edit("                if unavailable(exc):\n", "                if False:\n"),),
+        tests=(
+            "tests/outbox/test_outbox_misconf.py::"
+            "test_the_sweeper_waits_out_a_redis_that_cannot_persist_and_sweeps_after",
+        ),
+    ),
+    Mutant(
+        "/metrics left on the public port with METRICS_PORT set",
+        "service/routes.py",
+        edits=(Edit("    if app[SETTINGS].metrics_port is None:\n", "    if True:\n"),),
+        tests=(
+            "tests/api/test_metrics_port.py::"
+            "test_with_metrics_port_set_metrics_is_served_there_and_404_on_the_public_port",
         ),
     ),
 )

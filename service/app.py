@@ -18,7 +18,7 @@ from service.appkeys import AMQP, CLOSER, METRICS, REDIS, SETTINGS
 from service.closer import SessionCloser
 from service.metrics import Metrics
 from service.middlewares import setup_middlewares
-from service.routes import setup_routes
+from service.routes import metrics_app, setup_routes
 from service.schemas import MAX_BODY_BYTES
 from session_close import amqp
 from session_close.keys import Keys
@@ -59,6 +59,22 @@ async def amqp_ctx(app: web.Application) -> AsyncIterator[None]:
         await task.result().close()
 
 
+async def metrics_port_ctx(app: web.Application) -> AsyncIterator[None]:
+    """/metrics on METRICS_PORT, by a server of its own: scrapers reach it, the Service
+    that publishes the API does not."""
+    settings = app[SETTINGS]
+    runner = web.AppRunner(metrics_app(app), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.http_host, settings.metrics_port)
+        await site.start()
+        port = runner.addresses[0][1]  # the one the OS chose when asked for port 0
+        log.info("serving metrics", extra={"host": settings.http_host, "port": port})
+        yield
+    finally:
+        await runner.cleanup()
+
+
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = app[METRICS].outbox
@@ -92,6 +108,8 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(amqp_ctx)
+    if settings.metrics_port is not None:
+        app.cleanup_ctx.append(metrics_port_ctx)  # scrapes read Redis and the broker's state
     if settings.relay_enabled:
         app.cleanup_ctx.append(relay_ctx)
     if settings.sweeper_enabled:

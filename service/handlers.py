@@ -17,7 +17,6 @@ from service.schemas import (
     AUTHORIZATION_RE,
     MAX_BODY_BYTES,
     SEMVER_RE,
-    SESSION_ID_RE,
     AuthorizationSchema,
     CloseAllBodySchema,
     CloseAllHeadersSchema,
@@ -25,7 +24,7 @@ from service.schemas import (
     CloseHeadersSchema,
     header_values,
 )
-from session_close.events import traceparent_of_request
+from session_close.events import APP_VERSION_MAX, OS_MAX, SESSION_ID_RE, traceparent_of_request
 from session_close.logs import short_id
 
 log = logging.getLogger(__name__)
@@ -99,9 +98,9 @@ def _plain_request(headers: dict[str, str], body: bytes) -> bool:
     sid, os_name, version = headers.get("SessionID"), headers.get("OS"), headers.get("AppVersion")
     if sid is None or _SESSION_ID.match(sid) is None:
         return False
-    if os_name is not None and not (1 <= len(os_name) <= 64 and os_name.isprintable()):
+    if os_name is not None and not (1 <= len(os_name) <= OS_MAX and os_name.isprintable()):
         return False
-    if version is not None and (len(version) > 256 or _SEMVER.match(version) is None):
+    if version is not None and (len(version) > APP_VERSION_MAX or _SEMVER.match(version) is None):
         return False
     try:
         data = orjson.loads(body)

@@ -63,6 +63,12 @@ class Metrics:
             "1 when Redis answered the last check (/readyz or a scrape).",
             registry=self.registry,
         )
+        self.redis_writes_up = Gauge(
+            "redis_writes_up",
+            "1 when Redis took the last check's write (/readyz or a scrape); 0 while it "
+            "refuses writes (MISCONF: cannot persist; READONLY; NOREPLICAS) or is unreachable.",
+            registry=self.registry,
+        )
         self.rabbitmq_up = Gauge(
             "rabbitmq_up",
             "1 while the API's RabbitMQ connection is open (read at scrape time). Closes "
@@ -116,10 +122,13 @@ class Metrics:
             )
         return child
 
-    def dependencies(self, *, redis_up: bool, rabbitmq_up: bool, backlog: int | None) -> int:
+    def dependencies(
+        self, *, redis_up: bool, redis_writes_up: bool, rabbitmq_up: bool, backlog: int | None
+    ) -> int:
         """Record what a check saw; returns the backlog, or the last one read when Redis
         did not answer."""
         self.redis_up.set(redis_up)
+        self.redis_writes_up.set(redis_writes_up)
         self.rabbitmq_up.set(rabbitmq_up)
         if backlog is not None:
             self.outbox.backlog.set(backlog)

@@ -6,35 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 import uuid
 
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from redis import exceptions as redis_errors
 
 from service.appkeys import METRICS, REQUEST_ID, REQUEST_STARTED
 from service.replies import Reply, info_reply
 from service.schemas import MAX_BODY_BYTES
+from session_close.events import REQUEST_ID_RE
+from session_close.redis_client import unavailable
 
 log = logging.getLogger(__name__)
 
-_REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
-
-# Redis down, timing out or briefly unable to serve: worth a retry, so 503. Any other
-# Redis error (a key of the wrong type, a script error) is a 500 like any other bug.
-REDIS_UNAVAILABLE = (
-    redis_errors.ConnectionError,  # BusyLoadingError included
-    redis_errors.TimeoutError,
-    redis_errors.ReadOnlyError,
-    redis_errors.TryAgainError,
-    redis_errors.ClusterDownError,
-    redis_errors.OutOfMemoryError,
-    TimeoutError,
-    ConnectionError,
-)
 
 # nginx's code for "the client went away before the reply": not the server's fault.
 CLIENT_CLOSED = 499
@@ -74,7 +60,7 @@ async def measure_requests(request: web.Request, handler: Handler) -> web.Stream
 def request_id_of(request: web.Request) -> str:
     """The client's X-Request-ID when it is sane (it reaches logs and events), else new."""
     sent = request.headers.get("X-Request-ID")
-    if sent is not None and _REQUEST_ID_RE.fullmatch(sent):
+    if sent is not None and REQUEST_ID_RE.fullmatch(sent):
         return sent
     return uuid.uuid4().hex
 
@@ -96,7 +82,9 @@ async def info_replies(request: web.Request, handler: Handler) -> web.StreamResp
             # A failure after the client left is not the server's (a read of the body it
             # never sent, or a Redis reply nobody waits for any more).
             response = _client_gone(repr(exc))
-        elif isinstance(exc, REDIS_UNAVAILABLE):
+        elif unavailable(exc):
+            # Worth a retry, so 503. Any other Redis error (a key of the wrong type, a
+            # script error) is a 500 like any other bug.
             log.warning("Redis unavailable", extra={"error": repr(exc)})
             response = info_reply(request, Reply.UNAVAILABLE, headers={"Retry-After": "1"})
         else:

@@ -30,6 +30,14 @@ class ReadyReplySchema(InfoReplySchema):
     """/readyz: the info object, and beside it what the process sees of its dependencies."""
 
     redis = fields.String(required=True, validate=validate.OneOf(["up", "down"]))
+    redisWrites = fields.String(
+        required=True,
+        validate=validate.OneOf(["up", "down"]),
+        metadata={
+            "description": "Whether Redis takes writes; down while it refuses them (MISCONF: it "
+            "cannot persist; READONLY; NOREPLICAS) or does not answer. Ready needs both."
+        },
+    )
     rabbitmq = fields.String(required=True, validate=validate.OneOf(["up", "down"]))
     outboxBacklog = fields.Integer(
         required=True,

@@ -11,9 +11,10 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client.aiohttp import make_aiohttp_handler
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from outbox.stream import backlog, oldest_entry_age
+from outbox.stream import oldest_entry_age
 from service.appkeys import AMQP, METRICS, REDIS, SETTINGS
 from service.openapi import spec_json
 from service.replies import Reply, info_reply
@@ -36,12 +37,14 @@ def _amqp_open(task: asyncio.Task[AbstractRobustConnection]) -> bool:
 @dataclass(frozen=True, slots=True)
 class Dependencies:
     redis_up: bool
+    redis_writes_up: bool
     rabbitmq_up: bool
     outbox_backlog: int
 
     def body(self) -> dict[str, object]:
         return {
             "redis": "up" if self.redis_up else "down",
+            "redisWrites": "up" if self.redis_writes_up else "down",
             "rabbitmq": "up" if self.rabbitmq_up else "down",
             "outboxBacklog": self.outbox_backlog,
         }
@@ -51,25 +54,47 @@ async def check_dependencies(app: web.Application) -> Dependencies:
     """What /readyz and /metrics report; records it in the metrics."""
     settings = app[SETTINGS]
     pending: int | None = None
+    writes = False
     try:
-        # XLEN answers only when Redis does, so it doubles as the ping.
         async with asyncio.timeout(settings.redis_timeout_seconds):
-            pending = await backlog(app[REDIS], Keys(settings.redis_key_prefix))
+            pending, writes = await _redis_state(app[REDIS], Keys(settings.redis_key_prefix))
     except (RedisError, OSError, TimeoutError) as exc:
         log.warning("Redis unreachable", extra={"error": repr(exc)})
     rabbitmq_up = _amqp_open(app[AMQP])
     last = app[METRICS].dependencies(
-        redis_up=pending is not None, rabbitmq_up=rabbitmq_up, backlog=pending
+        redis_up=pending is not None,
+        redis_writes_up=writes,
+        rabbitmq_up=rabbitmq_up,
+        backlog=pending,
     )
-    return Dependencies(pending is not None, rabbitmq_up, last)
+    return Dependencies(pending is not None, writes, rabbitmq_up, last)
+
+
+async def _redis_state(redis: Redis, keys: Keys) -> tuple[int | None, bool]:
+    """The outbox backlog (None when Redis answered it with an error), and whether Redis
+    takes writes; one round trip."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.xlen(keys.outbox)  # answers only when Redis does, so it doubles as the ping
+    # A write that changes nothing and needs no memory: Redis refuses it when it refuses
+    # the closes' writes (MISCONF, READONLY, NOREPLICAS) and, like a close, whose first
+    # write is a DEL, takes it when it is full.
+    pipe.delete(keys.write_check)
+    length, deleted = await pipe.execute(raise_on_error=False)
+    if isinstance(deleted, Exception):
+        log.warning("Redis refuses writes", extra={"error": repr(deleted)})
+    if isinstance(length, Exception):
+        log.warning("Redis cannot read the outbox", extra={"error": repr(length)})
+        return None, not isinstance(deleted, Exception)
+    return int(length), not isinstance(deleted, Exception)
 
 
 async def readyz(request: web.Request) -> web.Response:
-    # Ready means "can close sessions". RabbitMQ and the backlog are reported only: a
-    # probe failing on them would take every pod out of the Service during a broker
-    # outage, exactly while the outbox carries the closes.
+    # Ready means "can close sessions": Redis answers and takes writes. RabbitMQ and the
+    # backlog are reported only: a probe failing on them would take every pod out of the
+    # Service during a broker outage, exactly while the outbox carries the closes.
     seen = await check_dependencies(request.app)
-    reply = Reply.READY if seen.redis_up else Reply.NOT_READY
+    ready = seen.redis_up and seen.redis_writes_up
+    reply = Reply.READY if ready else Reply.NOT_READY
     return info_reply(request, reply, beside=seen.body())
 
 
@@ -90,7 +115,7 @@ def scrape_handler(app: web.Application) -> Handler:
     render = make_aiohttp_handler(app[METRICS].registry)
 
     async def scrape(request: web.Request) -> web.StreamResponse:
-        await read_scraped_values(request.app)
+        await read_scraped_values(app)  # also when served by metrics_app on its own port
         return await render(request)
 
     return scrape

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from service.appkeys import METRICS
+from service.appkeys import METRICS, SETTINGS
 from service.handlers import close_all_sessions, close_session
 from service.ops import healthz, openapi, readyz, scrape_handler
 
@@ -19,5 +19,14 @@ def setup_routes(app: web.Application) -> None:
             app[METRICS].expect_requests(route.resource.canonical, route.method)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", scrape_handler(app))
+    if app[SETTINGS].metrics_port is None:
+        app.router.add_get("/metrics", scrape_handler(app))
     app.router.add_get("/openapi.json", openapi)
+
+
+def metrics_app(app: web.Application) -> web.Application:
+    """What METRICS_PORT serves: `app`'s /metrics alone, on a port that the public Service
+    does not expose."""
+    metrics = web.Application()
+    metrics.router.add_get("/metrics", scrape_handler(app))
+    return metrics

@@ -3,14 +3,14 @@ with them and /openapi.json is generated from them, so the two cannot drift apar
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
+from session_close.events import APP_VERSION_MAX, OS_MAX, SESSION_ID_RE
+
 MAX_BODY_BYTES = 16 * 1024
 
-SESSION_ID_RE = re.compile(r"[A-Za-z0-9._-]{8,256}")
 # Semantic Versioning 2.0.0, the regular expression its specification gives ([0-9], not
 # \d, which would admit non-ASCII digits).
 SEMVER_RE = (
@@ -50,12 +50,12 @@ class CloseHeadersSchema(Schema):
         metadata={"description": "The session to close (header name in any case)."},
     )
     OS = fields.String(
-        validate=[validate.Length(min=1, max=64), _printable],
+        validate=[validate.Length(min=1, max=OS_MAX), _printable],
         metadata={"description": "Client operating system, e.g. Android."},
     )
     AppVersion = fields.String(
         validate=[
-            validate.Length(max=256),
+            validate.Length(max=APP_VERSION_MAX),
             validate.Regexp(SEMVER_RE, error="Must be a Semantic Versioning 2.0.0 version."),
         ],
         metadata={"description": "App version, full SemVer 2.0.0 (1.0.10, 2.0.0-rc.1+build.5)."},

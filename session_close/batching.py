@@ -90,11 +90,12 @@ class Batcher(Generic[T, R]):
 
 
 def split_on_content_failure(
-    flush: FlushFn[T, R], transient: tuple[type[BaseException], ...]
+    flush: FlushFn[T, R], transient: Callable[[BaseException], bool]
 ) -> FlushFn[T, R]:
-    """A batch flush that, when the batch fails for something other than its backend,
-    flushes each item alone: the items that fail alone get their own error, the others
-    their result, so one bad item cannot fail the batch it shared."""
+    """A batch flush that, when the batch fails for something other than its backend
+    (an error `transient` accepts), flushes each item alone: the items that fail alone
+    get their own error, the others their result, so one bad item cannot fail the batch
+    it shared."""
 
     async def alone(item: T) -> R:
         [result] = await flush([item])
@@ -105,10 +106,8 @@ def split_on_content_failure(
     async def flush_or_split(items: list[T]) -> Sequence[R | BaseException]:
         try:
             return await flush(items)
-        except transient:
-            raise
-        except Exception:
-            if len(items) == 1:
+        except Exception as exc:
+            if transient(exc) or len(items) == 1:
                 raise
             log.warning("a batch failed for its content; applying its items one by one")
             return await asyncio.gather(*(alone(item) for item in items), return_exceptions=True)

@@ -6,8 +6,10 @@ One schema serves both sides. The producer's is strict; consumers read with it a
 tolerant readers, as CloudEvents requires: unknown attributes (extensions such as
 traceparent or dataschema) and unknown fields in data are excluded, and the optional
 attributes (subject, time, and data's os, appVersion, requestId) may be missing. What no
-consumer can store (a NUL character, a time PostgreSQL cannot hold) fails the schema
-itself, so such an event is malformed, never a message retried until it poisons a batch.
+consumer can store (a NUL character, a time PostgreSQL cannot hold), an id that is not a
+canonical UUID, and a value longer than the API itself would ever put there fail the
+schema itself, so such an event is malformed, never a message retried until it poisons a
+batch.
 """
 
 from __future__ import annotations
@@ -27,6 +29,20 @@ EXPIRED = "session.expired"
 REASONS = {CLOSED: ("user_logout", "user_logout_all"), EXPIRED: ("expired",)}
 EVENT_TYPES = tuple(REASONS)
 CONTENT_TYPE = "application/cloudevents+json"
+
+# The API's bounds on what a client sends that an event carries (docs/http-api.md): the
+# API validates its requests with them, and a consumer takes a longer value for a
+# malformed event, since the API would never have put it there.
+SESSION_ID_MAX = 256
+SESSION_ID_RE = re.compile(rf"[A-Za-z0-9._-]{{8,{SESSION_ID_MAX}}}")
+OS_MAX = 64
+APP_VERSION_MAX = 256
+REQUEST_ID_MAX = 128
+REQUEST_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{REQUEST_ID_MAX}}}")
+# An event id as this service writes it: lower-case 8-4-4-4-12 hex (36 characters, which
+# also keeps out the newline `$` lets through). Braces, `urn:uuid:` or upper case would
+# name the same UUID to PostgreSQL but not to a reader comparing ids.
+CANONICAL_UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
 
 # W3C Trace Context: version-traceid-parentid-flags, in lower-case hex; neither id may be
@@ -61,8 +77,16 @@ def _storable_id(*more: validate.Validator) -> list[Any]:
     return [validate.Length(min=1), _storable_text, *more]
 
 
+def _storable_up_to(most: int) -> list[Any]:
+    return [validate.Length(max=most), _storable_text]
+
+
 class SessionEventDataSchema(Schema):
-    sessionId = fields.String(required=True, validate=_storable_id())
+    # Only the API's upper bound: an expired session's id comes from the login side's
+    # index, not through the API's check, and still deserves its cleanup.
+    sessionId = fields.String(
+        required=True, validate=_storable_id(validate.Length(max=SESSION_ID_MAX))
+    )
     userId = fields.String(required=True, validate=_storable_id())
     closedAt = fields.AwareDateTime(required=True, format="iso", validate=_storable_time)
     reason = fields.String(
@@ -73,14 +97,25 @@ class SessionEventDataSchema(Schema):
         validate=_storable_time,
         metadata={"description": "session.expired only: the session's expires_at."},
     )
-    os = fields.String(required=True, allow_none=True, validate=_storable_text)
-    appVersion = fields.String(required=True, allow_none=True, validate=_storable_text)
-    requestId = fields.String(required=True, allow_none=True, validate=_storable_text)
+    os = fields.String(required=True, allow_none=True, validate=_storable_up_to(OS_MAX))
+    appVersion = fields.String(
+        required=True, allow_none=True, validate=_storable_up_to(APP_VERSION_MAX)
+    )
+    requestId = fields.String(
+        required=True, allow_none=True, validate=_storable_up_to(REQUEST_ID_MAX)
+    )
 
 
 class CloudEventSchema(Schema):
     specversion = fields.String(required=True, validate=validate.Equal("1.0"))
-    id = fields.UUID(required=True)
+    id = fields.String(
+        required=True,
+        validate=[
+            validate.Length(equal=36),
+            validate.Regexp(CANONICAL_UUID, error="Must be a lower-case UUID, 8-4-4-4-12."),
+        ],
+        metadata={"format": "uuid"},
+    )
     source = fields.String(required=True, validate=validate.Length(min=1))
     type = fields.String(required=True, validate=validate.OneOf(EVENT_TYPES))
     time = fields.AwareDateTime(required=True, format="iso")
@@ -159,15 +194,24 @@ _DATA_KEYS = {
     CLOSED: frozenset(SessionEventDataSchema().fields) - {"expiredAt"},
     EXPIRED: frozenset(SessionEventDataSchema().fields),
 }
-_CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}\Z")
+_CANONICAL_UUID = re.compile(CANONICAL_UUID)
+# The data fields the API bounds, each with the most characters it may have.
+_BOUNDS = {
+    "sessionId": SESSION_ID_MAX,
+    "os": OS_MAX,
+    "appVersion": APP_VERSION_MAX,
+    "requestId": REQUEST_ID_MAX,
+}
 
 
 def _text(value: object) -> bool:
     return isinstance(value, str) and value != ""
 
 
-def _storable(value: object) -> bool:
-    return value is None or (isinstance(value, str) and "\x00" not in value)
+def _storable(value: object, most: int | None = None) -> bool:
+    if value is None:
+        return True
+    return isinstance(value, str) and "\x00" not in value and (most is None or len(value) <= most)
 
 
 def _aware_time(value: object, *, storable: bool = False) -> bool:
@@ -194,7 +238,7 @@ def _plain_event(raw: dict[str, Any]) -> bool:
         and raw["specversion"] == "1.0"
         and raw["datacontenttype"] == "application/json"
         and isinstance(raw["id"], str)
-        and _CANONICAL_UUID.match(raw["id"]) is not None
+        and _CANONICAL_UUID.fullmatch(raw["id"]) is not None
         and _text(raw["source"])
         and _text(raw["subject"])
         and _aware_time(raw["time"])
@@ -203,7 +247,8 @@ def _plain_event(raw: dict[str, Any]) -> bool:
         and _aware_time(data["closedAt"], storable=True)
         and data["reason"] in REASONS[event_type]
         and (event_type == CLOSED or _aware_time(data["expiredAt"], storable=True))
-        and all(_storable(data[k]) for k in ("sessionId", "userId", *_OPTIONAL_DATA))
+        and _storable(data["userId"])
+        and all(_storable(data[k], most) for k, most in _BOUNDS.items())
     )
 
 
@@ -238,8 +283,11 @@ class SessionEvent:
             session_id=entry["session_id"],
             user_id=entry["user_id"],
             closed_at=entry["closed_at"],
-            os=entry.get("os") or None,
-            app_version=entry.get("app_version") or None,
+            # The API bounds what a request sends, but a close-all, an expiry, or a close
+            # without the header takes them from the login side's session hash: cut to
+            # the bounds here, so that the consumers can act on the event.
+            os=(entry.get("os") or "")[:OS_MAX] or None,
+            app_version=(entry.get("app_version") or "")[:APP_VERSION_MAX] or None,
             request_id=entry.get("request_id") or None,
             traceparent=entry.get("traceparent") or None,
             type=entry.get("type", CLOSED),

@@ -41,6 +41,11 @@ class Keys:
     def outbox(self) -> str:
         return f"{self.prefix}outbox:session.closed"
 
+    @property
+    def write_check(self) -> str:
+        """Never holds data: /readyz deletes it to learn whether Redis takes writes."""
+        return f"{self.prefix}readyz:write-check"
+
     def relay_heartbeat(self, consumer: str) -> str:
         """Refreshed by a live outbox relay; gone (expired) once the relay is dead."""
         return f"{self.prefix}outbox:relay:{consumer}"

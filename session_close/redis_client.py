@@ -1,10 +1,13 @@
-"""One way to build the Redis client, with every call bounded by REDIS_TIMEOUT_SECONDS,
-and the check that the Redis it talks to keeps what it is given."""
+"""One way to build the Redis client, with every call bounded by REDIS_TIMEOUT_SECONDS;
+the one rule for "Redis is unavailable"; and the check that the Redis it talks to keeps
+what it is given."""
 
 from __future__ import annotations
 
 import logging
+import re
 
+from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -21,6 +24,52 @@ DURABLE = {
     "appendfsync": frozenset({"everysec", "always"}),
     "maxmemory-policy": frozenset({"noeviction"}),
 }
+
+
+# Redis cannot serve for now, and will again without anyone touching the data: worth a
+# retry, never the request's or the event's fault. Closes answer 503, the workers retry
+# without limit, the relay and the sweeper wait it out.
+_UNAVAILABLE_TYPES: tuple[type[BaseException], ...] = (
+    redis_errors.ConnectionError,  # refused, reset, too many clients; LOADING included
+    redis_errors.TimeoutError,
+    OSError,  # the built-in ConnectionError and TimeoutError (asyncio.timeout) included
+    redis_errors.OutOfMemoryError,
+    redis_errors.ReadOnlyError,
+    redis_errors.TryAgainError,
+    redis_errors.ClusterDownError,  # MASTERDOWN included
+)
+# The error replies that say so: cannot persist (MISCONF), full (OOM), a replica
+# (READONLY), loading its data (LOADING), running a long script (BUSY), short of the
+# replicas min-replicas-to-write asks for (NOREPLICAS), a cluster changing (TRYAGAIN,
+# MASTERDOWN, CLUSTERDOWN). redis-py gives some of them a class of their own (above) and
+# the others (MISCONF, BUSY, NOREPLICAS) as a ResponseError whose message starts with the
+# code, also when a script's redis.call met it. A pipeline's error has redis-py's note in
+# front of it. Only the first word counts: BUSYGROUP, or a key name in a WRONGTYPE
+# message, is no outage.
+UNAVAILABLE_REPLIES = (
+    "MISCONF",
+    "OOM",
+    "READONLY",
+    "LOADING",
+    "BUSY",
+    "NOREPLICAS",
+    "TRYAGAIN",
+    "MASTERDOWN",
+    "CLUSTERDOWN",
+)
+_UNAVAILABLE_REPLY = re.compile(
+    r"(?:Command # \d+ \(.*\) of pipeline caused error: \(')?"
+    rf"(?:{'|'.join(UNAVAILABLE_REPLIES)})(?: |\Z)",
+    re.DOTALL,
+)
+
+
+def unavailable(exc: BaseException) -> bool:
+    """True when `exc` says Redis cannot serve for now (see UNAVAILABLE_REPLIES), rather
+    than that the request or the data is wrong (WRONGTYPE, a script error)."""
+    if isinstance(exc, _UNAVAILABLE_TYPES):
+        return True
+    return isinstance(exc, ResponseError) and _UNAVAILABLE_REPLY.match(str(exc)) is not None
 
 
 def connect_redis(settings: Settings) -> Redis:

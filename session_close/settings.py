@@ -35,6 +35,7 @@ def _url(*schemes: str) -> validate.Regexp:
 class Settings:
     http_host: str = setting("0.0.0.0", mf.String(validate=validate.Length(min=1)))
     http_port: int = setting(8080, mf.Integer(validate=validate.Range(min=0, max=65535)))
+    metrics_port: int | None = setting(None, mf.Integer(validate=validate.Range(min=0, max=65535)))
     http_read_timeout_seconds: float = setting(30.0, mf.Float(validate=_positive))
     http_keepalive_timeout_seconds: float = setting(75.0, mf.Float(validate=_positive))
     redis_url: str = setting(

@@ -80,12 +80,13 @@ async def ensure_table(pool: asyncpg.Pool, table: str) -> None:
 
 
 class AuditTrail:
-    transient = TRANSIENT
-
     def __init__(self, pool: asyncpg.Pool, table: str) -> None:
         self._pool = pool
         self._insert = insert_sql(table)
-        self._write_or_split = split_on_content_failure(self._write, TRANSIENT)
+        self._write_or_split = split_on_content_failure(self._write, self.transient)
+
+    def transient(self, exc: BaseException) -> bool:
+        return isinstance(exc, TRANSIENT)
 
     async def apply(self, events: list[SessionEvent]) -> list[BaseException | None]:
         results = await self._write_or_split(events)

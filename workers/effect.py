@@ -14,11 +14,14 @@ from session_close.settings import Settings
 class Effect(Protocol):
     """What a worker does with events. It must be idempotent. Per event, `apply` returns
     None when it is done or the exception it failed with: MalformedEvent for an event it
-    can never act on, one of `transient` when its backend cannot be reached or is out of
-    resources, anything else when the event itself failed. Raising fails every event of
-    the call (a backend down, say)."""
+    can never act on, one that `transient` accepts when its backend cannot be reached or
+    is out of resources, anything else when the event itself failed. Raising fails every
+    event of the call (a backend down, say)."""
 
-    transient: tuple[type[BaseException], ...]  # retried without limit, logged without traceback
+    def transient(self, exc: BaseException) -> bool:
+        """True when `exc` is the backend's, not the event's: retried without limit,
+        logged without traceback."""
+        ...
 
     async def apply(self, events: list[SessionEvent]) -> Sequence[BaseException | None]: ...
 

@@ -15,41 +15,30 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, TryAgainError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from session_close.batching import split_on_content_failure
 from session_close.events import SessionEvent
 from session_close.keys import Keys
 from session_close.logs import log_each, short_id
-from session_close.redis_client import connect_redis
+from session_close.redis_client import connect_redis, unavailable
 from session_close.scripts import REMOVE_PUSH_TOKENS
 from session_close.settings import Settings
 from workers.effect import Effect, event_ids
 
 log = logging.getLogger(__name__)
 
-# Redis unreachable (loading included), out of memory, or a replica for now: retried for
-# as long as it takes. Any other error reply (WRONGTYPE) is the event's own failure.
-TRANSIENT: tuple[type[BaseException], ...] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    OSError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    TryAgainError,
-)
-
 
 class PushCleanup:
-    transient = TRANSIENT
-
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self._redis = redis
         self._keys = keys
         # Each batch the runner hands over is one script run.
-        self._remove_or_split = split_on_content_failure(self._remove, TRANSIENT)
+        self._remove_or_split = split_on_content_failure(self._remove, self.transient)
+
+    def transient(self, exc: BaseException) -> bool:
+        # Redis unreachable or unable to write for now (MISCONF, OOM, READONLY...): retried
+        # for as long as it takes. Any other error reply (WRONGTYPE) is the event's own.
+        return unavailable(exc)
 
     async def apply(self, events: list[SessionEvent]) -> list[BaseException | None]:
         results = await self._remove_or_split(events)

@@ -9,7 +9,7 @@ batches of deliveries, ack after it.
   frame where it can and never acks past a message still held.
 - A malformed message is rejected without requeue: the queue's dead-letter exchange
   moves it to `<queue>.dlq` at once, and a log line says why.
-- A failure of the effect's `transient` kinds (a backend unreachable or out of
+- A failure the effect calls `transient` (a backend unreachable or out of
   resources) is retried with capped exponential backoff while the message is held, for
   as long as it takes: a good message is never dead-lettered. Any other failure is the
   message's own: it is retried until WORKER_MAX_ATTEMPTS attempts (counted here, while
@@ -303,7 +303,7 @@ class Worker:
         """Count a failed attempt: True when the message is to be tried again after
         `delay`, False when it was dead-lettered as poison."""
         assert self._effect is not None
-        transient = isinstance(exc, self._effect.transient)
+        transient = self._effect.transient(exc)
         tried, failed = attempts.get(held, (0, 0))
         tried += 1
         if not transient:

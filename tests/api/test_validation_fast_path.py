@@ -113,6 +113,12 @@ json_values = st.one_of(
             "0B7E3F0C-4B8A-4C5E-9D61-3F1A2B4C5D6E",
             "0b7e3f0c4b8a4c5e9d613f1a2b4c5d6e",
             "0b7e3f0c-4b8a-4c5e-9d61-3f1a2b4c5d6",
+            "{0b7e3f0c-4b8a-4c5e-9d61-3f1a2b4c5d6e}",
+            "urn:uuid:0b7e3f0c-4b8a-4c5e-9d61-3f1a2b4c5d6e",
+            "0b7e3f0c-4b8a-4c5e-9d61-3f1a2b4c5d6e\n",
+            "x" * 65,  # an os past the API's bound
+            "x" * 129,  # a requestId past it
+            "x" * 257,  # a sessionId or appVersion past it
             "u\x00",  # nothing can store a NUL
             "0001-01-01T00:00:00+01:00",  # before year 1 once in UTC
             "9999-12-31T23:59:59-01:00",

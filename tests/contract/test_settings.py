@@ -35,6 +35,7 @@ SPEC_DEFAULTS = {
 VALID = {
     "HTTP_HOST": ("127.0.0.1", "127.0.0.1"),
     "HTTP_PORT": ("9090", 9090),
+    "METRICS_PORT": ("9091", 9091),
     "HTTP_READ_TIMEOUT_SECONDS": ("2.5", 2.5),
     "HTTP_KEEPALIVE_TIMEOUT_SECONDS": ("5", 5.0),
     "REDIS_URL": ("redis://127.0.0.1:6380/2", "redis://127.0.0.1:6380/2"),
@@ -69,6 +70,7 @@ INVALID = [
     ("HTTP_PORT", "http"),
     ("HTTP_PORT", "70000"),
     ("HTTP_PORT", ""),
+    ("METRICS_PORT", "70000"),
     ("HTTP_HOST", ""),
     ("REDIS_URL", "localhost:6379"),
     ("REDIS_TIMEOUT_SECONDS", "0"),

@@ -232,6 +232,7 @@ def test_compose_commands_env_ports_and_healthcheck_match_the_code() -> None:
         if service["command"] == ["python", "-m", "service"]:
             published = [p.split(":") for p in service["ports"]]
             assert [int(container) for _, container in published] == [settings.http_port]
+            assert settings.metrics_port not in (None, settings.http_port)  # not published
             check = service["healthcheck"]["test"][-1]
             assert f"127.0.0.1:{settings.http_port}/readyz" in check
             assert "/readyz" in get_routes()
@@ -330,7 +331,10 @@ def test_api_ports_and_probe_paths_match_the_app() -> None:
     api = [(d, c) for d, c in containers() if c["command"] == ["python", "-m", "service"]]
     assert len(api) == 1
     deployment, container = api[0]
-    assert [p["containerPort"] for p in container["ports"]] == [settings.http_port]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": settings.http_port, "metrics": settings.metrics_port}
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(settings.metrics_port)
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     for probe in ("readinessProbe", "livenessProbe"):
@@ -345,6 +349,9 @@ def test_api_ports_and_probe_paths_match_the_app() -> None:
     service = of_kind("Service")[deployment["metadata"]["name"]]
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+    # /metrics stays off the public Service: its port is neither a target nor a port there.
+    exposed = {str(v) for p in service["spec"]["ports"] for v in (p["port"], p["targetPort"])}
+    assert not exposed & {"metrics", str(settings.metrics_port)}
 
 
 def test_worker_probes_use_their_metrics_port() -> None:

@@ -19,7 +19,8 @@ class Recording:
     The events of `fail_first` fail their first two attempts, as if their backend had
     been unreachable (transient), so they are held for retry meanwhile."""
 
-    transient: tuple[type[BaseException], ...] = (ConnectionError,)
+    def transient(self, exc: BaseException) -> bool:
+        return isinstance(exc, ConnectionError)
 
     def __init__(self, fail_first: set[str]) -> None:
         self.batches: list[int] = []
@@ -85,7 +86,8 @@ class BuggyOnce:
     """A test-only effect with a bug on its first call: it answers for one event fewer
     than it was given."""
 
-    transient: tuple[type[BaseException], ...] = ()
+    def transient(self, exc: BaseException) -> bool:
+        return False
 
     def __init__(self) -> None:
         self.calls = 0

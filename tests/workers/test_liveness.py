@@ -28,7 +28,8 @@ BLOCKED_FOR = 4.0
 class BlocksTheLoop:
     """A test-only effect that stalls the event loop, as a blocking call would."""
 
-    transient: tuple[type[BaseException], ...] = ()
+    def transient(self, exc: BaseException) -> bool:
+        return False
 
     def __init__(self) -> None:
         self.blocked_at: float | None = None

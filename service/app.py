@@ -67,6 +67,7 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
         settings,
         on_published=metrics.relay_published,
         on_failed=metrics.relay_failed,
+        on_dead_lettered=metrics.relay_dead_lettered,
     )
 
     async def run() -> None:

@@ -32,11 +32,16 @@ def connect_redis(settings: Settings) -> Redis:
         max_connections=settings.redis_max_connections,
         timeout=timeout,
         decode_responses=True,
+        # Bytes that are not UTF-8 (an `os` some writer got wrong) read as U+FFFD: a
+        # read of the outbox, or of anything else, never fails on what an entry holds.
+        encoding_errors="replace",
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        # One quick retry on a dropped connection; a retried close is safe because the
-        # script compares the event id with the tombstone's.
-        retry=Retry(NoBackoff(), 1),
+        # No retry by the client: it cannot know whether a command whose reply was lost
+        # ran. Re-sent, `XREADGROUP >` hands out more entries while the first reply's sit
+        # in the relay's pending list. Our code retries what it can (a close answers 503
+        # and the client retries it; the relay re-reads its own pending entries).
+        retry=Retry(NoBackoff(), 0),
         health_check_interval=30,
     )
     return Redis.from_pool(pool)

@@ -340,7 +340,7 @@ async def run_standalone(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    redis = connect_redis(settings)
+    redis = connect_redis(settings, resend=False)
     connect = asyncio.create_task(connect_and_declare(settings))
     await asyncio.wait([connect, asyncio.create_task(stop.wait())], return_when="FIRST_COMPLETED")
     if not connect.done():

@@ -62,8 +62,10 @@ async def amqp_ctx(app: web.Application) -> AsyncIterator[None]:
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = app[METRICS].outbox
+    # A client of its own that never re-sends a command (session_close/redis_client.py).
+    redis = connect_redis(settings, resend=False)
     relay = Relay(
-        app[REDIS],
+        redis,
         settings,
         on_published=metrics.relay_published,
         on_failed=metrics.relay_failed,
@@ -78,6 +80,7 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(run(), name="outbox-relay")
     yield
     await relay.stop(task)
+    await redis.aclose()
 
 
 async def sweeper_ctx(app: web.Application) -> AsyncIterator[None]:

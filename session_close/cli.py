@@ -112,7 +112,8 @@ def _change(text: str) -> tuple[str, str]:
 
 async def _run(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
     keys = Keys(settings.redis_key_prefix)
-    redis = connect_redis(settings)
+    # No re-sent command: a replay's MULTI run twice would append its entries twice.
+    redis = connect_redis(settings, resend=False)
     try:
         if args.command == "token":
             token = args.token or secrets.token_urlsafe(32)

@@ -23,7 +23,13 @@ DURABLE = {
 }
 
 
-def connect_redis(settings: Settings) -> Redis:
+def connect_redis(settings: Settings, *, resend: bool = True) -> Redis:
+    """The client. With `resend`, a command whose connection dropped is sent once more on
+    a new one: only for callers whose every command is safe to run twice (a close script
+    compares the event id with the tombstone's). The outbox relay's is not (`resend`
+    False): it cannot know whether a command whose reply was lost ran, and a re-sent
+    `XREADGROUP >` hands out more entries while the lost reply's sit unseen in its
+    pending list; the relay re-reads those itself."""
     timeout = settings.redis_timeout_seconds
     # A pool of a known size, where a caller waits (within the same bound) for a
     # connection instead of failing at once, or opening connections without end.
@@ -37,11 +43,7 @@ def connect_redis(settings: Settings) -> Redis:
         encoding_errors="replace",
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        # No retry by the client: it cannot know whether a command whose reply was lost
-        # ran. Re-sent, `XREADGROUP >` hands out more entries while the first reply's sit
-        # in the relay's pending list. Our code retries what it can (a close answers 503
-        # and the client retries it; the relay re-reads its own pending entries).
-        retry=Retry(NoBackoff(), 0),
+        retry=Retry(NoBackoff(), 1 if resend else 0),
         health_check_interval=30,
     )
     return Redis.from_pool(pool)

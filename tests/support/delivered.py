@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import cast
 
 import aio_pika
 import orjson
@@ -66,3 +67,8 @@ async def write_entries(redis: Redis, keys: Keys, entries: list[dict[str, str | 
         for entry in entries[start : start + 1000]:
             pipe.xadd(keys.outbox, entry)  # type: ignore[arg-type]
         await pipe.execute()
+
+
+async def stream_entries(redis: Redis, key: str) -> list[tuple[str, dict[str, str]]]:
+    """Every entry of a stream (the outbox, the dead letters): id and fields, oldest first."""
+    return cast(list[tuple[str, dict[str, str]]], await redis.xrange(key))

@@ -4,13 +4,13 @@ confirms and deletes an entry only after the broker confirmed it.
 close_sessions.lua appends one entry per close to the stream. Relays share the consumer
 group `relay`; each reads new entries, publishes a window of them concurrently, then
 XACKs and XDELs the confirmed ones. An entry whose publish failed stays pending and is
-retried by the same relay, which re-reads its own pending entries after any error it sees
-and on every heartbeat tick: a reply lost on the way (a timeout) leaves entries pending
-that the relay never saw, and they wait at most a tick. Each relay refreshes a heartbeat key (TTL
-RELAY_HEARTBEAT_SECONDS) from its event loop; the entries of a relay whose heartbeat is
-gone are claimed at once by another (take_over_relays.lua). A relay judged dead that was
-merely slow may still publish what it read: delivery is at least once, and the event id
-(message_id) lets consumers drop repeats.
+retried by the same relay, which re-reads its own pending entries after any error it
+sees and on every heartbeat tick: a reply lost on the way (a timeout) leaves entries
+pending that the relay never saw, and they wait at most a tick. Each relay refreshes a
+heartbeat key (TTL RELAY_HEARTBEAT_SECONDS) from its event loop; the entries of a relay
+whose heartbeat is gone are claimed at once by another (take_over_relays.lua). A relay
+judged dead that was merely slow may still publish what it read: delivery is at least
+once, and the event id (message_id) lets consumers drop repeats.
 
 An entry that can never become a valid event (a field missing or out of range) is moved
 to the dead-letter stream `outbox:dead-letters` with the reason, and the rest of its

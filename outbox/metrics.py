@@ -33,6 +33,12 @@ class OutboxMetrics:
             "Outbox publishes that failed or timed out (the entry stays and is retried).",
             registry=registry,
         )
+        self.dead_lettered = Counter(
+            "outbox_dead_lettered",
+            "Outbox entries that could never become a valid event, moved to the dead-letter "
+            "stream outbox:dead-letters (docs/operations.md).",
+            registry=registry,
+        )
         self.swept = Counter(
             "sweeper_sessions",
             "Sessions of the expiry index the sweeper handled, by outcome: expired (event "
@@ -55,6 +61,9 @@ class OutboxMetrics:
 
     def relay_failed(self, n: int) -> None:
         self.publish_failures.inc(n)
+
+    def relay_dead_lettered(self, n: int) -> None:
+        self.dead_lettered.inc(n)
 
     def sweep(self, result: SweepResult) -> None:
         for outcome, child in self._swept_children.items():

@@ -4,11 +4,17 @@ confirms and deletes an entry only after the broker confirmed it.
 close_sessions.lua appends one entry per close to the stream. Relays share the consumer
 group `relay`; each reads new entries, publishes a window of them concurrently, then
 XACKs and XDELs the confirmed ones. An entry whose publish failed stays pending and is
-retried by the same relay. Each relay refreshes a heartbeat key (TTL
-RELAY_HEARTBEAT_SECONDS) from its event loop; the entries of a relay whose heartbeat is
-gone are claimed at once by another (take_over_relays.lua). A relay judged dead that was
-merely slow may still publish what it read: delivery is at least once, and the event id
-(message_id) lets consumers drop repeats.
+retried by the same relay, which re-reads its own pending entries after any error it
+sees and on every heartbeat tick: a reply lost on the way (a timeout) leaves entries
+pending that the relay never saw, and they wait at most a tick. Each relay refreshes a
+heartbeat key (TTL RELAY_HEARTBEAT_SECONDS) from its event loop; the entries of a relay
+whose heartbeat is gone are claimed at once by another (take_over_relays.lua). A relay
+judged dead that was merely slow may still publish what it read: delivery is at least
+once, and the event id (message_id) lets consumers drop repeats.
+
+An entry that can never become a valid event (a field missing or out of range) is moved
+to the dead-letter stream `outbox:dead-letters` with the reason, and the rest of its
+batch is published as usual: one bad entry never holds back the others.
 """
 
 from __future__ import annotations
@@ -30,10 +36,17 @@ from aiormq.exceptions import ChannelInvalidStateError
 from pamqp.commands import Basic
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from outbox.stream import ensure_group
-from session_close.events import CONTENT_TYPE, SessionEvent
-from session_close.keys import OUTBOX_GROUP, Keys
+from session_close.events import CONTENT_TYPE, BadEntry, SessionEvent
+from session_close.keys import (
+    DEAD_LETTER_ENTRY_ID,
+    DEAD_LETTER_FIELD,
+    DEAD_LETTER_REASON,
+    OUTBOX_GROUP,
+    Keys,
+)
 from session_close.redis_client import unavailable
 from session_close.retry import Backoff, Policy, retry
 from session_close.scripts import TAKE_OVER_RELAYS
@@ -65,6 +78,7 @@ class Relay:
         *,
         on_published: Callable[[int], None] = lambda n: None,
         on_failed: Callable[[int], None] = lambda n: None,
+        on_dead_lettered: Callable[[int], None] = lambda n: None,
     ) -> None:
         self._redis = redis
         self._exchange: AbstractExchange | None = None
@@ -74,6 +88,7 @@ class Relay:
         self._heartbeat = self._keys.relay_heartbeat(self._consumer)
         self._on_published = on_published
         self._on_failed = on_failed
+        self._on_dead_lettered = on_dead_lettered
         self._retry_own = True  # first look at what this consumer already holds
         self._next_takeover = 0.0
         self._beating: asyncio.Task[None] | None = None
@@ -137,15 +152,21 @@ class Relay:
             await self._redis.delete(self._heartbeat)
 
     async def _beat_once(self) -> None:
-        await self._redis.set(
-            self._heartbeat, "1", px=int(self._settings.relay_heartbeat_seconds * 1000)
-        )
+        ttl_ms = int(self._settings.relay_heartbeat_seconds * 1000)
+        # PEXPIRE needs no memory, so a full Redis (maxmemory reached, noeviction)
+        # still takes it, where it refuses SET: a live relay keeps its entries. SET only
+        # when the key is gone (the first beat, or after a stall longer than the TTL).
+        if not await self._redis.pexpire(self._heartbeat, ttl_ms):
+            await self._redis.set(self._heartbeat, "1", px=ttl_ms)
 
     async def _beat(self) -> None:
         """Refreshed from the event loop, apart from the publishing: a relay whose loop
         stalls stops beating, and another publishes its entries (a repeat at worst)."""
         while True:
             await asyncio.sleep(self._settings.relay_heartbeat_seconds / 3)
+            # A lost reply the relay never saw as an error leaves entries in its pending
+            # list: the next read looks there first, so they wait a tick, not forever.
+            self._retry_own = True
             try:
                 await self._beat_once()
             except (RedisError, OSError) as exc:
@@ -173,16 +194,18 @@ class Relay:
                     "outbox relay took over a dead relay's entries", extra={"entries": len(claimed)}
                 )
                 return self._decode([(entry_id, _pairs(flat)) for entry_id, flat in claimed])
-        stream_id = "0" if self._retry_own else ">"
+        own = self._retry_own
         reply = await self._redis.xreadgroup(
             OUTBOX_GROUP,
             self._consumer,
-            {self._keys.outbox: stream_id},
+            {self._keys.outbox: "0" if own else ">"},
             count=count,
-            block=None if self._retry_own else self._block_ms,
+            block=None if own else self._block_ms,
         )
         entries = self._decode(reply[0][1]) if reply else []  # type: ignore[index,arg-type]
-        if self._retry_own and not entries:
+        # Only a read of its own that found nothing clears the flag: a heartbeat tick may
+        # have set it while a blocking read of new entries was waiting.
+        if own and not entries:
             self._retry_own = False
         return entries
 
@@ -211,16 +234,12 @@ class Relay:
         source, timeout = self._settings.event_source, self._settings.publish_timeout_seconds
         sent: list[str] = []
         confirmations: list[asyncio.Future[Any]] = []
-        dropped: list[str] = []
+        dead: list[tuple[Entry, BadEntry]] = []
         for entry_id, fields in entries:
             try:
                 event = SessionEvent.from_outbox(fields)
-            except KeyError:
-                log.error(
-                    "outbox entry is incomplete; dropped",
-                    extra={"entry_id": entry_id, "fields": sorted(fields)},
-                )
-                dropped.append(entry_id)  # it can never succeed; deleting it moves on
+            except BadEntry as bad:
+                dead.append(((entry_id, fields), bad))  # it can never succeed
                 continue
             # Straight to aiormq, with the properties aio_pika.Message would build:
             # through Exchange.publish, aiormq holds the channel lock until each frame is
@@ -253,13 +272,17 @@ class Relay:
         # Only an Ack counts: a publish returned as unroutable (no queue bound) or
         # failed stays in the outbox, since deleting it would lose the event.
         failures = [r for r in results if not isinstance(r, Basic.Ack)]
-        done = dropped + [e for e, r in zip(sent, results, strict=True) if isinstance(r, Basic.Ack)]
+        done = [e for e, r in zip(sent, results, strict=True) if isinstance(r, Basic.Ack)]
         if done:
             pipe = self._redis.pipeline(transaction=True)
             pipe.xack(self._keys.outbox, OUTBOX_GROUP, *done)
             pipe.xdel(self._keys.outbox, *done)
             await pipe.execute()
-            self._on_published(len(done) - len(dropped))
+            self._on_published(len(done))
+        if dead:
+            # After the acks, apart: XADD needs memory that XACK and XDEL do not, so a
+            # full Redis refuses only this step, and only the bad entries are read again.
+            await self._set_aside(dead)
         if failures:
             log.warning(
                 "publishes failed; the events stay in the outbox",
@@ -267,6 +290,27 @@ class Relay:
             )
             self._on_failed(len(failures))
         return len(failures)
+
+    async def _set_aside(self, dead: list[tuple[Entry, BadEntry]]) -> None:
+        """Move entries to the dead-letter stream, with the reason, in one MULTI."""
+        pipe = self._redis.pipeline(transaction=True)
+        for (entry_id, fields), bad in dead:
+            record: dict[FieldT, EncodableT] = {k: v for k, v in fields.items()}
+            record[DEAD_LETTER_REASON] = bad.reason
+            record[DEAD_LETTER_FIELD] = bad.field
+            record[DEAD_LETTER_ENTRY_ID] = entry_id
+            pipe.xadd(self._keys.dead_letters, record)
+        ids = [entry_id for (entry_id, _), _ in dead]
+        pipe.xack(self._keys.outbox, OUTBOX_GROUP, *ids)
+        pipe.xdel(self._keys.outbox, *ids)
+        await pipe.execute()
+        for (entry_id, _), bad in dead:
+            # The field and the reason only: the values stay in Redis, out of the logs.
+            log.error(
+                "outbox entry cannot become an event; set aside as a dead letter",
+                extra={"entry_id": entry_id, "field": bad.field, "reason": bad.reason},
+            )
+        self._on_dead_lettered(len(dead))
 
 
 def _pairs(flat: list[str]) -> dict[str, str]:
@@ -298,7 +342,7 @@ async def run_standalone(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    redis = connect_redis(settings)
+    redis = connect_redis(settings, resend=False)
     connect = asyncio.create_task(connect_and_declare(settings))
     await asyncio.wait([connect, asyncio.create_task(stop.wait())], return_when="FIRST_COMPLETED")
     if not connect.done():

@@ -84,6 +84,10 @@ SWEEPER = "tests/outbox/test_sweeper.py::test_"
 POISON = "tests/workers/test_poison.py::test_"
 HYGIENE = "tests/api/test_http_hygiene.py::test_"
 BOUNDS = "tests/workers/test_input_bounds.py::test_"
+RELAY_CLIENT = "session_close/redis_client.py"
+STALL = "tests/outbox/test_relay_stall.py::test_"
+BAD_ENTRIES = "tests/outbox/test_relay_bad_entries.py::test_"
+HEARTBEAT = "tests/outbox/test_relay_heartbeat.py::test_"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -560,6 +564,71 @@ MUTANTS: tuple[Mutant, ...] = (
             "tests/api/test_metrics_port.py::"
             "test_with_metrics_port_set_metrics_is_served_there_and_404_on_the_public_port",
         ),
+    ),
+    # Issue 19/20, the relay: no stranded reads, bad entries set aside, live heartbeats.
+    Mutant(
+        "relay never re-reads its own pending entries after an error or on a beat",
+        RELAY,
+        edits=(
+            Edit(
+                "            self._retry_own = True\n            await backoff.sleep()",
+                "            await backoff.sleep()",
+            ),
+            Edit("            self._retry_own = True\n            try:", "            try:"),
+        ),
+        tests=(f"{STALL}entries_whose_read_reply_a_redis_stall_lost_are_published_within_10_s",),
+    ),
+    Mutant(
+        "relay does not re-read its own pending entries on a heartbeat tick",
+        RELAY,
+        edits=(Edit("            self._retry_own = True\n            try:", "            try:"),),
+        tests=(
+            f"{STALL}an_entry_left_in_a_live_relays_own_pending_list_is_published_at_its_next_beat",
+        ),
+    ),
+    Mutant(
+        "a bad outbox entry wedges the relay",
+        RELAY,
+        edits=(Edit("            except BadEntry as bad:", "            except KeyError as bad:"),),
+        tests=(
+            f"{BAD_ENTRIES}bad_entries_among_600_closes_are_set_aside_and_every_close_is_delivered_once",
+        ),
+    ),
+    Mutant(
+        "bytes that are not UTF-8 fail the reads of the outbox",
+        RELAY_CLIENT,
+        edits=(Edit('encoding_errors="replace",', 'encoding_errors="strict",'),),
+        tests=(
+            f"{BAD_ENTRIES}metrics_answer_while_the_oldest_entry_holds_bytes_that_are_not_utf8",
+        ),
+    ),
+    Mutant(
+        "heartbeat refreshed with SET, which a full Redis refuses",
+        RELAY,
+        edits=(
+            Edit(
+                "        if not await self._redis.pexpire(self._heartbeat, ttl_ms):",
+                "        if True:",
+            ),
+        ),
+        tests=(f"{HEARTBEAT}a_full_redis_still_takes_a_live_relays_heartbeat",),
+    ),
+    Mutant(
+        "heartbeat never refreshed after its first beat",
+        RELAY,
+        edits=(
+            Edit(
+                "            try:\n                await self._beat_once()\n",
+                "            try:\n                pass\n",
+            ),
+        ),
+        tests=(f"{HEARTBEAT}two_live_relays_draining_a_large_outbox_never_take_each_other_over",),
+    ),
+    Mutant(
+        "stop() leaves the heartbeat key",
+        RELAY,
+        edits=(Edit("            await self._redis.delete(self._heartbeat)", "            pass"),),
+        tests=(f"{HEARTBEAT}a_stopped_relays_heartbeat_is_gone_at_once",),
     ),
 )
 

@@ -78,11 +78,14 @@ async def metrics_port_ctx(app: web.Application) -> AsyncIterator[None]:
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = app[METRICS].outbox
+    # A client of its own that never re-sends a command (session_close/redis_client.py).
+    redis = connect_redis(settings, resend=False)
     relay = Relay(
-        app[REDIS],
+        redis,
         settings,
         on_published=metrics.relay_published,
         on_failed=metrics.relay_failed,
+        on_dead_lettered=metrics.relay_dead_lettered,
     )
 
     async def run() -> None:
@@ -93,6 +96,7 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(run(), name="outbox-relay")
     yield
     await relay.stop(task)
+    await redis.aclose()
 
 
 async def sweeper_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -100,10 +100,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def read_scraped_values(app: web.Application) -> None:
     """The values read at scrape time. A scrape while Redis is away still answers; the
-    backlog keeps its last value."""
+    backlog keeps its last value. So does a scrape whatever the outbox holds (ValueError:
+    a reply that cannot be read)."""
     await check_dependencies(app)
     settings = app[SETTINGS]
-    with contextlib.suppress(RedisError, OSError, TimeoutError):
+    with contextlib.suppress(RedisError, OSError, TimeoutError, ValueError):
         async with asyncio.timeout(settings.redis_timeout_seconds):
             age = await oldest_entry_age(app[REDIS], Keys(settings.redis_key_prefix))
         app[METRICS].outbox.oldest_age.set(age)

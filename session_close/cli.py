@@ -1,5 +1,6 @@
 """sessionctl: write tokens, sessions and push tokens in the Redis form of docs/redis.md,
-as the login side does (for demos, tests, and the login side to copy)."""
+as the login side does (for demos, tests, and the login side to copy); and list or replay
+the outbox entries the relay set aside as dead letters (docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import asyncio
 import json
 import secrets
 import time
+from typing import cast
 
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
 from session_close import __version__
-from session_close.keys import Keys
+from session_close.keys import DEAD_LETTER_FIELDS, Keys
 from session_close.redis_client import connect_redis
 from session_close.settings import Settings, env_help, settings_or_exit
 
@@ -61,9 +63,57 @@ async def create_session(
     await pipe.execute()
 
 
+Entry = tuple[str, dict[str, str]]
+
+
+async def _dead_letter_entries(
+    redis: Redis, keys: Keys, start: str = "-", end: str = "+"
+) -> list[Entry]:
+    return cast(list[Entry], await redis.xrange(keys.dead_letters, start, end))
+
+
+async def dead_letters(redis: Redis, keys: Keys) -> list[dict[str, object]]:
+    """The dead-letter stream, oldest first: each entry's id and fields."""
+    return [{"id": i, "fields": f} for i, f in await _dead_letter_entries(redis, keys)]
+
+
+async def replay(
+    redis: Redis, keys: Keys, ids: list[str] | None, changes: dict[str, str]
+) -> dict[str, object]:
+    """Move dead letters (all, or those of `ids`) back to the outbox, as new entries with
+    their own fields (the event id unchanged, so consumers still drop a repeat), with
+    `changes` applied; each is written and removed in one MULTI."""
+    if ids is None:
+        found = await _dead_letter_entries(redis, keys)
+    else:
+        found = [e for i in ids for e in await _dead_letter_entries(redis, keys, i, i)]
+    pipe = redis.pipeline(transaction=True)
+    for _, fields in found:
+        entry = {k: v for k, v in fields.items() if k not in DEAD_LETTER_FIELDS} | changes
+        pipe.xadd(keys.outbox, entry)  # type: ignore[arg-type]
+    if found:
+        pipe.xdel(keys.dead_letters, *(i for i, _ in found))
+    new_ids = (await pipe.execute())[: len(found)]
+    replayed = {i for i, _ in found}
+    return {
+        "replayed": [
+            {"id": i, "outboxId": new} for (i, _), new in zip(found, new_ids, strict=True)
+        ],
+        "missing": [i for i in ids or [] if i not in replayed],
+    }
+
+
+def _change(text: str) -> tuple[str, str]:
+    field, sep, value = text.partition("=")
+    if not sep or not field:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    return field, value
+
+
 async def _run(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
     keys = Keys(settings.redis_key_prefix)
-    redis = connect_redis(settings)
+    # No re-sent command: a replay's MULTI run twice would append its entries twice.
+    redis = connect_redis(settings, resend=False)
     try:
         if args.command == "token":
             token = args.token or secrets.token_urlsafe(32)
@@ -86,6 +136,10 @@ async def _run(args: argparse.Namespace, settings: Settings) -> dict[str, object
                 else settings.session_expiry_grace_seconds,
             )
             return {"userId": args.user, "sessionId": sid}
+        if args.command == "outbox":
+            if args.outbox_command == "dead-letters":
+                return {"deadLetters": await dead_letters(redis, keys)}
+            return await replay(redis, keys, args.id, dict(args.set))
         sessions = sorted(await redis.smembers(keys.user_sessions(args.user)))
         push = await redis.hgetall(keys.user_push(args.user))
         # Push tokens are secrets: show how many each session holds, not the tokens.
@@ -134,7 +188,33 @@ def main(argv: list[str] | None = None) -> None:
     session.add_argument("--push-token", default="", help="register this push token")
     listing = sub.add_parser("sessions", help="list a user's open sessions")
     listing.add_argument("--user", required=True)
+    outbox = sub.add_parser("outbox", help="the outbox entries the relay set aside")
+    outbox_sub = outbox.add_subparsers(dest="outbox_command", required=True)
+    outbox_sub.add_parser(
+        "dead-letters",
+        help="list the dead letters: entries that could not become a valid event, each "
+        "with dead_letter_reason, dead_letter_field and dead_letter_entry_id",
+    )
+    replaying = outbox_sub.add_parser(
+        "replay",
+        help="move dead letters back to the outbox (once the cause is fixed) for the relay "
+        "to publish; those it still cannot read come back as dead letters",
+    )
+    replaying.add_argument(
+        "--id", action="append", help="this dead letter only (repeatable; default: all)"
+    )
+    replaying.add_argument(
+        "--set",
+        action="append",
+        type=_change,
+        default=[],
+        metavar="FIELD=VALUE",
+        help="write FIELD (as the outbox entry names it, e.g. expired_at) with VALUE in the "
+        "replayed entry; needs --id (repeatable)",
+    )
     args = parser.parse_args(argv)
+    if args.command == "outbox" and args.outbox_command == "replay" and args.set and not args.id:
+        parser.error("--set needs --id: a correction is made entry by entry")
     settings = settings_or_exit("sessionctl")
     print(json.dumps(asyncio.run(_run(args, settings))))
 

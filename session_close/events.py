@@ -58,6 +58,16 @@ class MalformedEvent(ValueError):
     """A message that is not a valid session event; never worth a retry."""
 
 
+class BadEntry(ValueError):
+    """An outbox entry that cannot become a valid event: `field` says which of its fields
+    (as the scripts name them), `reason` why. It never will, so it is set aside."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
 def _storable_text(value: str) -> None:
     # PostgreSQL text cannot hold NUL: such an event would fail every INSERT it is in.
     if "\x00" in value:
@@ -276,9 +286,19 @@ class SessionEvent:
     @classmethod
     def from_outbox(cls, entry: Mapping[str, str]) -> SessionEvent:
         """An outbox stream entry, as the close, close-all and sweeper scripts write it
-        (entries written before there were several types have no type and reason)."""
-        expired_at = entry.get("expired_at")
-        return cls(
+        (entries written before there were several types have no type and reason).
+        Raises BadEntry for an entry that cannot become a valid event."""
+        missing = [f for f in _REQUIRED_ENTRY_FIELDS if f not in entry]
+        if missing:
+            raise BadEntry(missing[0], "missing")
+        # A value that is no Unix time in range is treated as not given, which a
+        # session.expired event cannot do without.
+        given = entry.get("expired_at")
+        expired_at = None if given is None else unix_time_rfc3339(given)
+        event_type = entry.get("type", CLOSED)
+        if given is not None and expired_at is None and event_type == EXPIRED:
+            raise BadEntry("expired_at", "not a Unix time of the years 1 to 9999")
+        event = cls(
             event_id=entry["event_id"],
             session_id=entry["session_id"],
             user_id=entry["user_id"],
@@ -290,10 +310,15 @@ class SessionEvent:
             app_version=(entry.get("app_version") or "")[:APP_VERSION_MAX] or None,
             request_id=entry.get("request_id") or None,
             traceparent=entry.get("traceparent") or None,
-            type=entry.get("type", CLOSED),
+            type=event_type,
             reason=entry.get("reason", "user_logout"),
-            expired_at=None if expired_at is None else _rfc3339(float(expired_at)),
+            expired_at=expired_at,
         )
+        errors = _outbound_errors(event.to_cloudevent("relay"))
+        if errors:
+            field, reason = _first_error(errors)
+            raise BadEntry(_ENTRY_FIELDS.get(field, field), reason)
+        return event
 
     def to_cloudevent(self, source: str) -> dict[str, Any]:
         event: dict[str, Any] = {
@@ -357,7 +382,64 @@ def rfc3339_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _rfc3339(unix: float) -> str:
-    return (
-        datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
+# A Unix time as the scripts and the login side write it: decimal digits, an optional
+# fraction and exponent (no hex, no "nan", no "inf", no underscores, which float() takes).
+_UNIX_TIME = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\Z")
+# The times every consumer can hold: years 1 to 9999 (Python's datetime; PostgreSQL's
+# range is wider), in Unix seconds.
+FIRST_UNIX_TIME = -62135596800.0  # 0001-01-01T00:00:00Z
+END_UNIX_TIME = 253402300800.0  # 10000-01-01T00:00:00Z, excluded
+
+
+def unix_time_rfc3339(value: str) -> str | None:
+    """`value` (Unix seconds) as an RFC 3339 time, or None when it is not a finite Unix
+    time of the years 1 to 9999."""
+    if not _UNIX_TIME.match(value):
+        return None
+    unix = float(value)  # the pattern admits no nan; a huge exponent gives inf
+    if not FIRST_UNIX_TIME <= unix < END_UNIX_TIME:
+        return None
+    try:
+        stamp = datetime.fromtimestamp(unix, UTC)
+    except (ValueError, OverflowError, OSError):  # rounding at the very ends
+        return None
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# The entry's fields (the scripts' names) that every event needs, and the event's names
+# for them back to the entry's, so that a dead letter names the field the entry holds.
+_REQUIRED_ENTRY_FIELDS = ("event_id", "session_id", "user_id", "closed_at")
+_ENTRY_FIELDS = {
+    "id": "event_id",
+    "type": "type",
+    "time": "closed_at",
+    "subject": "session_id",
+    "sessionId": "session_id",
+    "userId": "user_id",
+    "closedAt": "closed_at",
+    "reason": "reason",
+    "expiredAt": "expired_at",
+    "os": "os",
+    "appVersion": "app_version",
+    "requestId": "request_id",
+}
+
+
+# The producer's schema, less traceparent: a traceparent the strict pattern rejects (a
+# later version) is carried as it came, for the consumers to read or ignore.
+_outbound = CloudEventSchema(unknown=EXCLUDE, exclude=["traceparent"])
+
+
+def _outbound_errors(raw: dict[str, Any]) -> dict[str, Any]:
+    if _plain_event(raw):  # the usual event, without marshmallow's cost
+        return {}
+    errors: dict[str, Any] = _outbound.validate(raw)
+    return errors
+
+
+def _first_error(errors: dict[str, Any]) -> tuple[str, str]:
+    """The first field and message of marshmallow's nested error dict."""
+    field, messages = next(iter(errors.items()))
+    if isinstance(messages, dict):
+        return _first_error(messages)
+    return field, str(messages[0] if isinstance(messages, list) and messages else messages)

@@ -6,6 +6,12 @@ import hashlib
 from dataclasses import dataclass
 
 OUTBOX_GROUP = "relay"
+# What a dead letter adds to the outbox entry's own fields (which `sessionctl outbox
+# replay` writes back): why it was set aside, the field at fault, the entry's old id.
+DEAD_LETTER_REASON = "dead_letter_reason"
+DEAD_LETTER_FIELD = "dead_letter_field"
+DEAD_LETTER_ENTRY_ID = "dead_letter_entry_id"
+DEAD_LETTER_FIELDS = (DEAD_LETTER_REASON, DEAD_LETTER_FIELD, DEAD_LETTER_ENTRY_ID)
 
 
 def token_digest(token: str) -> str:
@@ -45,6 +51,12 @@ class Keys:
     def write_check(self) -> str:
         """Never holds data: /readyz deletes it to learn whether Redis takes writes."""
         return f"{self.prefix}readyz:write-check"
+
+    @property
+    def dead_letters(self) -> str:
+        """Outbox entries that can never become a valid event, set aside by the relay
+        with the reason (docs/operations.md: sessionctl outbox dead-letters / replay)."""
+        return f"{self.prefix}outbox:dead-letters"
 
     def relay_heartbeat(self, consumer: str) -> str:
         """Refreshed by a live outbox relay; gone (expired) once the relay is dead."""

@@ -72,7 +72,13 @@ def unavailable(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and _UNAVAILABLE_REPLY.match(str(exc)) is not None
 
 
-def connect_redis(settings: Settings) -> Redis:
+def connect_redis(settings: Settings, *, resend: bool = True) -> Redis:
+    """The client. With `resend`, a command whose connection dropped is sent once more on
+    a new one: only for callers whose every command is safe to run twice (a close script
+    compares the event id with the tombstone's). The outbox relay's is not (`resend`
+    False): it cannot know whether a command whose reply was lost ran, and a re-sent
+    `XREADGROUP >` hands out more entries while the lost reply's sit unseen in its
+    pending list; the relay re-reads those itself."""
     timeout = settings.redis_timeout_seconds
     # A pool of a known size, where a caller waits (within the same bound) for a
     # connection instead of failing at once, or opening connections without end.
@@ -81,11 +87,12 @@ def connect_redis(settings: Settings) -> Redis:
         max_connections=settings.redis_max_connections,
         timeout=timeout,
         decode_responses=True,
+        # Bytes that are not UTF-8 (an `os` some writer got wrong) read as U+FFFD: a
+        # read of the outbox, or of anything else, never fails on what an entry holds.
+        encoding_errors="replace",
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        # One quick retry on a dropped connection; a retried close is safe because the
-        # script compares the event id with the tombstone's.
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), 1 if resend else 0),
         health_check_interval=30,
     )
     return Redis.from_pool(pool)

@@ -74,6 +74,7 @@ def test_the_alerts_the_operations_guide_promises_exist() -> None:
         "OutboxBacklogGrowing": {"outbox_backlog"},
         "OutboxOldestEntryOld": {"outbox_oldest_entry_age_seconds"},
         "OutboxRelayPublishFailing": {"outbox_relay_publish_failures_total"},
+        "OutboxDeadLetters": {"outbox_dead_lettered_total"},
         "DeadLetterQueueNotEmpty": {"rabbitmq_detailed_queue_messages"},
         "WorkerQueueWithoutConsumer": {
             "rabbitmq_detailed_queue_messages",

@@ -221,9 +221,7 @@ def _session_operation(
     for exchange in exchanges:
         content = responses[exchange.reply.status]["content"]["application/json"]
         content.setdefault("examples", {})[exchange.name] = exchange.reply_example(path)
-    request_examples = {
-        e.name: e.request_example(path) for e in exchanges if e.body is not None
-    }
+    request_examples = {e.name: e.request_example(path) for e in exchanges if e.body is not None}
     return {
         "operationId": operation_id,
         "summary": summary,

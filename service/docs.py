@@ -3,9 +3,9 @@
 Every file the page loads is served here, from the swagger-ui-bundle package (a PyPI
 wheel holding Swagger UI's built files, so it is in the image and in every virtual
 environment without npm): no CDN, no font, no image from elsewhere. The page uses
-Swagger UI's base layout (no top bar, so no logo linking out), turns off the validator
-badge (which would send the document to an outside service), and its Content-Security-
-Policy tells the browser to load nothing from another origin anyway.
+Swagger UI's base layout (no top bar with its logo, no validator badge, which would send
+the document to an outside service), and its Content-Security-Policy tells the browser
+to load nothing from another origin anyway.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ PAGE = b"""<!DOCTYPE html>
 """
 # In a file of its own rather than inline, so the CSP can forbid inline scripts.
 # docExpansion full: every operation open, its request and reply examples on the page.
+# validatorUrl null: the base layout draws no validator badge, and should a layout that
+# does ever be used, it still sends the document to no outside validator.
 INIT = b"""window.onload = function () {
   window.ui = SwaggerUIBundle({
     url: "openapi.json",

@@ -17,7 +17,7 @@ from service.schemas import MAX_BODY_BYTES, session_id_or_empty
 
 TOKEN = "k7Q2mX9vR4tL8wZ1"
 SESSION_ID = "3f9a2c1e-5b7d-4e8f-a1c3-9d2e7b6f0a14"
-# As the apps send them (SPEC 1), the token's user owning the session.
+# As the apps send them (docs/http-api.md), the token's user owning the session.
 APP_HEADERS: Mapping[str, str] = {
     "Content-Type": "application/json; multipart/form-data;",
     "Sessionid": SESSION_ID,

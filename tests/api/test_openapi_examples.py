@@ -46,7 +46,7 @@ def test_every_status_of_both_endpoints_has_a_request_and_a_reply_example() -> N
             int(status): list(response["content"]["application/json"]["examples"].values())
             for status, response in post["responses"].items()
         }
-        # SPEC 1's table: 200 success and info, 400, 401, 404, 413, 415, 500, 503
+        # the error table (docs/http-api.md): 200 success and info, 400 ... 503
         assert {200, 400, 401, 404, 405, 413, 415, 500, 503} == replies.keys(), path
         assert {e["value"]["info"]["type"] for e in replies[200]} == {"success", "info"}
         for status, examples in replies.items():

@@ -33,7 +33,7 @@ from session_close.settings import Settings
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 1.0
-# deploy/ probes every 10 s and fails after 3: a stalled loop restarts within 60 s.
+# deploy/ probes every 10 s and restarts after 3 failures: a stalled loop within 45 s.
 STALE_AFTER_SECONDS = 15.0
 
 
@@ -111,12 +111,12 @@ async def serving_probes(
 ) -> AsyncIterator[int]:
     """Beat and serve on OUTBOX_METRICS_PORT (0: a free port) until the block ends;
     yields the port bound."""
-    beating = asyncio.create_task(liveness.beat_forever(), name="outbox-liveness")
     # No access log: the probes come every few seconds.
     runner = web.AppRunner(
         probes_app(liveness, metrics, registry, redis, settings), access_log=None
     )
     await runner.setup()
+    beating = asyncio.create_task(liveness.beat_forever(), name="outbox-liveness")
     try:
         site = web.TCPSite(runner, "0.0.0.0", settings.outbox_metrics_port)
         await site.start()

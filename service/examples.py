@@ -60,10 +60,10 @@ class Exchange:
         lines = [f"{self.method} {path}", *(f"{k}: {v}" for k, v in self.headers.items())]
         if self.body is not None:
             lines += ["", orjson.dumps(self.body).decode()]
-        padded = f"\n\n`requestContent` padded with {self.padding} more characters." * bool(
-            self.padding
-        )
-        return f"{self.given}\n\n```http\n" + "\n".join(lines) + "\n```" + padded
+        text = f"{self.given}\n\n```http\n" + "\n".join(lines) + "\n```"
+        if self.padding:
+            text += f"\n\nwith a `padding` field of {self.padding} characters in `requestContent`."
+        return text
 
     def request_example(self, path: str) -> dict[str, Any]:
         return {"summary": self.summary(), "description": self.describe(path), "value": self.body}

@@ -432,6 +432,15 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
     ),
     Mutant(
+        "docs page without its Content-Security-Policy",
+        "service/docs.py",
+        edits=(Edit('_HEADERS = {"Content-Security-Policy": CSP, ', "_HEADERS = {"),),
+        tests=(
+            "tests/api/test_docs_page.py::"
+            "test_docs_page_renders_both_operations_and_every_error_example_from_the_api_alone",
+        ),
+    ),
+    Mutant(
         "documented replies echo a malformed SessionID",
         "service/examples.py",
         edits=(Edit('"sessionId": session_id_or_empty(sid),', '"sessionId": sid or "",'),),

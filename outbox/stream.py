@@ -17,6 +17,11 @@ async def ensure_group(redis: Redis, keys: Keys) -> None:
             raise
 
 
+async def backlog(redis: Redis, keys: Keys) -> int:
+    """Entries not yet confirmed by the broker (confirmed ones are deleted)."""
+    return int(await redis.xlen(keys.outbox))
+
+
 async def oldest_entry_age(redis: Redis, keys: Keys) -> float:
     """Seconds since the outbox's first entry was written, from its id (Redis's clock, in
     ms), 0 when the outbox is empty: one XRANGE of one entry and one TIME, in one round

@@ -113,6 +113,7 @@ async def stop(task: asyncio.Task[None]) -> None:
 async def run_standalone(settings: Settings) -> None:
     """The sweeper as its own process (`python -m outbox sweeper`), until SIGTERM/SIGINT.
     Its events wait in the outbox for the relays."""
+    from outbox.probes import Liveness, outbox_registry, serving_probes
     from session_close.redis_client import connect_redis
     from session_close.runtime import tune_gc
 
@@ -121,9 +122,13 @@ async def run_standalone(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
     redis = connect_redis(settings)
-    task = asyncio.create_task(Sweeper(redis, settings).run())
-    tune_gc()
-    log.info("expiry sweeper running")
-    await stop_requested.wait()
-    await stop(task)
+    registry, metrics = outbox_registry()
+    liveness = Liveness()
+    async with serving_probes(settings, redis, liveness, registry, metrics):
+        sweeper = Sweeper(redis, settings, on_sweep=metrics.sweep)
+        task = liveness.work = asyncio.create_task(sweeper.run())
+        tune_gc()
+        log.info("expiry sweeper running")
+        await stop_requested.wait()
+        await stop(task)
     await redis.aclose()

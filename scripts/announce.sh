@@ -8,6 +8,7 @@ for _ in $(seq 1 120); do
   if python3 -c "import urllib.request; urllib.request.urlopen('${base}/healthz', timeout=1)" \
       2>/dev/null; then
     printf '\n  API          %s/v1.0/session/close  (POST)\n' "$base"
+    printf '  API docs     %s/docs\n' "$base"
     printf '  metrics      %s/metrics\n' "$base"
     printf '  OpenAPI      %s/openapi.json\n' "$base"
     printf '  readiness    %s/readyz\n' "$base"

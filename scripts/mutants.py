@@ -630,6 +630,72 @@ MUTANTS: tuple[Mutant, ...] = (
         edits=(Edit("            await self._redis.delete(self._heartbeat)", "            pass"),),
         tests=(f"{HEARTBEAT}a_stopped_relays_heartbeat_is_gone_at_once",),
     ),
+    # Issue 24, parts 2 and 4: GET /docs from the API alone, its examples true to the API,
+    # and the standalone relay's and sweeper's liveness and metrics.
+    Mutant(
+        "docs page loads its stylesheet from a CDN",
+        "service/docs.py",
+        edits=(
+            Edit(
+                'href="docs/swagger-ui.css"',
+                'href="https://unpkg.com/swagger-ui-dist@4.15.5/swagger-ui.css"',
+            ),
+        ),
+        tests=(
+            "tests/api/test_docs_page.py::"
+            "test_docs_page_renders_both_operations_and_every_error_example_from_the_api_alone",
+        ),
+    ),
+    Mutant(
+        "docs page without its Content-Security-Policy",
+        "service/docs.py",
+        edits=(Edit('_HEADERS = {"Content-Security-Policy": CSP, ', "_HEADERS = {"),),
+        tests=(
+            "tests/api/test_docs_page.py::"
+            "test_docs_page_renders_both_operations_and_every_error_example_from_the_api_alone",
+        ),
+    ),
+    Mutant(
+        "documented replies echo a malformed SessionID",
+        "service/examples.py",
+        edits=(Edit('"sessionId": session_id_or_empty(sid),', '"sessionId": sid or "",'),),
+        tests=(
+            "tests/api/test_openapi_examples.py::"
+            "test_each_documented_request_gets_the_documented_reply",
+        ),
+    ),
+    Mutant(
+        "standalone liveness ignores a stale heartbeat",
+        "outbox/probes.py",
+        edits=(
+            Edit(
+                "return not ended and self.heartbeat_age() <= self.stale_after",
+                "return not ended",
+            ),
+        ),
+        tests=(
+            "tests/outbox/test_standalone_processes.py::"
+            "test_liveness_fails_once_the_loop_heartbeat_is_older_than_its_bound",
+        ),
+    ),
+    Mutant(
+        "standalone liveness ignores an ended relay or sweeper",
+        "outbox/probes.py",
+        edits=(Edit("ended = self.work is not None and self.work.done()", "ended = False"),),
+        tests=(
+            "tests/outbox/test_standalone_processes.py::"
+            "test_liveness_fails_once_the_relay_or_sweeper_work_has_ended",
+        ),
+    ),
+    Mutant(
+        "standalone relay's metrics miss its publishes",
+        RELAY,
+        edits=(Edit("on_published=metrics.relay_published, ", ""),),
+        tests=(
+            "tests/outbox/test_standalone_processes.py::"
+            "test_standalone_relay_serves_healthz_and_metrics_counting_its_publishes",
+        ),
+    ),
 )
 
 

@@ -2,7 +2,8 @@
 # The Debian packages the project uses beside Python: the three services it talks to
 # (`redis-server`, `rabbitmq-server`, `postgresql`, started by scripts/start-services.sh),
 # `prometheus` (promtool and prometheus, for the alert unit tests and the live scrape
-# test) and `wrk` (the benchmarks). Installed only when run as root (CI); otherwise named,
+# test), `wrk` (the benchmarks) and `chromium` (the browser test of /docs, driven by
+# Playwright through this binary: Playwright never downloads a browser here). Installed only when run as root (CI); otherwise named,
 # and the tests that need them are skipped with the same message.
 set -euo pipefail
 
@@ -12,6 +13,7 @@ command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
 ls /etc/postgresql/*/main >/dev/null 2>&1 || missing+=(postgresql)
 command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
 command -v wrk >/dev/null || missing+=(wrk)
+command -v chromium >/dev/null || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then

@@ -14,6 +14,7 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import Schema, fields, validate
 
+from service.examples import CLOSE_ALL_EXCHANGES, CLOSE_EXCHANGES, Exchange
 from service.replies import MESSAGES, Reply
 from service.schemas import (
     MAX_BODY_BYTES,
@@ -214,13 +215,21 @@ def _ecma_patterns(node: Any) -> Any:
 
 
 def _session_operation(
+    path: str,
     operation_id: str,
     summary: str,
     description: str,
     headers: type[Schema],
     body: str,
     replies: dict[int, list[Reply]],
+    exchanges: tuple[Exchange, ...],
 ) -> dict[str, Any]:
+    """The operation, with a request and a reply example for every status it answers."""
+    responses = _responses(replies)
+    for exchange in exchanges:
+        content = responses[exchange.reply.status]["content"]["application/json"]
+        content.setdefault("examples", {})[exchange.name] = exchange.reply_example(path)
+    request_examples = {e.name: e.request_example(path) for e in exchanges if e.body is not None}
     return {
         "operationId": operation_id,
         "summary": summary,
@@ -236,9 +245,9 @@ def _session_operation(
         "requestBody": {
             "required": True,
             "description": _BODY_DESCRIPTION,
-            "content": {"application/json": {"schema": body}},
+            "content": {"application/json": {"schema": body, "examples": request_examples}},
         },
-        "responses": _responses(replies),
+        "responses": responses,
     }
 
 
@@ -272,6 +281,7 @@ def build_spec() -> dict[str, Any]:
         path=CLOSE_PATH,
         operations={
             "post": _session_operation(
+                CLOSE_PATH,
                 "closeSession",
                 "Close the session named by the SessionID header",
                 "Atomic and idempotent: of any number of concurrent or repeated closes of "
@@ -280,6 +290,7 @@ def build_spec() -> dict[str, Any]:
                 CloseHeadersSchema,
                 "CloseBody",
                 CLOSE_REPLIES,
+                CLOSE_EXCHANGES,
             )
         },
     )
@@ -287,6 +298,7 @@ def build_spec() -> dict[str, Any]:
         path=CLOSE_ALL_PATH,
         operations={
             "post": _session_operation(
+                CLOSE_ALL_PATH,
                 "closeAllSessions",
                 "Log out everywhere: close every open session of the token's user",
                 "One atomic step: every session closed gets its own `session.closed` event "
@@ -296,6 +308,7 @@ def build_spec() -> dict[str, Any]:
                 CloseAllHeadersSchema,
                 "CloseAllBody",
                 CLOSE_ALL_REPLIES,
+                CLOSE_ALL_EXCHANGES,
             )
         },
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from service.appkeys import METRICS, SETTINGS
+from service.docs import docs_asset, docs_init, docs_page
 from service.handlers import close_all_sessions, close_session
 from service.ops import healthz, openapi, readyz, scrape_handler
 
@@ -22,6 +23,9 @@ def setup_routes(app: web.Application) -> None:
     if app[SETTINGS].metrics_port is None:
         app.router.add_get("/metrics", scrape_handler(app))
     app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/docs", docs_page)
+    app.router.add_get("/docs/init.js", docs_init)
+    app.router.add_get("/docs/{name}", docs_asset)
 
 
 def metrics_app(app: web.Application) -> web.Application:

@@ -79,6 +79,8 @@ class Settings:
     worker_metrics_port: int | None = setting(
         None, mf.Integer(validate=validate.Range(min=0, max=65535))
     )
+    # /healthz and /metrics of `python -m outbox relay|sweeper` (outbox/probes.py).
+    outbox_metrics_port: int = setting(8081, mf.Integer(validate=validate.Range(min=0, max=65535)))
     worker_max_attempts: int = setting(5, mf.Integer(validate=validate.Range(min=1, max=1000)))
     shutdown_timeout_seconds: float = setting(10.0, mf.Float(validate=_positive))
     session_expiry_grace_seconds: int = setting(3600, mf.Integer(validate=validate.Range(min=0)))

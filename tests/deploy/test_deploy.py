@@ -149,10 +149,14 @@ def test_dockerfile_command_port_and_env_match_the_code() -> None:
     settings = assert_valid_settings(ours)
     exposed = [int(args.split("/")[0]) for op, args in steps if op == "EXPOSE"]
     assert exposed == [settings.http_port]
+    copied = set()
     for op, args in steps:
         if op == "COPY" and not args.startswith("--from="):
             for source in args.split()[:-1]:
                 assert (ROOT / source).exists(), source
+                copied.add(source)
+    # every package of the project is in the image (the API imports outbox)
+    assert {"session_close", "service", "outbox", "workers"} <= copied
 
 
 # --- compose ------------------------------------------------------------------------

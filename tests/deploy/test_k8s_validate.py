@@ -19,12 +19,15 @@ import pytest
 import yaml
 from kubernetes_validate.utils import SchemaNotFoundError, latest_version
 
+from outbox.probes import STALE_AFTER_SECONDS as OUTBOX_STALE_AFTER_SECONDS
 from tests.deploy.test_deploy import (
     K8S,
     Manifest,
     assert_entry_point,
     assert_valid_settings,
+    cluster_env,
     get_routes,
+    probe_port,
 )
 
 SCHEMAS = Path(__file__).parent / "schemas" / "crds.yaml"
@@ -229,6 +232,29 @@ def test_podmonitor_scrapes_every_pod_that_serves_metrics() -> None:
             served += 1
             assert labels.items() >= selector.items(), f"{where}: {doc['metadata']['name']}"
     assert served >= 3  # the API and both workers
+
+
+def test_standalone_relay_is_probed_on_its_own_healthz_and_scraped() -> None:
+    (relay,) = (
+        d
+        for d in with_component(RELAY)
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "session-close-relay"
+    )
+    container = relay["spec"]["template"]["spec"]["containers"][0]
+    port = assert_valid_settings(cluster_env()).outbox_metrics_port
+    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("metrics", port)]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/healthz"
+        assert probe_port(container, container[probe]) == port
+    # The loop's heartbeat goes stale, then the probe fails failureThreshold times.
+    liveness = container["livenessProbe"]
+    assert (
+        OUTBOX_STALE_AFTER_SECONDS + liveness["periodSeconds"] * liveness["failureThreshold"] <= 60
+    )
+    assert liveness["timeoutSeconds"] < liveness["periodSeconds"]
+    # the PodMonitor scrapes the port by its name
+    (monitor,) = (doc for doc in base() if doc["kind"] == "PodMonitor")
+    assert "metrics" in {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
 
 
 def test_standalone_relay_component_moves_the_relay_out_of_the_api() -> None:

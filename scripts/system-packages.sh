@@ -2,7 +2,7 @@
 # The Debian packages the project uses beside Python: `prometheus` (promtool and
 # prometheus, for the alert unit tests and the live scrape test) and `wrk` (the
 # benchmarks). Installed only when run as root (CI); otherwise named, and the tests that
-# need them are skipped with the same message.
+# need them are skipped with the same message, except under CI=true, where that fails.
 set -euo pipefail
 
 missing=()
@@ -13,6 +13,7 @@ command -v wrk >/dev/null || missing+=(wrk)
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
   echo "missing Debian packages (tests that need them are skipped): ${missing[*]}" >&2
   echo "  install with: sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
+  [ "${CI:-}" != true ] || { echo "CI=true: a missing tool fails the run" >&2; exit 1; }
   exit 0
 fi
 

@@ -488,7 +488,7 @@ def pytest_runtest_makereport(
     report = yield
     if report.failed and OUTCOMES in os.environ:
         if call.excinfo is None:  # say, a strict xfail that passed
-            kind, what = "error", report.longreprtext.strip().splitlines()[0]
+            kind, what = "error", report.longreprtext.strip()
         else:
             exc = call.excinfo.value
             lines = str(exc).strip().splitlines()
@@ -581,7 +581,9 @@ def run_tests(copy: Path, tests: Sequence[str]) -> Run:
         return Run(seconds=seconds, error=f"{first['test']} ({first['when']}): {what}")
     if failed:
         return Run(seconds=seconds, killer=failed[0]["test"])
-    if proc.returncode != 0:  # 2 to 5: interrupted, usage (a test not found), nothing run
+    # 1 with no report (the process ended from inside, as pytest-timeout's thread method
+    # does), 2 to 5: interrupted, usage (a test not found), nothing run
+    if proc.returncode != 0:
         tail = " | ".join(output.strip().splitlines()[-3:])
         return Run(seconds=seconds, error=f"pytest exit {proc.returncode}: {tail}")
     return Run(seconds=seconds)

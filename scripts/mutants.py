@@ -5,15 +5,39 @@ tests that should notice. The script copies the repository to a temporary direct
 applies one mutant at a time there (the original is never touched), runs only its tests
 against the copy, and prints one line per mutant:
 
-    killed   <name>  (<seconds>s, by <first failing test>)
-    SURVIVED <name>
+    killed   <name>  (<seconds>s, by <test>; confirmed in <seconds>s)
+    SURVIVED <name>  (<seconds>s)
+    ERROR    <name>: <what>  (<seconds>s)
+    FLAKY    <name>: <what>  (<seconds>s)
     NOT APPLIED <name>: <why>
 
-then `N of M mutants killed`; it exits 1 unless every mutant was killed. An edit whose
-text does not occur exactly once "does not apply": code that moved or changed under a
-mutant is reported, not silently skipped. Before any mutant, the union of the selected
-tests must pass on the unmutated copy, so that no mutant is "killed" by a test that
-fails anyway.
+then `N of M mutants killed` (and how many self-checks gave what they expect); it exits
+1 unless every mutant was killed and every self-check held.
+
+What counts as a kill. pytest runs with this module as a plugin (`-p mutants`), which
+writes each failed phase of a test (and each failed collection) as a JSON line: the
+test, the phase (setup, call, teardown, collect), the exception's type and message. A
+mutant is killed only when one of its tests fails in the CALL phase on an assertion:
+an AssertionError (a plain `assert`, `wait_until`'s deadline, `pytest.raises(match=...)`
+not matching), pytest's own `Failed` (`pytest.fail`, `pytest.raises` that did not
+raise), or an exception group made only of those. Everything else is an ERROR, never a
+kill, and fails the run: a collection error, a fixture error in setup or teardown (also
+after a failed assertion), any other exception in the call phase (a Lua syntax error
+reaching the test as a ResponseError, a connection refused), a pytest-timeout (its
+`Failed` says "from pytest-timeout"), the whole run taking over RUN_TIMEOUT_SECONDS, or
+pytest ending without a report of what failed. Each kill is then confirmed: the killing
+test runs again, alone, on the same mutant, and must fail the same way; one that does
+not is FLAKY, and fails the run.
+
+An edit whose text does not occur exactly once "does not apply": code that moved or
+changed under a mutant is reported, not silently skipped. Before any mutant, the union
+of the selected tests must pass on the unmutated copy, so that no mutant is "killed" by
+a test that fails anyway.
+
+Self-checks check the checker. "close answers 500" must be killed (the API the tests
+start as a child process runs the copy's code); "syntax error in the close script" has
+`expect="error"`: it must be reported as an ERROR, and the run fails if it is counted
+as killed.
 
     python scripts/mutants.py                 # all mutants
     python scripts/mutants.py --list          # the table, with each mutant's tests
@@ -24,21 +48,24 @@ fails anyway.
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Bounds one pytest run, so a mutant that hangs past pytest's own per-test timeout (or
-# hangs a process the tests started) cannot hold up CI; such a mutant counts as killed.
+# hangs a process the tests started) cannot hold up CI; such a run is an ERROR.
 RUN_TIMEOUT_SECONDS = 180.0
 CACHES = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis"}
 # What `make` and local runs leave at the top (see .gitignore): not code, maybe large.
@@ -70,6 +97,9 @@ class Mutant:
     file: str
     edits: tuple[Edit, ...]
     tests: tuple[str, ...]
+    # "error" for a self-check of the checker: the mutant breaks the code in a way that
+    # must be reported as an ERROR (say, a syntax error), never counted as a kill.
+    expect: Literal["killed", "error"] = "killed"
 
 
 RELAY = "outbox/relay.py"
@@ -103,6 +133,15 @@ MUTANTS: tuple[Mutant, ...] = (
         tests=(
             "tests/api/test_ops_process.py::test_access_log_is_one_json_line_per_request_without_secrets",
         ),
+    ),
+    Mutant(
+        "syntax error in the close script (self-check: an error, not a kill)",
+        CLOSE_SCRIPT,
+        edits=(Edit("  if tomb[1] then\n", "  if tomb[1] then then\n"),),
+        tests=(
+            f"{IDEMPOTENCY}a_retried_script_call_with_the_same_event_id_succeeds_without_a_second_event",
+        ),
+        expect="error",
     ),
     # The outbox and its relay: no event lost, none stranded, none unconfirmed.
     Mutant(
@@ -699,13 +738,65 @@ MUTANTS: tuple[Mutant, ...] = (
 )
 
 
+# The plugin half of this module: pytest loads it with `-p mutants` (see run_tests) and it
+# writes each failed phase of a test, and each failed collection, as one JSON line to
+# the file that OUTCOMES names, so that a kill is read from what failed and how, not
+# from pytest's exit code or its text.
+OUTCOMES = "MUTANTS_OUTCOMES"
+# pytest-timeout fails a test with `Failed("Timeout (>60.0s) from pytest-timeout.")`.
+TIMEOUT_MARK = "from pytest-timeout"
+
+
+def is_assertion(exc: BaseException) -> bool:
+    """A failed assertion as the module docstring defines it (not a pytest-timeout)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_assertion(inner) for inner in exc.exceptions)
+    if isinstance(exc, pytest.fail.Exception):
+        return TIMEOUT_MARK not in str(exc)
+    return isinstance(exc, AssertionError)
+
+
+def write_outcome(test: str, when: str, kind: str, what: str) -> None:
+    line = json.dumps({"test": test, "when": when, "kind": kind, "what": what[:300]})
+    with open(os.environ[OUTCOMES], "a", encoding="utf-8") as out:
+        out.write(line + "\n")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    call: pytest.CallInfo[None],
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed and OUTCOMES in os.environ:
+        if call.excinfo is None:  # say, a strict xfail that passed
+            kind, what = "error", report.longreprtext.strip()
+        else:
+            exc = call.excinfo.value
+            lines = str(exc).strip().splitlines()
+            what = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+            timeout = isinstance(exc, pytest.fail.Exception) and TIMEOUT_MARK in str(exc)
+            kind = "assertion" if is_assertion(exc) else "timeout" if timeout else "error"
+        write_outcome(report.nodeid, report.when, kind, what)
+    return report
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if report.failed and OUTCOMES in os.environ:
+        lines = [line for line in report.longreprtext.splitlines() if line.strip()]
+        write_outcome(report.nodeid, "collect", "error", lines[-1] if lines else "")
+
+
 @dataclass(frozen=True)
 class Run:
-    passed: bool
+    """One pytest run: which test killed the mutant, or what went wrong instead."""
+
     seconds: float
-    timed_out: bool = False
-    failing: str = ""  # the first failing test, from pytest's short summary
-    broken: str = ""  # pytest could not run the tests at all (exit code 2 to 5)
+    killer: str = ""  # a test that failed on an assertion in its call phase
+    error: str = ""  # anything else that failed: never a kill
+
+    @property
+    def passed(self) -> bool:
+        return not self.killer and not self.error
 
 
 def mutate(source: str, mutant: Mutant) -> str:
@@ -721,15 +812,20 @@ def mutate(source: str, mutant: Mutant) -> str:
 
 def run_tests(copy: Path, tests: Sequence[str]) -> Run:
     """pytest on `tests` with the copy's code: cwd and PYTHONPATH are the copy, so it and
-    the processes the tests start import the copy before the editable install."""
+    the processes the tests start import the copy before the editable install; the
+    copy's scripts/ is there too, for `-p mutants`."""
+    outcomes = copy.parent / "outcomes.jsonl"
+    outcomes.unlink(missing_ok=True)
+    path = [str(copy), str(copy / "scripts"), os.environ.get("PYTHONPATH")]
     env = os.environ | {
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(copy), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(filter(None, path)),
         # A restored file can keep the size and mtime second of its mutant: no stale .pyc.
         "PYTHONDONTWRITEBYTECODE": "1",
+        OUTCOMES: str(outcomes),
     }
     command = [
         str(ROOT / ".venv" / "bin" / "python"),
-        *("-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider"),
+        *("-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "mutants"),
         *tests,
     ]
     started = time.monotonic()
@@ -748,22 +844,30 @@ def run_tests(copy: Path, tests: Sequence[str]) -> Run:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            return Run(passed=False, seconds=time.monotonic() - started, timed_out=True)
+            why = f"timeout: the pytest run took over {RUN_TIMEOUT_SECONDS:.0f}s"
+            return Run(seconds=time.monotonic() - started, error=why)
         except BaseException:  # Ctrl-C or SIGTERM reach this process, not the session
             os.killpg(proc.pid, signal.SIGKILL)
             raise
     seconds = time.monotonic() - started
-    if proc.returncode == 0:
-        return Run(passed=True, seconds=seconds)
-    if proc.returncode != 1:  # 2 to 5: collection error, interrupted, usage, nothing run
+    failed = (
+        [json.loads(line) for line in outcomes.read_text().splitlines()]
+        if outcomes.exists()
+        else []
+    )
+    errors = [f for f in failed if (f["when"], f["kind"]) != ("call", "assertion")]
+    if errors:  # before any kill: an error beside an assertion still is an error
+        first = errors[0]
+        what = f"timeout, {first['what']}" if first["kind"] == "timeout" else first["what"]
+        return Run(seconds=seconds, error=f"{first['test']} ({first['when']}): {what}")
+    if failed:
+        return Run(seconds=seconds, killer=failed[0]["test"])
+    # 1 with no report (the process ended from inside, as pytest-timeout's thread method
+    # does), 2 to 5: interrupted, usage (a test not found), nothing run
+    if proc.returncode != 0:
         tail = " | ".join(output.strip().splitlines()[-3:])
-        return Run(passed=False, seconds=seconds, broken=f"pytest exit {proc.returncode}: {tail}")
-    return Run(passed=False, seconds=seconds, failing=first_failure(output))
-
-
-def first_failure(output: str) -> str:
-    match = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.MULTILINE)
-    return match.group(1) if match else "(see pytest output)"
+        return Run(seconds=seconds, error=f"pytest exit {proc.returncode}: {tail}")
+    return Run(seconds=seconds)
 
 
 def unique(items: Iterable[str]) -> list[str]:
@@ -780,8 +884,31 @@ def matching(mutants: Sequence[Mutant], patterns: Sequence[str], option: str) ->
     return chosen
 
 
-def check(mutants: Sequence[Mutant]) -> int:
-    """Run the mutants in a fresh copy of the repository; the number killed."""
+Status = Literal["killed", "SURVIVED", "ERROR", "FLAKY"]
+
+
+def judge(copy: Path, mutant: Mutant) -> tuple[Status, str]:
+    """Run the mutant's tests on the copy, which has the mutant applied; its status and
+    the rest of its line in the table."""
+    run = run_tests(copy, mutant.tests)
+    if run.error:
+        return "ERROR", f"{mutant.name}: {run.error}  ({run.seconds:.1f}s)"
+    if run.passed:
+        return "SURVIVED", f"{mutant.name}  ({run.seconds:.1f}s)"
+    if mutant.expect == "error":  # no confirmation needed: it is wrong either way
+        return "killed", f"{mutant.name}  ({run.seconds:.1f}s, by {run.killer})"
+    again = run_tests(copy, [run.killer])
+    if again.killer != run.killer or again.error:
+        then = again.error or "passed"
+        why = f"{run.killer} failed on an assertion, then on the confirmation run: {then}"
+        return "FLAKY", f"{mutant.name}: {why}  ({run.seconds:.1f}s + {again.seconds:.1f}s)"
+    seconds = f"{run.seconds:.1f}s, confirmed in {again.seconds:.1f}s"
+    return "killed", f"{mutant.name}  ({seconds}, by {run.killer})"
+
+
+def check(mutants: Sequence[Mutant]) -> dict[Mutant, Status | Literal["NOT APPLIED"]]:
+    """Run the mutants in a fresh copy of the repository; each one's status."""
+    statuses: dict[Mutant, Status | Literal["NOT APPLIED"]] = {}
     with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
         copy = Path(tmp) / "repo"
         shutil.copytree(ROOT, copy, ignore=not_copied)
@@ -799,33 +926,27 @@ def check(mutants: Sequence[Mutant]) -> int:
             print(f"baseline: {len(baseline)} tests on the unmutated copy", flush=True)
             run = run_tests(copy, baseline)
             if not run.passed:
-                why = run.broken or ("timeout" if run.timed_out else f"{run.failing} failed")
+                why = run.error or f"{run.killer} failed"
                 raise SystemExit(f"baseline must pass, and it did not: {why}")
             print(f"baseline passed ({run.seconds:.1f}s)", flush=True)
-        killed = 0
         for mutant in mutants:
             if mutant in problems:
+                statuses[mutant] = "NOT APPLIED"
                 print(f"NOT APPLIED {mutant.name}: {problems[mutant]}", flush=True)
                 continue
             path = copy / mutant.file
             original = path.read_text()
             path.write_text(mutated[mutant])
             try:
-                run = run_tests(copy, mutant.tests)
+                status, line = judge(copy, mutant)
             finally:
                 path.write_text(original)
-            if run.broken:
-                print(f"NOT APPLIED {mutant.name}: the mutated code does not run ({run.broken})")
-            elif run.timed_out:
-                killed += 1
-                print(f"killed (timeout) {mutant.name}  ({run.seconds:.0f}s)")
-            elif run.passed:
-                print(f"SURVIVED {mutant.name}  ({run.seconds:.1f}s)")
-            else:
-                killed += 1
-                print(f"killed   {mutant.name}  ({run.seconds:.1f}s, by {run.failing})")
-            sys.stdout.flush()
-        return killed
+            statuses[mutant] = status
+            if mutant.expect == "error":
+                held = "as expected" if status == "ERROR" else "SELF-CHECK FAILED: not an error"
+                line = f"{line}  [{held}]"
+            print(f"{status:<8} {line}", flush=True)
+    return statuses
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -851,20 +972,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     mutants = [m for m in MUTANTS if m in only and m not in skipped]
     if args.list:
         for mutant in mutants:
-            print(f"{mutant.name}  [{mutant.file}]")
+            expect = "  (expects: ERROR)" if mutant.expect == "error" else ""
+            print(f"{mutant.name}  [{mutant.file}]{expect}")
             for test in mutant.tests:
                 print(f"    {test}")
         return 0
     # As Ctrl-C does: unwind, so that the pytest run in hand is ended with its session.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.monotonic()
-    killed = check(mutants)
+    statuses = check(mutants)
     print(f"mutants run in {time.monotonic() - started:.0f}s")
     for mutant in MUTANTS:
         if mutant in only and mutant in skipped:
             print(f"skipped  {mutant.name}")
-    print(f"{killed} of {len(mutants)} mutants killed")
-    return 0 if killed == len(mutants) else 1
+    checks = [m for m in mutants if m.expect == "error"]
+    held = sum(statuses[m] == "ERROR" for m in checks)
+    if checks:
+        print(f"{held} of {len(checks)} error self-checks reported as errors")
+    wanted = [m for m in mutants if m.expect == "killed"]
+    killed = sum(statuses[m] == "killed" for m in wanted)
+    print(f"{killed} of {len(wanted)} mutants killed")
+    return 0 if killed == len(wanted) and held == len(checks) else 1
 
 
 if __name__ == "__main__":

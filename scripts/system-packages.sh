@@ -3,8 +3,9 @@
 # (`redis-server`, `rabbitmq-server`, `postgresql`, started by scripts/start-services.sh),
 # `prometheus` (promtool and prometheus, for the alert unit tests and the live scrape
 # test), `wrk` (the benchmarks) and `chromium` (the browser test of /docs, driven by
-# Playwright through this binary: Playwright never downloads a browser here). Installed only when run as root (CI); otherwise named,
-# and the tests that need them are skipped with the same message.
+# Playwright through this binary: Playwright never downloads a browser here). Installed
+# only when run as root (CI); otherwise named, and the tests that need them are skipped
+# with the same message, except under CI=true, where that fails.
 set -euo pipefail
 
 missing=()
@@ -19,6 +20,7 @@ command -v chromium >/dev/null || missing+=(chromium)
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
   echo "missing Debian packages (tests that need them are skipped): ${missing[*]}" >&2
   echo "  install with: sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
+  [ "${CI:-}" != true ] || { echo "CI=true: a missing tool fails the run" >&2; exit 1; }
   exit 0
 fi
 

@@ -27,8 +27,9 @@ from session_close.settings import Settings
 from session_close.topology import Topology
 from tests.support.proxy import TcpProxy
 
-# The workers' fixtures (broker, audit_table, worker_processes), for every test module.
-pytest_plugins = ["tests.support.workers"]
+# The workers' fixtures (broker, audit_table, worker_processes), for every test module;
+# the needs_tool marker (skipped where a tool is missing, failed under CI=true).
+pytest_plugins = ["tests.support.workers", "tests.support.tools"]
 
 
 @pytest.fixture

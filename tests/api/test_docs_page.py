@@ -9,7 +9,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
 from playwright.async_api import Request, async_playwright
 from redis.asyncio import Redis
 
@@ -18,14 +17,12 @@ from service.examples import CLOSE_EXCHANGES
 from service.openapi import CLOSE_ALL_PATH, CLOSE_PATH
 from session_close.settings import Settings
 from tests.api.test_http_hygiene import served
+from tests.support.tools import needs_tool
 from tests.support.waiting import wait_until
 
 CHROMIUM = shutil.which("chromium")
-# Named for the helper that turns skips into failures under CI=true at merge.
-requires_chromium = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="chromium is not installed (make setup installs Debian's chromium when run as "
-    "root): the browser test of /docs is skipped",
+requires_chromium = needs_tool(
+    "chromium", CHROMIUM, "make setup as root installs Debian's chromium (no browser download)"
 )
 # What a headless browser in a container needs, and nothing that phones home.
 CHROMIUM_ARGS = [

@@ -61,9 +61,13 @@ async def served(
 
 
 async def seconds_until_closed(reader: asyncio.StreamReader) -> tuple[float, bytes]:
-    """How long until the server closes the connection, and what it sent before."""
+    """How long until the server closes the connection, and what it sent before; a
+    connection still open after WITHIN seconds fails the test's assertion."""
     begun = time.monotonic()
-    received = await asyncio.wait_for(reader.read(), WITHIN)
+    try:
+        received = await asyncio.wait_for(reader.read(), WITHIN)
+    except TimeoutError:
+        raise AssertionError(f"the server did not close the connection in {WITHIN}s") from None
     return time.monotonic() - begun, received
 
 

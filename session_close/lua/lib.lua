@@ -48,6 +48,8 @@ local function keys_of(prefix)
     -- A close-all's running count of sessions closed, per user and request (see
     -- close_all_sessions.lua).
     close_all = function(uid, run) return prefix .. 'user:' .. uid .. ':close-all:' .. run end,
+    -- Refreshed by a live outbox relay; gone (expired) once the relay is dead.
+    relay_heartbeat = function(consumer) return prefix .. 'outbox:relay:' .. consumer end,
   }
 end
 

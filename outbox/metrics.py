@@ -42,7 +42,8 @@ class OutboxMetrics:
         self.swept = Counter(
             "sweeper_sessions",
             "Sessions of the expiry index the sweeper handled, by outcome: expired (event "
-            "recorded), rescored (sliding expiry), dropped (gone or no expires_at), failed.",
+            "recorded), rescored (sliding expiry), dropped (gone or no expires_at), failed, "
+            "invalid (an expires_at that is not a valid Unix time; dropped, no event).",
             ["outcome"],
             registry=registry,
         )
@@ -53,7 +54,7 @@ class OutboxMetrics:
             registry=registry,
         )
         self._swept_children = {
-            o: self.swept.labels(o) for o in ("expired", "rescored", "dropped", "failed")
+            o: self.swept.labels(o) for o in ("expired", "rescored", "dropped", "failed", "invalid")
         }
 
     def relay_published(self, n: int) -> None:

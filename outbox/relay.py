@@ -187,7 +187,7 @@ class Relay:
             claimed = await TAKE_OVER_RELAYS(
                 self._redis,
                 [self._keys.outbox],
-                [OUTBOX_GROUP, self._keys.relay_heartbeat(""), self._consumer, count],
+                [OUTBOX_GROUP, self._keys.prefix, self._consumer, count],
             )
             if claimed:
                 log.info(

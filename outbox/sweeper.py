@@ -45,6 +45,8 @@ class SweepResult:
     failed: int
     # Seconds past its expires_at of the oldest session still due after the run.
     lag: float
+    # Dropped from the index because their expires_at is not a valid Unix time.
+    invalid: int = 0
 
 
 class Sweeper:
@@ -71,8 +73,15 @@ class Sweeper:
                 [self._keys.expiry, self._keys.outbox],
                 [*args, SET_ASIDE_SECONDS],
             )
-        expired, rescored, dropped, failed, lag = reply
-        result = SweepResult(int(expired), int(rescored), int(dropped), int(failed), float(lag))
+        expired, rescored, dropped, failed, lag, invalid = reply
+        result = SweepResult(
+            int(expired), int(rescored), int(dropped), int(failed), float(lag), int(invalid)
+        )
+        if result.invalid:
+            log.warning(
+                "sessions with an invalid expires_at dropped from the expiry index",
+                extra={"invalid": result.invalid},
+            )
         if result.failed:
             log.warning(
                 "sessions failed to sweep; set aside",
@@ -96,7 +105,9 @@ class Sweeper:
                 await backoff.sleep()
                 continue
             backoff.reset()
-            handled = result.expired + result.rescored + result.dropped + result.failed
+            handled = (
+                result.expired + result.rescored + result.dropped + result.failed + result.invalid
+            )
             if handled >= self._batch:
                 await asyncio.sleep(0)  # a backlog: next batch at once, after other work
                 continue

@@ -385,8 +385,9 @@ MUTANTS: tuple[Mutant, ...] = (
         CLOSE_SCRIPT,
         edits=(
             Edit(
-                "  expect_type(user_sessions, 'set')\n",
-                "  redis.call('DEL', session_key)\n  expect_type(user_sessions, 'set')\n",
+                "  expect_type(key.user_sessions(uid), 'set')\n",
+                "  redis.call('DEL', key.session(sid))\n"
+                "  expect_type(key.user_sessions(uid), 'set')\n",
             ),
         ),
         tests=(
@@ -423,7 +424,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "close-all writing before its checks",
         CLOSE_ALL_SCRIPT,
-        edits=(Edit("      expect_type(prefix .. 'session:closed:' .. sid, 'hash')\n", ""),),
+        edits=(Edit("      expect_type(key.tombstone(sid), 'hash')\n", ""),),
         tests=(f"{CLOSE_ALL}a_key_of_the_wrong_type_fails_the_whole_step_and_writes_nothing",),
     ),
     Mutant(
@@ -733,6 +734,67 @@ MUTANTS: tuple[Mutant, ...] = (
         tests=(
             "tests/outbox/test_standalone_processes.py::"
             "test_standalone_relay_serves_healthz_and_metrics_counting_its_publishes",
+        ),
+    ),
+    # Lua contracts written once, close-all in bounded steps, a sane expires_at, never
+    # swept early (issues 18.2, 19.2, 19.4, 20).
+    Mutant(
+        "close-all batch bound ignored",
+        CLOSE_ALL_SCRIPT,
+        edits=(
+            Edit("'COUNT', batch)", "'COUNT', 100000)"),
+            Edit("  if #to_close == batch then\n", "  if false then\n"),
+        ),
+        tests=(
+            "tests/api/test_close_all_bounded.py::"
+            "test_each_script_run_closes_at_most_the_batch_size",
+        ),
+    ),
+    Mutant(
+        "close-all stops after its first step",
+        "service/closer.py",
+        edits=(Edit("            if int(done):\n", "            if True:\n"),),
+        tests=(
+            "tests/api/test_close_all_bounded.py::test_close_all_answers_the_count_of_every_step",
+        ),
+    ),
+    Mutant(
+        "close-all retry does not count its first attempt",
+        "service/closer.py",
+        edits=(
+            Edit(
+                "run = uuid.uuid5(CLOSE_ALL_NAMESPACE, request.request_id).hex",
+                "run = uuid.uuid4().hex",
+            ),
+        ),
+        tests=(
+            "tests/api/test_close_all_bounded.py::"
+            "test_a_retry_with_the_same_request_id_finishes_and_counts_the_first_attempt",
+        ),
+    ),
+    Mutant(
+        "expires_at sanity check removed",
+        "session_close/lua/lib.lua",
+        edits=(
+            Edit(
+                "  local value = text:find('^[%d.eE+-]+$') and tonumber(text)\n"
+                "  if value and value == value and value ~= math.huge and value ~= -math.huge\n"
+                "      and value > 0 and value < EXPIRES_AT_LIMIT then\n",
+                "  local value = tonumber(text)\n  if value then\n",
+            ),
+        ),
+        tests=(
+            "tests/outbox/test_expiry_invalid.py::"
+            "test_the_sweeper_counts_an_invalid_expires_at_and_never_expires_the_session",
+        ),
+    ),
+    Mutant(
+        "sessions swept 0.2 s before expires_at",
+        SWEEP_SCRIPT,
+        edits=(Edit("local now = redis_now()\n", "local now = redis_now() + 0.2\n"),),
+        tests=(
+            "tests/outbox/test_sweep_timing.py::"
+            "test_a_session_is_swept_after_its_expires_at_never_before",
         ),
     ),
 )

@@ -20,6 +20,8 @@ from session_close.scripts import CLOSE_ALL_SESSIONS, CLOSE_SESSIONS
 from session_close.settings import Settings
 
 MAX_BATCH = 256
+# Fixed, so that the same request id always gives a close-all the same id.
+CLOSE_ALL_NAMESPACE = uuid.UUID("0b9e4c1d-5f0a-4e57-8a43-2d6c9f1e7b35")
 
 
 class CloseOutcome(Enum):
@@ -73,7 +75,10 @@ class CloseAllRequest:
 @dataclass(frozen=True, slots=True)
 class CloseAllResult:
     outcome: CloseOutcome  # CLOSED, SESSION_NOT_FOUND (the session to keep) or UNKNOWN_TOKEN
+    # Closed under this request id: by this request and by earlier attempts of it.
     closed: int = 0
+    # Closed by this request alone.
+    closed_now: int = 0
 
 
 class SessionCloser:
@@ -82,6 +87,7 @@ class SessionCloser:
         self._keys = Keys(settings.redis_key_prefix)
         self._ttl = settings.tombstone_ttl_seconds
         self._timeout = settings.redis_timeout_seconds
+        self._close_all_batch = settings.close_all_batch_size
         # Capped so that a hanging Redis holds at most that many pool connections: the
         # relay and /readyz keep theirs, and closes answer 503 instead of piling up.
         self._batcher: Batcher[CloseRequest, CloseOutcome] = Batcher(
@@ -95,25 +101,42 @@ class SessionCloser:
             return await self._batcher.submit(request)
 
     async def close_all(self, request: CloseAllRequest) -> CloseAllResult:
-        """Log out everywhere: one script run, not batched (it is rare, and its cost grows
-        with the user's sessions). Raises like close()."""
-        args = (
+        """Log out everywhere, in runs of close_all_sessions.lua that each close at most
+        CLOSE_ALL_BATCH_SIZE sessions (not batched with other requests: it is rare, and
+        its cost grows with the user's sessions), yielding to the event loop between runs
+        so that other requests' closes go on. Each run has the Redis timeout; raises like
+        close()."""
+        # One id per request id: a retry sent with the same X-Request-ID goes on counting
+        # under it (and would give a session the first attempt missed the same event id).
+        run = uuid.uuid5(CLOSE_ALL_NAMESPACE, request.request_id).hex
+        args = [
             self._keys.prefix,
             self._ttl,
             rfc3339_now(),
             token_digest(request.token),
             request.keep_session_id or "",
-            # Each closed session's event id is derived from this and its session id.
-            uuid.uuid4().hex,
+            run,
             request.request_id,
             request.traceparent or "",
-        )
-        async with asyncio.timeout(self._timeout):
-            reply = await CLOSE_ALL_SESSIONS(
-                self._redis, [self._keys.outbox, self._keys.expiry], list(args)
-            )
-        outcome = CloseOutcome(reply[0])
-        return CloseAllResult(outcome, int(reply[1]) if outcome is CloseOutcome.CLOSED else 0)
+            self._close_all_batch,
+        ]
+        cursor, first, closed_now = "0", True, 0
+        while True:
+            async with asyncio.timeout(self._timeout):
+                reply = await CLOSE_ALL_SESSIONS(
+                    self._redis,
+                    [self._keys.outbox, self._keys.expiry],
+                    [*args, cursor, "1" if first else "0"],
+                )
+            outcome = CloseOutcome(reply[0])
+            if outcome is not CloseOutcome.CLOSED:
+                return CloseAllResult(outcome)
+            n, total, cursor, done = reply[1:]
+            closed_now += int(n)
+            if int(done):
+                return CloseAllResult(outcome, int(total), closed_now)
+            first = False
+            await asyncio.sleep(0)
 
     async def drain(self) -> None:
         await self._batcher.drain()

@@ -166,7 +166,7 @@ async def close_session(request: web.Request) -> web.Response:
 
 async def close_all_sessions(request: web.Request) -> web.Response:
     """Log out everywhere: the same checks as a close, then every open session of the
-    token's user is closed in one atomic step (but the requesting one, if kept)."""
+    token's user is closed, in bounded atomic steps (but the requesting one, if kept)."""
     checked = await _authorized_request(request, _close_all_headers)
     if isinstance(checked, web.Response):
         return checked

@@ -143,4 +143,4 @@ class Metrics:
         if result.outcome is CloseOutcome.CLOSED:
             outcome = "closed" if result.closed else "nothing"
         self.close_all_requests.labels(outcome).inc()
-        self.close_all_sessions.inc(result.closed)
+        self.close_all_sessions.inc(result.closed_now)

@@ -301,10 +301,12 @@ def build_spec() -> dict[str, Any]:
                 CLOSE_ALL_PATH,
                 "closeAllSessions",
                 "Log out everywhere: close every open session of the token's user",
-                "One atomic step: every session closed gets its own `session.closed` event "
-                "(reason `user_logout_all`). With `keepCurrent` true the SessionID header's "
-                "session stays open; it must be an open session of the token's user (else "
-                "404, and nothing is closed). `info.closedSessions` says how many were closed.",
+                "In atomic steps of at most CLOSE_ALL_BATCH_SIZE sessions: every session "
+                "closed gets its own `session.closed` event (reason `user_logout_all`). With "
+                "`keepCurrent` true the SessionID header's session stays open; it must be an "
+                "open session of the token's user (else 404, and nothing is closed). "
+                "`info.closedSessions` says how many were closed, by every attempt sent with "
+                "the same X-Request-ID.",
                 CloseAllHeadersSchema,
                 "CloseAllBody",
                 CLOSE_ALL_REPLIES,

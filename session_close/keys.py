@@ -38,6 +38,10 @@ class Keys:
     def tombstone(self, sid: str) -> str:
         return f"{self.prefix}session:closed:{sid}"
 
+    def close_all(self, uid: str, run: str) -> str:
+        """A close-all's running count of sessions closed (close_all_sessions.lua)."""
+        return f"{self.prefix}user:{uid}:close-all:{run}"
+
     @property
     def expiry(self) -> str:
         """The expiry index: sid -> the session's expires_at (Unix seconds)."""

@@ -87,6 +87,7 @@ class Settings:
     sweeper_enabled: bool = setting(True, mf.Boolean())
     sweep_interval_seconds: float = setting(1.0, mf.Float(validate=_positive))
     sweep_batch_size: int = setting(500, mf.Integer(validate=validate.Range(min=1, max=10000)))
+    close_all_batch_size: int = setting(500, mf.Integer(validate=validate.Range(min=1, max=10000)))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

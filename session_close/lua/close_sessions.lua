@@ -20,18 +20,17 @@
 -- The keys are derived from the token and the session id, so they cannot be declared
 -- in KEYS; the service therefore needs a single Redis node (no cluster).
 
-local prefix, ttl, closed_at = ARGV[1], ARGV[2], ARGV[3]
+local key, ttl, closed_at = keys_of(ARGV[1]), ARGV[2], ARGV[3]
 local outbox, expiry = KEYS[1], KEYS[2]
 local now = redis_now()
 
 local function close(digest, sid, event_id, os_name, app_version, request_id, traceparent)
-  local uid = redis.call('HGET', prefix .. 'auth:token:' .. digest, 'user_id')
+  local uid = redis.call('HGET', key.token(digest), 'user_id')
   if not uid then
     return 'token'
   end
 
-  local tombstone = prefix .. 'session:closed:' .. sid
-  local tomb = redis.call('HMGET', tombstone, 'user_id', 'event_id')
+  local tomb = redis.call('HMGET', key.tombstone(sid), 'user_id', 'event_id')
   if tomb[1] then
     if tomb[1] ~= uid then
       return 'missing'
@@ -44,13 +43,12 @@ local function close(digest, sid, event_id, os_name, app_version, request_id, tr
     return 'already'
   end
 
-  local session_key = prefix .. 'session:' .. sid
-  local session = redis.call('HMGET', session_key, 'user_id', 'os', 'app_version', 'expires_at')
+  local session = redis.call('HMGET', key.session(sid), 'user_id', 'os', 'app_version', 'expires_at')
   if session[1] ~= uid then
     return 'missing'
   end
   -- Past its logical end it is expired, whether or not the sweeper got to it yet.
-  local expires_at = tonumber(session[4])
+  local expires_at = expires_at_of(session[4])
   if expires_at and expires_at <= now then
     return 'missing'
   end
@@ -59,24 +57,13 @@ local function close(digest, sid, event_id, os_name, app_version, request_id, tr
   if app_version == '' then app_version = session[3] or '' end
 
   -- The session hash and the tombstone were read above, which fails on a wrong type.
-  local user_sessions = prefix .. 'user:' .. uid .. ':sessions'
-  expect_type(user_sessions, 'set')
+  expect_type(key.user_sessions(uid), 'set')
   expect_type(outbox, 'stream')
   expect_type(expiry, 'zset')
-
-  local entry = {'type', 'session.closed', 'reason', 'user_logout', 'event_id', event_id, 'session_id', sid, 'user_id', uid,
-    'closed_at', closed_at, 'os', os_name, 'app_version', app_version,
-    'request_id', request_id}
-  if traceparent ~= '' then
-    entry[#entry + 1] = 'traceparent'
-    entry[#entry + 1] = traceparent
-  end
-  redis.call('DEL', session_key)
-  redis.call('SREM', user_sessions, sid)
-  redis.call('ZREM', expiry, sid)
-  redis.call('HSET', tombstone, 'user_id', uid, 'event_id', event_id, 'closed_at', closed_at)
-  redis.call('EXPIRE', tombstone, ttl)
-  redis.call('XADD', outbox, '*', unpack(entry))
+  close_session(key, outbox, expiry, ttl, {type = 'session.closed', reason = 'user_logout',
+    event_id = event_id, session_id = sid, user_id = uid, closed_at = closed_at,
+    os = os_name, app_version = app_version, request_id = request_id,
+    traceparent = traceparent})
   return 'closed'
 end
 

@@ -18,11 +18,18 @@ local function expect_type(key, kind)
 end
 
 -- The version-5 UUID of `name` in the namespace given as 32 hex digits: the same inputs
--- always give the same event id.
+-- always give the same event id. Each namespace is decoded once per script run: a
+-- close-all step derives hundreds of ids from one, and decoding it each time was a
+-- quarter of the step's time.
+local namespaces = {}
 local function uuid5(namespace_hex, name)
-  local namespace = (namespace_hex:gsub('%x%x', function(pair)
-    return string.char(tonumber(pair, 16))
-  end))
+  local namespace = namespaces[namespace_hex]
+  if not namespace then
+    namespace = (namespace_hex:gsub('%x%x', function(pair)
+      return string.char(tonumber(pair, 16))
+    end))
+    namespaces[namespace_hex] = namespace
+  end
   local h = redis.sha1hex(namespace .. name)
   local variant = string.format('%x', tonumber(h:sub(17, 17), 16) % 4 + 8)
   return h:sub(1, 8) .. '-' .. h:sub(9, 12) .. '-5' .. h:sub(14, 16) .. '-'
@@ -35,3 +42,71 @@ local function error_reply_of(caught)
   return redis.error_reply(type(caught) == 'table' and caught.err or tostring(caught))
 end
 
+
+-- The key layout of docs/redis.md (session_close/keys.py builds the same keys in
+-- Python), given the prefix the caller passes as an argument. The keys a script can
+-- name up front (the outbox stream, the expiry index) come in KEYS instead.
+local function keys_of(prefix)
+  return {
+    token = function(digest) return prefix .. 'auth:token:' .. digest end,
+    session = function(sid) return prefix .. 'session:' .. sid end,
+    tombstone = function(sid) return prefix .. 'session:closed:' .. sid end,
+    user_sessions = function(uid) return prefix .. 'user:' .. uid .. ':sessions' end,
+    -- A close-all's running count of sessions closed, per user and request (see
+    -- close_all_sessions.lua).
+    close_all = function(uid, run) return prefix .. 'user:' .. uid .. ':close-all:' .. run end,
+    -- Refreshed by a live outbox relay; gone (expired) once the relay is dead.
+    relay_heartbeat = function(consumer) return prefix .. 'outbox:relay:' .. consumer end,
+  }
+end
+
+-- The first Unix time that is no longer sane: year 10000.
+local EXPIRES_AT_LIMIT = 253402300800
+
+-- A session's expires_at as a number, or nil when it is not given. Text that is not a
+-- plain decimal Unix time after 1970 and before the year 10000 is treated as not given,
+-- and the second result says so: tonumber alone accepts 'nan', 'inf', '0x10', '1e400'
+-- and '-1e20', and Python's float() (the relay reads expired_at) rejects hex.
+local function expires_at_of(text)
+  if not text then
+    return nil, false
+  end
+  local value = text:find('^[%d.eE+-]+$') and tonumber(text)
+  if value and value == value and value ~= math.huge and value ~= -math.huge
+      and value > 0 and value < EXPIRES_AT_LIMIT then
+    return value, false
+  end
+  return nil, true
+end
+
+-- One outbox entry: a session's end, with the fields events.py's SessionEvent.from_entry
+-- reads. `event` holds type, reason, event_id, session_id, user_id, closed_at and,
+-- optionally, os, app_version, request_id, traceparent and expired_at.
+local function add_event(outbox, event)
+  local entry = {'type', event.type, 'reason', event.reason, 'event_id', event.event_id,
+    'session_id', event.session_id, 'user_id', event.user_id, 'closed_at', event.closed_at,
+    'os', event.os or '', 'app_version', event.app_version or '',
+    'request_id', event.request_id or ''}
+  for _, field in ipairs({'expired_at', 'traceparent'}) do
+    if event[field] and event[field] ~= '' then
+      entry[#entry + 1] = field
+      entry[#entry + 1] = event[field]
+    end
+  end
+  return redis.call('XADD', outbox, '*', unpack(entry))
+end
+
+-- Close one open session, as a close and a close-all do: delete it, remove it from its
+-- user's set and from the expiry index, leave its tombstone (for idempotent repeats) and
+-- record its session.closed event. The caller has checked every key's type first.
+local function close_session(key, outbox, expiry, ttl, event)
+  local sid = event.session_id
+  local tombstone = key.tombstone(sid)
+  redis.call('DEL', key.session(sid))
+  redis.call('SREM', key.user_sessions(event.user_id), sid)
+  redis.call('ZREM', expiry, sid)
+  redis.call('HSET', tombstone,
+    'user_id', event.user_id, 'event_id', event.event_id, 'closed_at', event.closed_at)
+  redis.call('EXPIRE', tombstone, ttl)
+  add_event(outbox, event)
+end

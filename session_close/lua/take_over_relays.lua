@@ -7,12 +7,12 @@
 -- claimed here, and if it reads again its name rejoins the group.
 --
 -- KEYS[1] outbox stream
--- ARGV[1] group  ARGV[2] heartbeat key prefix (the consumer's name follows it)
+-- ARGV[1] group  ARGV[2] key prefix (of the relays' heartbeat keys)
 -- ARGV[3] the calling relay's name  ARGV[4] claim at most this many entries
 --
 -- Returns the claimed entries as XCLAIM gives them: {id, {field, value, ...}}.
 
-local stream, group, beats, me = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local stream, group, key, me = KEYS[1], ARGV[1], keys_of(ARGV[2]), ARGV[3]
 local room = tonumber(ARGV[4])
 local claimed = {}
 
@@ -24,7 +24,7 @@ end
 
 for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', stream, group)) do
   local name = name_of(consumer)
-  if name ~= me and redis.call('EXISTS', beats .. name) == 0 then
+  if name ~= me and redis.call('EXISTS', key.relay_heartbeat(name)) == 0 then
     if room > 0 then
       for _, pending in ipairs(redis.call('XPENDING', stream, group, '-', '+', room, name)) do
         -- An entry deleted meanwhile leaves the pending list and comes back empty.

@@ -1,8 +1,8 @@
 """POST /v1.0/session/close-all (log out everywhere): every open session of the token's
-user is closed in one atomic step, each with its tombstone and its own session.closed
-event (reason user_logout_all), except the requesting session when it is kept; the same
-checks and error table as a single close; racing single closes still give exactly one
-event per session."""
+user is closed (in atomic steps: tests/api/test_close_all_bounded.py), each with its
+tombstone and its own session.closed event (reason user_logout_all), except the
+requesting session when it is kept; the same checks and error table as a single close;
+racing single closes still give exactly one event per session."""
 
 from __future__ import annotations
 

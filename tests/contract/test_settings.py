@@ -65,6 +65,7 @@ VALID = {
     "SWEEPER_ENABLED": ("false", False),
     "SWEEP_INTERVAL_SECONDS": ("0.5", 0.5),
     "SWEEP_BATCH_SIZE": ("50", 50),
+    "CLOSE_ALL_BATCH_SIZE": ("50", 50),
 }
 
 INVALID = [
@@ -96,6 +97,7 @@ INVALID = [
     ("SESSION_EXPIRY_GRACE_SECONDS", "-1"),
     ("SWEEP_INTERVAL_SECONDS", "0"),
     ("SWEEP_BATCH_SIZE", "0"),
+    ("CLOSE_ALL_BATCH_SIZE", "0"),
     ("WORKER_MAX_ATTEMPTS", "0"),
 ]
 

@@ -1,8 +1,8 @@
 """The rules in deploy/prometheus/rules.yaml run as they are in a Prometheus shared with
-other services (SPEC section 5): each selector names this service's jobs, each
-aggregation keeps `namespace`, the SLIs count only the two session routes, the burn-rate
-alerts are the SRE workbook's four pairs for both SLOs, every component that vanishes
-alerts, and every alert's runbook_url leads to a heading of docs/operations.md."""
+other services: each selector names this service's jobs, each aggregation keeps
+`namespace`, the SLIs count only the two session routes, the burn-rate alerts are the SRE
+workbook's four pairs for both SLOs, every component that vanishes alerts, and every
+alert's runbook_url leads to a heading of docs/operations.md."""
 
 from __future__ import annotations
 

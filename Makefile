@@ -21,9 +21,12 @@ $(VENV)/.installed: requirements-dev.lock pyproject.toml | $(BIN)/python
 	touch $@
 
 # After changing pyproject.toml's dependencies: pin them again (the floors stay there).
+# The image's lock carries every file's hash (the Dockerfile installs it with
+# --require-hashes); the development lock does not, since pip-tools in it needs pip and
+# setuptools themselves, which hashes would pin too.
 LOCK := $(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links
 lock: setup
-	$(LOCK) --output-file requirements.lock pyproject.toml
+	$(LOCK) --generate-hashes --output-file requirements.lock pyproject.toml
 	$(LOCK) --extra dev --output-file requirements-dev.lock pyproject.toml
 
 # The Node tools of the contract checks (redocly lint), from package-lock.json. Without

@@ -118,6 +118,10 @@ RELAY_CLIENT = "session_close/redis_client.py"
 STALL = "tests/outbox/test_relay_stall.py::test_"
 BAD_ENTRIES = "tests/outbox/test_relay_bad_entries.py::test_"
 HEARTBEAT = "tests/outbox/test_relay_heartbeat.py::test_"
+RULES = "deploy/prometheus/rules.yaml"
+ALERTS = "tests/deploy/test_alerts.py::test_"
+HARDENING = "tests/deploy/test_k8s_hardening.py::test_"
+SUPPLY_CHAIN = "tests/deploy/test_supply_chain.py::test_"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -796,6 +800,65 @@ MUTANTS: tuple[Mutant, ...] = (
             "tests/outbox/test_sweep_timing.py::"
             "test_a_session_is_swept_after_its_expires_at_never_before",
         ),
+    ),
+    # Issue 24, parts 1 and 5: alerts a shared Prometheus can run; Kubernetes and supply
+    # chain. The rules are checked by promtool's cases, deploy/ by reading it.
+    Mutant(
+        "alerts: the 14.4x availability page without its short (5m) window",
+        RULES,
+        edits=(
+            Edit(
+                "session_close:close_errors:ratio_rate5m > (14.4 * 0.001)",
+                "session_close:close_errors:ratio_rate1h > (14.4 * 0.001)",
+            ),
+        ),
+        tests=(f"{ALERTS}every_alert_passes_its_promtool_unit_tests",),
+    ),
+    Mutant(
+        "alerts: the 1x latency ticket without its long (3d) window",
+        RULES,
+        edits=(
+            Edit(
+                "session_close:close_slow:ratio_rate3d > (1 * 0.01)",
+                "session_close:close_slow:ratio_rate6h > (1 * 0.01)",
+            ),
+        ),
+        tests=(f"{ALERTS}every_alert_passes_its_promtool_unit_tests",),
+    ),
+    Mutant(
+        "alerts: the availability SLI counts probes and scrapes",
+        RULES,
+        edits=(
+            Edit(
+                'route=~"/v1\\\\.0/session/close(-all)?"}[1h]))\n'
+                "      - record: session_close:close_errors:ratio_rate2h",
+                'route=~".*"}[1h]))\n      - record: session_close:close_errors:ratio_rate2h',
+            ),
+        ),
+        tests=(f"{ALERTS}every_alert_passes_its_promtool_unit_tests",),
+    ),
+    Mutant(
+        "alerts: component down reads every job's up",
+        RULES,
+        edits=(
+            Edit(
+                'max by (namespace, job) (up{job=~"session-close-(api|relay|audit|push-cleanup)"})',
+                "max by (namespace, job) (up)",
+            ),
+        ),
+        tests=(f"{ALERTS}every_alert_passes_its_promtool_unit_tests",),
+    ),
+    Mutant(
+        "k8s: the API pod mounts its ServiceAccount token",
+        "deploy/k8s/api.yaml",
+        edits=(Edit("automountServiceAccountToken: false", "automountServiceAccountToken: true"),),
+        tests=(f"{HARDENING}no_pod_mounts_a_service_account_token",),
+    ),
+    Mutant(
+        "image: the lock installed without --require-hashes",
+        "deploy/Dockerfile",
+        edits=(Edit("pip install --require-hashes -r", "pip install -r"),),
+        tests=(f"{SUPPLY_CHAIN}the_image_installs_the_lock_with_require_hashes",),
     ),
 )
 

@@ -28,7 +28,7 @@ def pins(lock: str) -> dict[str, str]:
     for line in (ROOT / lock).read_text().splitlines():
         if "==" in line and not line.startswith(("#", " ")):
             name, version = line.split("==")
-            pinned[canonicalize_name(name)] = version.strip()
+            pinned[canonicalize_name(name)] = version.split()[0]  # " \" before hashes
     return pinned
 
 

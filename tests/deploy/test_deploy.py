@@ -37,6 +37,7 @@ def test_every_file_under_deploy_is_checked_here() -> None:
         DEPLOY / "Dockerfile",
         DEPLOY / "Dockerfile.dockerignore",
         DEPLOY / "compose.yaml",
+        K8S / "secret.env.example",
         DEPLOY / "rabbitmq" / "enabled_plugins",
         *K8S.glob("*.yaml"),
         # checked by tests/deploy/test_alerts.py, test_dashboard.py and test_prometheus_live.py
@@ -271,14 +272,23 @@ def containers() -> Iterator[tuple[Manifest, dict[str, Any]]]:
             yield deployment, container
 
 
+# The Secret is created outside `kubectl apply -k` (so an apply never overwrites the real
+# one), from the keys of this example.
+SECRET = "session-close-secrets"
+
+
+def secret_env() -> dict[str, str]:
+    lines = (K8S / "secret.env.example").read_text().splitlines()
+    pairs = (line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    return {name: value for name, value in pairs}
+
+
 def cluster_env() -> dict[str, str]:
     """What envFrom gives every container: the ConfigMap and the Secret together."""
     env: dict[str, str] = {}
     for config in of_kind("ConfigMap").values():
         env |= config["data"]
-    for secret in of_kind("Secret").values():
-        env |= secret["stringData"]
-    return env
+    return env | secret_env()
 
 
 def test_kustomization_lists_every_manifest() -> None:
@@ -288,10 +298,10 @@ def test_kustomization_lists_every_manifest() -> None:
 
 
 def test_configmap_and_secret_hold_valid_settings_only() -> None:
-    configs, secrets = of_kind("ConfigMap"), of_kind("Secret")
+    configs = of_kind("ConfigMap")
     assert len(configs) == 1
-    assert len(secrets) == 1
-    secret_names = set(next(iter(secrets.values()))["stringData"])
+    assert not of_kind("Secret"), "a Secret in resources: an apply overwrites the real one"
+    secret_names = set(secret_env())
     # credentials live in the Secret only
     assert {"REDIS_URL", "AMQP_URL", "DATABASE_URL"} == secret_names
     assert not secret_names & set(next(iter(configs.values()))["data"])
@@ -312,7 +322,7 @@ def test_deployments_run_entry_points_with_probes_resources_and_env() -> None:
         refs = {
             next(iter(ref.values()))["name"] for ref in container["envFrom"]
         }  # configMapRef / secretRef
-        assert refs == set(of_kind("ConfigMap")) | set(of_kind("Secret")), name
+        assert refs == set(of_kind("ConfigMap")) | {SECRET}, name
         for var in container.get("env", []):
             assert var["name"] in SETTING_NAMES, var["name"]
         resources = container["resources"]
@@ -401,7 +411,6 @@ def test_keda_scales_each_worker_on_its_own_queue() -> None:
     settings = assert_valid_settings(cluster_env())
     topology = Topology.from_settings(settings)
     auths = of_kind("TriggerAuthentication")
-    secret = next(iter(of_kind("Secret").values()))
     scaled = {}
     for obj in of_kind("ScaledObject").values():
         deployment = of_kind("Deployment")[obj["spec"]["scaleTargetRef"]["name"]]
@@ -413,8 +422,8 @@ def test_keda_scales_each_worker_on_its_own_queue() -> None:
         assert trigger["metadata"]["queueName"] == topology.queue(worker)
         auth = auths[trigger["authenticationRef"]["name"]]
         for ref in auth["spec"]["secretTargetRef"]:
-            assert ref["name"] == secret["metadata"]["name"]
-            assert ref["key"] in secret["stringData"]
+            assert ref["name"] == SECRET
+            assert ref["key"] in secret_env()
         scaled[worker] = obj
     assert scaled.keys() == set(WORKERS)
 

@@ -52,7 +52,11 @@ NOT_EXPORTED_HERE = {
     "rabbitmq_detailed_queue_messages": "RabbitMQ's rabbitmq_prometheus plugin",
     "rabbitmq_detailed_queue_messages_ready": "RabbitMQ's rabbitmq_prometheus plugin",
     "rabbitmq_detailed_queue_consumers": "RabbitMQ's rabbitmq_prometheus plugin",
+    # Prometheus's own series, one per target it scrapes.
+    "up": "Prometheus, per scrape target",
 }
+# The jobs the PodMonitor gives (deploy/k8s/podmonitor.yaml), which the rules select.
+API_JOB, AUDIT_JOB = "session-close-api", "session-close-audit"
 
 
 @dataclass
@@ -116,18 +120,26 @@ def exported_names(text: str) -> set[str]:
     return names
 
 
+def rules() -> list[dict[str, Any]]:
+    return [
+        rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]
+    ]
+
+
 def used_names() -> dict[str, set[str]]:
-    """metric name -> where it is used (alert or panel)."""
+    """metric name -> where it is used (alert, recording rule or panel), without the
+    names the recording rules write."""
     used: dict[str, set[str]] = {}
-    for group in yaml.safe_load(RULES.read_text())["groups"]:
-        for rule in group["rules"]:
-            for name in metric_names(rule["expr"]):
-                used.setdefault(name, set()).add(f"alert {rule['alert']}")
+    for rule in rules():
+        where = f"alert {rule['alert']}" if "alert" in rule else f"record {rule['record']}"
+        for name in metric_names(rule["expr"]):
+            used.setdefault(name, set()).add(where)
     for panel in json.loads(DASHBOARD.read_text())["panels"]:
         for target in panel.get("targets", []):
             for name in metric_names(target["expr"]):
                 used.setdefault(name, set()).add(f"panel {panel['title']!r}")
-    return used
+    recorded = {rule["record"] for rule in rules() if "record" in rule}
+    return {name: where for name, where in used.items() if name not in recorded}
 
 
 async def test_alerts_and_dashboard_read_only_metrics_the_processes_export(
@@ -178,10 +190,20 @@ def prometheus(stack: Stack, tmp_path: Path) -> Iterator[int]:
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
         "scrape_configs": [
-            {"job_name": "api", "static_configs": [{"targets": [f"127.0.0.1:{stack.api_port}"]}]},
             {
-                "job_name": "audit",
-                "static_configs": [{"targets": [f"127.0.0.1:{stack.worker_port}"]}],
+                "job_name": API_JOB,
+                "static_configs": [
+                    {"targets": [f"127.0.0.1:{stack.api_port}"], "labels": {"namespace": "test"}}
+                ],
+            },
+            {
+                "job_name": AUDIT_JOB,
+                "static_configs": [
+                    {
+                        "targets": [f"127.0.0.1:{stack.worker_port}"],
+                        "labels": {"namespace": "test"},
+                    }
+                ],
             },
         ],
     }
@@ -230,8 +252,8 @@ async def test_prometheus_scrapes_the_api_and_a_worker_and_loads_the_rules(
     async def both_up() -> bool:
         targets = (await get_json(f"{base}/targets"))["data"]["activeTargets"]
         return sorted((t["labels"]["job"], t["health"]) for t in targets) == [
-            ("api", "up"),
-            ("audit", "up"),
+            (API_JOB, "up"),
+            (AUDIT_JOB, "up"),
         ]
 
     async def scraped(query: str) -> bool:
@@ -244,14 +266,14 @@ async def test_prometheus_scrapes_the_api_and_a_worker_and_loads_the_rules(
         # a sample of each process's own series, stored and queryable
         await wait_until(lambda: scraped("outbox_backlog"), "outbox_backlog scraped", within=30)
         await wait_until(
-            lambda: scraped('worker_messages_total{job="audit"}'),
+            lambda: scraped(f'worker_messages_total{{job="{AUDIT_JOB}"}}'),
             "worker series scraped",
             within=30,
         )
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{stack.tails()}") from None
 
-    expected = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+    expected = {rule.get("alert") or rule["record"] for rule in rules()}
 
     async def rules_evaluated() -> bool:
         groups = (await get_json(f"{base}/rules"))["data"]["groups"]
@@ -264,3 +286,28 @@ async def test_prometheus_scrapes_the_api_and_a_worker_and_loads_the_rules(
     groups = (await get_json(f"{base}/rules"))["data"]["groups"]
     for rule in (rule for group in groups for rule in group["rules"]):
         assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
+
+
+@needs_prometheus
+async def test_the_slis_select_the_live_series_of_the_api(stack: Stack, prometheus: int) -> None:
+    """The recording rules' selectors (job, namespace, the session routes' labels, the
+    0.25 bucket) match what the API really exports: each SLI gets a series for the API's
+    job and namespace, and none for the worker's."""
+    base = f"http://127.0.0.1:{prometheus}/api/v1"
+
+    async def recorded(name: str) -> list[dict[str, str]]:
+        try:
+            data = (await get_json(f"{base}/query?{urlencode({'query': name})}"))["data"]
+        except (aiohttp.ClientError, AssertionError):
+            return []  # not ready yet
+        return [sample["metric"] for sample in data["result"]]
+
+    for sli in ("close_errors", "close_slow"):
+        name = f"session_close:{sli}:ratio_rate5m"
+
+        async def has_samples(name: str = name) -> bool:
+            return bool(await recorded(name))
+
+        await wait_until(has_samples, f"{name} recorded", within=60)
+        labels = await recorded(name)
+        assert labels == [{"__name__": name, "job": API_JOB, "namespace": "test"}], labels

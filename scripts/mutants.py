@@ -415,6 +415,20 @@ MUTANTS: tuple[Mutant, ...] = (
         edits=(Edit("    redis.call('ZADD', expiry, now + set_aside, sid)\n", ""),),
         tests=(f"{SWEEPER}a_session_failing_inside_redis_is_set_aside_and_writes_nothing",),
     ),
+    # Issue 21: Sentinel and WAIT
+    Mutant(
+        "close replies before WAIT",
+        "session_close/replication.py",
+        edits=(
+            Edit(
+                "        _check(acked, settings)\n        return reply\n", "        return reply\n"
+            ),
+        ),
+        tests=(
+            "tests/fault/test_redis_failover.py::"
+            "test_stalled_replicas_never_acknowledge_and_the_promoted_replica_holds_every_success",
+        ),
+    ),
 )
 
 

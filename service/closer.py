@@ -10,13 +10,15 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from redis.asyncio import Redis
 
 from session_close.batching import Batcher
 from session_close.events import rfc3339_now
 from session_close.keys import Keys, token_digest
-from session_close.scripts import CLOSE_ALL_SESSIONS, CLOSE_SESSIONS
+from session_close.replication import run_replicated
+from session_close.scripts import CLOSE_ALL_SESSIONS, CLOSE_SESSIONS, LuaScript
 from session_close.settings import Settings
 
 MAX_BATCH = 256
@@ -81,7 +83,11 @@ class SessionCloser:
         self._redis = redis
         self._keys = Keys(settings.redis_key_prefix)
         self._ttl = settings.tombstone_ttl_seconds
-        self._timeout = settings.redis_timeout_seconds
+        self._settings = settings
+        # With REDIS_MIN_REPLICAS, a step also waits (bounded) for its replicas.
+        self._timeout = settings.redis_timeout_seconds + (
+            settings.redis_replica_timeout_seconds if settings.redis_min_replicas else 0
+        )
         # Capped so that a hanging Redis holds at most that many pool connections: the
         # relay and /readyz keep theirs, and closes answer 503 instead of piling up.
         self._batcher: Batcher[CloseRequest, CloseOutcome] = Batcher(
@@ -109,8 +115,8 @@ class SessionCloser:
             request.traceparent or "",
         )
         async with asyncio.timeout(self._timeout):
-            reply = await CLOSE_ALL_SESSIONS(
-                self._redis, [self._keys.outbox, self._keys.expiry], list(args)
+            reply = await self._step(
+                CLOSE_ALL_SESSIONS, [self._keys.outbox, self._keys.expiry], list(args)
             )
         outcome = CloseOutcome(reply[0])
         return CloseAllResult(outcome, int(reply[1]) if outcome is CloseOutcome.CLOSED else 0)
@@ -135,8 +141,13 @@ class SessionCloser:
         # One bound for the whole batch (each caller waits at most one loop iteration
         # before it starts): every caller of a batch that times out gets TimeoutError.
         async with asyncio.timeout(self._timeout):
-            replies = await CLOSE_SESSIONS(
-                self._redis, [self._keys.outbox, self._keys.expiry], args
-            )
+            replies = await self._step(CLOSE_SESSIONS, [self._keys.outbox, self._keys.expiry], args)
         # A close that failed inside Redis comes back as its own ResponseError.
         return [r if isinstance(r, BaseException) else CloseOutcome(r) for r in replies]
+
+    async def _step(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
+        """One script run; with REDIS_MIN_REPLICAS, answered only once that many replicas
+        hold it (one WAIT per run, so per batch), else NotReplicatedError (503)."""
+        if self._settings.redis_min_replicas:
+            return await run_replicated(script, self._redis, keys, args, self._settings)
+        return await script(self._redis, keys, args)

@@ -429,6 +429,15 @@ MUTANTS: tuple[Mutant, ...] = (
             "test_stalled_replicas_never_acknowledge_and_the_promoted_replica_holds_every_success",
         ),
     ),
+    Mutant(
+        "relay publishes before WAIT",
+        "session_close/replication.py",
+        edits=(Edit("\n    _check(acked, settings)\n", "\n"),),
+        tests=(
+            "tests/fault/test_redis_failover.py::"
+            "test_stalled_replicas_never_acknowledge_and_the_promoted_replica_holds_every_success",
+        ),
+    ),
 )
 
 

@@ -29,7 +29,7 @@ SPEC_DEFAULTS = {
     "HTTP_READ_TIMEOUT_SECONDS": 30,
     "HTTP_KEEPALIVE_TIMEOUT_SECONDS": 75,
     "WORKER_MAX_ATTEMPTS": 5,
-    # SPEC 2b
+    # Redis behind Sentinel
     "REDIS_SENTINELS": "",
     "REDIS_SENTINEL_MASTER": "sessions",
     "REDIS_MIN_REPLICAS": 0,

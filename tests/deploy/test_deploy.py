@@ -195,7 +195,7 @@ def test_compose_runs_redis_durably() -> None:
 
 
 def test_compose_sentinel_profile_replicates_before_it_promises() -> None:
-    """SPEC 2b: opt-in, a primary, two replicas (one more than REDIS_MIN_REPLICAS=1) and
+    """Opt-in: a primary, two replicas (one more than REDIS_MIN_REPLICAS=1) and
     three Sentinels; every node durable and taking writes only while a replica follows."""
     services = compose()["services"]
     profile = {name: s for name, s in services.items() if "sentinel" in s.get("profiles", [])}

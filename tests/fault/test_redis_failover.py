@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from session_close.cli import create_session, create_token
-from session_close.keys import Keys
+from session_close.keys import OUTBOX_GROUP, Keys
 from session_close.redis_client import connect_redis
 from session_close.settings import Settings
 from session_close.topology import Topology
@@ -219,6 +219,15 @@ async def drained(store: Redis, keys: Keys) -> bool:
         return False  # a failover in progress
 
 
+async def retried_by_relay(store: Redis, keys: Keys, n: int) -> bool:
+    """The outbox still holds the `n` entries, and the relay read what it holds of them
+    at least twice: it read them, did not publish them (it would have deleted them), and
+    read them again."""
+    pending = await store.xpending_range(keys.outbox, OUTBOX_GROUP, "-", "+", n)
+    held = [int(p["times_delivered"]) for p in pending]
+    return int(await store.xlen(keys.outbox)) == n and bool(held) and min(held) >= 2
+
+
 async def test_primary_sigkilled_under_closes_loses_no_acknowledged_close(
     failover_settings: Settings,
     cluster: ReplicatedRedis,
@@ -323,6 +332,12 @@ async def test_stalled_replicas_never_acknowledge_and_the_promoted_replica_holds
         await wait_until(lambda: drained(store, keys), "the warm-up to be published", within=30)
         cluster.proxy.cut("silent")
         during_stall = await asyncio.gather(*(client.close(sid) for sid in stalled))
+        await wait_until(
+            lambda: retried_by_relay(store, keys, len(stalled)),
+            "the relay to hold the entries the replicas lack, and retry them",
+            within=30,
+            step=0.1,
+        )
         killed = time.monotonic()
         cluster.kill(cluster.primary_port)
         promoted = await asyncio.to_thread(cluster.wait_for_failover)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -145,9 +145,10 @@ class SessionCloser:
         # A close that failed inside Redis comes back as its own ResponseError.
         return [r if isinstance(r, BaseException) else CloseOutcome(r) for r in replies]
 
-    async def _step(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
+    def _step(self, script: LuaScript, keys: list[str], args: list[Any]) -> Awaitable[Any]:
         """One script run; with REDIS_MIN_REPLICAS, answered only once that many replicas
-        hold it (one WAIT per run, so per batch), else NotReplicatedError (503)."""
+        hold it (one WAIT per run, so per batch), else NotReplicatedError (503). Not a
+        coroutine itself, so the single-node path awaits the script as it always did."""
         if self._settings.redis_min_replicas:
-            return await run_replicated(script, self._redis, keys, args, self._settings)
-        return await script(self._redis, keys, args)
+            return run_replicated(script, self._redis, keys, args, self._settings)
+        return script(self._redis, keys, args)

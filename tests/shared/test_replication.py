@@ -21,8 +21,8 @@ from tests.support.processes import redis_server
 
 def script_args(keys: Keys) -> list[object]:
     """One close by a token nobody holds: the script answers "token" and writes nothing."""
-    digest = token_digest("no-such-token")
-    return [keys.prefix, 60, rfc3339_now(), digest, "session-0001", str(uuid.uuid4()), "", "", "req", ""]
+    request = [token_digest("no-such-token"), "session-0001", str(uuid.uuid4()), "", "", "req", ""]
+    return [keys.prefix, 60, rfc3339_now(), *request]
 
 
 async def test_the_script_runs_again_after_redis_lost_its_script_cache(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench import replicated
 from bench.client import close_one
 from bench.cpu import CpuMeter
 from bench.report import table, verdict
@@ -45,6 +46,9 @@ class LoadResult:
     events_queued: dict[str, int]
     relay_entries: int
     relay_seconds: float
+    # The same close run on a primary with one replica of the run's own.
+    replica_no_wait: WrkResult
+    replica_wait: WrkResult
 
     @property
     def ratio(self) -> float:
@@ -223,6 +227,8 @@ async def run(
     no_relay, seeded, _ = await measure_close(
         stack, api, seconds, connections, None, seeded, relay=False
     )
+    stack.stop(api)
+    replica_no_wait, replica_wait = await replicated.measure(stack, seconds, connections)
     return LoadResult(
         bare=bare,
         close=close,
@@ -236,6 +242,8 @@ async def run(
         events_queued=queued,
         relay_entries=relay_timed,
         relay_seconds=relay_seconds,
+        replica_no_wait=replica_no_wait,
+        replica_wait=replica_wait,
     )
 
 
@@ -245,6 +253,8 @@ def render(r: LoadResult, connections: int) -> str:
         ("bare aiohttp (ceiling)", r.bare),
         ("close + relay", r.close),
         ("close, relay off", r.no_relay),
+        ("close, own primary + replica", r.replica_no_wait),
+        ("close, REDIS_MIN_REPLICAS=1", r.replica_wait),
     ):
         errors = w.non_2xx + w.socket_errors
         rows.append([name, w.requests, w.rate, w.p50_ms, w.p99_ms, errors, w.rate / r.bare.rate])
@@ -288,6 +298,8 @@ def render(r: LoadResult, connections: int) -> str:
             f"worker queue {r.events_queued}.",
             f"Relay: of an outbox filled before the API started, {r.relay_entries:,} entries "
             f"published in {r.relay_seconds:.2f}s by the idle API's relay.",
+            "The last two rows run on a primary with one replica of the run's own (AOF on): "
+            "REDIS_MIN_REPLICAS=0, then 1 (one WAIT per close batch).",
         ]
     )
     return f"{first}\n\n{second}\n\n{notes}"

@@ -48,6 +48,7 @@ from session_close.keys import (
     Keys,
 )
 from session_close.redis_client import unavailable
+from session_close.replication import hold_replicated
 from session_close.retry import Backoff, Policy, retry
 from session_close.scripts import TAKE_OVER_RELAYS
 from session_close.settings import Settings
@@ -115,6 +116,9 @@ class Relay:
                 entries = await self._next_entries()
                 if not entries:
                     continue
+                # Publish only what the replicas hold (REDIS_MIN_REPLICAS): an entry lost
+                # with its primary must not have gone out, its close's retry gives its event.
+                await hold_replicated(self._redis, self._settings, self._heartbeat)
                 self._batch_done.clear()
                 try:
                     failed = await self._publish(entries)

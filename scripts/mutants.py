@@ -641,7 +641,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "bytes that are not UTF-8 fail the reads of the outbox",
         RELAY_CLIENT,
-        edits=(Edit('encoding_errors="replace",', 'encoding_errors="strict",'),),
+        edits=(Edit('"encoding_errors": "replace",', '"encoding_errors": "strict",'),),
         tests=(
             f"{BAD_ENTRIES}metrics_answer_while_the_oldest_entry_holds_bytes_that_are_not_utf8",
         ),
@@ -859,6 +859,29 @@ MUTANTS: tuple[Mutant, ...] = (
         "deploy/Dockerfile",
         edits=(Edit("pip install --require-hashes -r", "pip install -r"),),
         tests=(f"{SUPPLY_CHAIN}the_image_installs_the_lock_with_require_hashes",),
+    ),
+    # Issue 21: Sentinel and WAIT
+    Mutant(
+        "close replies before WAIT",
+        "session_close/replication.py",
+        edits=(
+            Edit(
+                "        _check(acked, settings)\n        return reply\n", "        return reply\n"
+            ),
+        ),
+        tests=(
+            "tests/fault/test_redis_failover.py::"
+            "test_stalled_replicas_never_acknowledge_and_the_promoted_replica_holds_every_success",
+        ),
+    ),
+    Mutant(
+        "relay publishes before WAIT",
+        "session_close/replication.py",
+        edits=(Edit("\n    _check(acked, settings)\n", "\n"),),
+        tests=(
+            "tests/fault/test_redis_failover.py::"
+            "test_stalled_replicas_never_acknowledge_and_the_promoted_replica_holds_every_success",
+        ),
     ),
 )
 

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from redis.asyncio import Redis
 
 from session_close.batching import Batcher
 from session_close.events import rfc3339_now
 from session_close.keys import Keys, token_digest
-from session_close.scripts import CLOSE_ALL_SESSIONS, CLOSE_SESSIONS
+from session_close.replication import run_replicated
+from session_close.scripts import CLOSE_ALL_SESSIONS, CLOSE_SESSIONS, LuaScript
 from session_close.settings import Settings
 
 MAX_BATCH = 256
@@ -86,7 +88,11 @@ class SessionCloser:
         self._redis = redis
         self._keys = Keys(settings.redis_key_prefix)
         self._ttl = settings.tombstone_ttl_seconds
-        self._timeout = settings.redis_timeout_seconds
+        self._settings = settings
+        # With REDIS_MIN_REPLICAS, a step also waits (bounded) for its replicas.
+        self._timeout = settings.redis_timeout_seconds + (
+            settings.redis_replica_timeout_seconds if settings.redis_min_replicas else 0
+        )
         self._close_all_batch = settings.close_all_batch_size
         # Capped so that a hanging Redis holds at most that many pool connections: the
         # relay and /readyz keep theirs, and closes answer 503 instead of piling up.
@@ -123,8 +129,8 @@ class SessionCloser:
         cursor, first, closed_now = "0", True, 0
         while True:
             async with asyncio.timeout(self._timeout):
-                reply = await CLOSE_ALL_SESSIONS(
-                    self._redis,
+                reply = await self._step(
+                    CLOSE_ALL_SESSIONS,
                     [self._keys.outbox, self._keys.expiry],
                     [*args, cursor, "1" if first else "0"],
                 )
@@ -158,8 +164,14 @@ class SessionCloser:
         # One bound for the whole batch (each caller waits at most one loop iteration
         # before it starts): every caller of a batch that times out gets TimeoutError.
         async with asyncio.timeout(self._timeout):
-            replies = await CLOSE_SESSIONS(
-                self._redis, [self._keys.outbox, self._keys.expiry], args
-            )
+            replies = await self._step(CLOSE_SESSIONS, [self._keys.outbox, self._keys.expiry], args)
         # A close that failed inside Redis comes back as its own ResponseError.
         return [r if isinstance(r, BaseException) else CloseOutcome(r) for r in replies]
+
+    def _step(self, script: LuaScript, keys: list[str], args: list[Any]) -> Awaitable[Any]:
+        """One script run; with REDIS_MIN_REPLICAS, answered only once that many replicas
+        hold it (one WAIT per run, so per batch), else NotReplicatedError (503). Not a
+        coroutine itself, so the single-node path awaits the script as it always did."""
+        if self._settings.redis_min_replicas:
+            return run_replicated(script, self._redis, keys, args, self._settings)
+        return script(self._redis, keys, args)

@@ -1,15 +1,19 @@
-"""One way to build the Redis client, with every call bounded by REDIS_TIMEOUT_SECONDS;
-the one rule for "Redis is unavailable"; and the check that the Redis it talks to keeps
-what it is given."""
+"""One way to build the Redis client, with every call bounded by REDIS_TIMEOUT_SECONDS,
+to the Redis of REDIS_URL or to the primary that REDIS_SENTINELS name (followed through
+a failover); the one rule for "Redis is unavailable"; and the check that the Redis it
+talks to keeps what it is given."""
 
 from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
@@ -72,6 +76,17 @@ def unavailable(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and _UNAVAILABLE_REPLY.match(str(exc)) is not None
 
 
+class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """The primary's address from Sentinel (asked again whenever a connection is made,
+    so a failover is followed without a restart), in a pool that waits for a free
+    connection like BlockingConnectionPool."""
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        # The client's aclose() ends here: the connections to the Sentinels go too.
+        await self.sentinel_manager.aclose()
+
+
 def connect_redis(settings: Settings, *, resend: bool = True) -> Redis:
     """The client. With `resend`, a command whose connection dropped is sent once more on
     a new one: only for callers whose every command is safe to run twice (a close script
@@ -80,20 +95,41 @@ def connect_redis(settings: Settings, *, resend: bool = True) -> Redis:
     `XREADGROUP >` hands out more entries while the lost reply's sit unseen in its
     pending list; the relay re-reads those itself."""
     timeout = settings.redis_timeout_seconds
+    # A WAIT for replicas blocks its connection up to REDIS_REPLICA_TIMEOUT_SECONDS
+    # beyond the command itself; the caller's own bound still covers the whole step.
+    read_timeout = timeout + (
+        settings.redis_replica_timeout_seconds if settings.redis_min_replicas else 0
+    )
     # A pool of a known size, where a caller waits (within the same bound) for a
     # connection instead of failing at once, or opening connections without end.
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=settings.redis_max_connections,
-        timeout=timeout,
-        decode_responses=True,
+    options: dict[str, Any] = {
+        "max_connections": settings.redis_max_connections,
+        "timeout": timeout,
+        "decode_responses": True,
         # Bytes that are not UTF-8 (an `os` some writer got wrong) read as U+FFFD: a
         # read of the outbox, or of anything else, never fails on what an entry holds.
-        encoding_errors="replace",
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 1 if resend else 0),
-        health_check_interval=30,
+        "encoding_errors": "replace",
+        "socket_timeout": read_timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 1 if resend else 0),
+        "health_check_interval": 30,
+    }
+    if not settings.redis_sentinels:
+        return Redis.from_pool(BlockingConnectionPool.from_url(settings.redis_url, **options))
+    # REDIS_URL's host is Sentinel's to say; its database, user and password still apply.
+    from_url: dict[str, Any] = dict(parse_url(settings.redis_url))
+    for key in ("host", "port", "path", "connection_class"):
+        from_url.pop(key, None)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        settings.sentinel_addresses,
+        sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
+    )
+    pool = BlockingSentinelPool(  # type: ignore[no-untyped-call]
+        settings.redis_sentinel_master,
+        sentinel,
+        ssl=settings.redis_url.startswith("rediss:"),
+        **from_url,
+        **options,
     )
     return Redis.from_pool(pool)
 

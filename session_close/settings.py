@@ -27,6 +27,9 @@ def setting(default: Any, field: mf.Field[Any]) -> Any:
 _positive = validate.Range(min=0, min_inclusive=False)
 
 
+_HOST_PORT = r"[^,:\s]+:[0-9]{1,5}"
+
+
 def _url(*schemes: str) -> validate.Regexp:
     return validate.Regexp(rf"^({'|'.join(schemes)})://", error=f"must be a {schemes[0]}:// URL")
 
@@ -42,6 +45,21 @@ class Settings:
         "redis://localhost:6379/0", mf.String(validate=_url("redis", "rediss", "unix"))
     )
     redis_key_prefix: str = setting("", mf.String())
+    # Empty: REDIS_URL names the Redis. Else the primary is found through these Sentinels
+    # (REDIS_URL then gives only the database number, user and password).
+    redis_sentinels: str = setting(
+        "",
+        mf.String(
+            validate=validate.Regexp(
+                rf"^({_HOST_PORT}(,{_HOST_PORT})*)?$",
+                error="must be comma-separated host:port pairs",
+            )
+        ),
+    )
+    redis_sentinel_master: str = setting("sessions", mf.String(validate=validate.Length(min=1)))
+    # A close answers success only once this many replicas hold it (Redis WAIT).
+    redis_min_replicas: int = setting(0, mf.Integer(validate=validate.Range(min=0, max=100)))
+    redis_replica_timeout_seconds: float = setting(0.5, mf.Float(validate=_positive))
     redis_timeout_seconds: float = setting(1.0, mf.Float(validate=_positive))
     redis_max_connections: int = setting(16, mf.Integer(validate=validate.Range(min=2, max=10000)))
     close_batches_in_flight: int = setting(8, mf.Integer(validate=validate.Range(min=1, max=10000)))
@@ -88,6 +106,12 @@ class Settings:
     sweep_interval_seconds: float = setting(1.0, mf.Float(validate=_positive))
     sweep_batch_size: int = setting(500, mf.Integer(validate=validate.Range(min=1, max=10000)))
     close_all_batch_size: int = setting(500, mf.Integer(validate=validate.Range(min=1, max=10000)))
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """REDIS_SENTINELS as (host, port) pairs; empty when unset."""
+        pairs = [item.rsplit(":", 1) for item in self.redis_sentinels.split(",") if item]
+        return [(host, int(port)) for host, port in pairs]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

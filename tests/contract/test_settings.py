@@ -29,6 +29,11 @@ SPEC_DEFAULTS = {
     "HTTP_READ_TIMEOUT_SECONDS": 30,
     "HTTP_KEEPALIVE_TIMEOUT_SECONDS": 75,
     "WORKER_MAX_ATTEMPTS": 5,
+    # Redis behind Sentinel
+    "REDIS_SENTINELS": "",
+    "REDIS_SENTINEL_MASTER": "sessions",
+    "REDIS_MIN_REPLICAS": 0,
+    "REDIS_REPLICA_TIMEOUT_SECONDS": 0.5,
 }
 
 # One valid, non-default value for every variable, and what it must become.
@@ -66,6 +71,10 @@ VALID = {
     "SWEEP_INTERVAL_SECONDS": ("0.5", 0.5),
     "SWEEP_BATCH_SIZE": ("50", 50),
     "CLOSE_ALL_BATCH_SIZE": ("50", 50),
+    "REDIS_SENTINELS": ("s1:26379,10.0.0.2:26380", "s1:26379,10.0.0.2:26380"),
+    "REDIS_SENTINEL_MASTER": ("mymaster", "mymaster"),
+    "REDIS_MIN_REPLICAS": ("1", 1),
+    "REDIS_REPLICA_TIMEOUT_SECONDS": ("0.25", 0.25),
 }
 
 INVALID = [
@@ -99,6 +108,11 @@ INVALID = [
     ("SWEEP_BATCH_SIZE", "0"),
     ("CLOSE_ALL_BATCH_SIZE", "0"),
     ("WORKER_MAX_ATTEMPTS", "0"),
+    ("REDIS_SENTINELS", "s1"),
+    ("REDIS_SENTINELS", "s1:26379,"),
+    ("REDIS_SENTINEL_MASTER", ""),
+    ("REDIS_MIN_REPLICAS", "-1"),
+    ("REDIS_REPLICA_TIMEOUT_SECONDS", "0"),
 ]
 
 

@@ -199,6 +199,35 @@ def test_compose_runs_redis_durably() -> None:
         assert options.get(f"--{name}") in good, name
 
 
+def test_compose_sentinel_profile_replicates_before_it_promises() -> None:
+    """Opt-in: a primary, two replicas (one more than REDIS_MIN_REPLICAS=1) and
+    three Sentinels; every node durable and taking writes only while a replica follows."""
+    services = compose()["services"]
+    profile = {name: s for name, s in services.items() if "sentinel" in s.get("profiles", [])}
+    assert not any(s.get("profiles") for s in our_services().values())
+    nodes = {name: s for name, s in profile.items() if s["command"][0] == "redis-server"}
+    sentinels = {name: s for name, s in profile.items() if name not in nodes}
+    assert len(nodes) == 3
+    assert len(sentinels) == 3
+    replicas = set()
+    for name, node in nodes.items():
+        options = dict(zip(node["command"][1::2], node["command"][2::2], strict=True))
+        for option, good in DURABLE.items():
+            assert options.get(f"--{option}") in good, (name, option)
+        assert options["--min-replicas-to-write"] == "1", name
+        if "--replicaof" in options:
+            replicas.add(name)
+            primary, port = options["--replicaof"].split()
+            assert port == "6379"
+    assert len(replicas) == 2
+    assert primary in nodes
+    assert primary not in replicas
+    for name, sentinel in sentinels.items():
+        script = sentinel["command"][-1]
+        assert f"sentinel monitor sessions {primary} 6379 2" in script, name
+        assert "--sentinel" in script, name
+
+
 def test_the_image_is_labelled_and_tagged_with_the_one_version() -> None:
     """pyproject.toml is the source; the Dockerfile takes it as a build argument (and
     fails the build on a mismatch), and the deploy files run that release."""

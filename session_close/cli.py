@@ -9,12 +9,14 @@ import asyncio
 import json
 import secrets
 import time
+from collections.abc import Callable
 from typing import cast
 
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
 from session_close import __version__
+from session_close.events import APP_VERSION_MAX, OS_MAX, SESSION_ID_RE
 from session_close.keys import DEAD_LETTER_FIELDS, Keys
 from session_close.redis_client import connect_redis
 from session_close.settings import Settings, env_help, settings_or_exit
@@ -103,6 +105,26 @@ async def replay(
     }
 
 
+def _session_id(text: str) -> str:
+    # The API's own rule: a session it would refuse to close is no use written.
+    if SESSION_ID_RE.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(
+            "must be 8 to 256 characters of A-Z a-z 0-9 . _ - (the API refuses any other)"
+        )
+    return text
+
+
+def _printable_up_to(most: int) -> Callable[[str], str]:
+    """The API's bound on OS and AppVersion: events carry the session's own values."""
+
+    def check(text: str) -> str:
+        if len(text) > most or not text.isprintable():
+            raise argparse.ArgumentTypeError(f"must be at most {most} printable characters")
+        return text
+
+    return check
+
+
 def _change(text: str) -> tuple[str, str]:
     field, sep, value = text.partition("=")
     if not sep or not field:
@@ -168,7 +190,11 @@ def main(argv: list[str] | None = None) -> None:
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     session = sub.add_parser("session", help="open a session for a user")
     session.add_argument("--user", required=True)
-    session.add_argument("--session", help="the session id (default: a new random one)")
+    session.add_argument(
+        "--session",
+        type=_session_id,
+        help="the session id, 8 to 256 characters of A-Z a-z 0-9 . _ - (default: a new random one)",
+    )
     session.add_argument(
         "--ttl",
         type=int,
@@ -182,8 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         help="write the session the old way: no expires_at, no expiry index, and no "
         "session.expired event when its Redis TTL ends it",
     )
-    session.add_argument("--os", default="")
-    session.add_argument("--app-version", default="")
+    session.add_argument("--os", default="", type=_printable_up_to(OS_MAX))
+    session.add_argument("--app-version", default="", type=_printable_up_to(APP_VERSION_MAX))
     session.add_argument("--device", default="", help="device id")
     session.add_argument("--push-token", default="", help="register this push token")
     listing = sub.add_parser("sessions", help="list a user's open sessions")

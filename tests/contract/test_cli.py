@@ -179,3 +179,22 @@ async def test_bad_configuration_is_named_and_help_works(settings: Settings) -> 
 
 def test_the_sessionctl_console_script_is_installed() -> None:
     assert (Path(sys.executable).parent / "sessionctl").exists()
+
+
+async def test_a_session_the_api_would_refuse_is_refused_and_nothing_is_written(
+    settings: Settings, redis: Redis, keys: Keys
+) -> None:
+    for bad in (
+        ["--session", "eco-s1"],  # shorter than the API's 8
+        ["--session", "a" * 257],
+        ["--session", "has space"],
+        ["--os", "x" * 65],
+        ["--app-version", "1.0\n"],
+    ):
+        code, out, err = await sessionctl(settings, "session", "--user", "u1", *bad)
+        assert code == 2, bad
+        assert out == ""
+        assert bad[0] in err
+    assert await snapshot(redis, keys.prefix) == {}
+    written = await run_json(settings, "session", "--user", "u1", "--session", "eco-s1-longer")
+    assert written["sessionId"] == "eco-s1-longer"

@@ -363,7 +363,11 @@ async def run_standalone(settings: Settings) -> None:
         connection = connect.result()
         exchange = await open_exchange(connection, settings)
         relay = Relay(
-            redis, settings, on_published=metrics.relay_published, on_failed=metrics.relay_failed
+            redis,
+            settings,
+            on_published=metrics.relay_published,
+            on_failed=metrics.relay_failed,
+            on_dead_lettered=metrics.relay_dead_lettered,
         )
         tune_gc()
         task = liveness.work = asyncio.create_task(relay.run(exchange))

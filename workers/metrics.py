@@ -128,27 +128,6 @@ class WorkerMetrics:
     def retried(self) -> None:
         self.retries.labels(self.worker).inc()
 
-    def count(self, outcome: str) -> float:
-        return (
-            self.registry.get_sample_value(
-                "worker_messages_total", {"worker": self.worker, "outcome": outcome}
-            )
-            or 0.0
-        )
-
-    def retry_count(self) -> float:
-        return self._sample("worker_retries_total")
-
-    def dead_letter_count(self, reason: str) -> float:
-        return self._sample("worker_dead_letters_total", reason=reason)
-
-    def ack_frame_count(self) -> float:
-        return self._sample("worker_ack_frames_total")
-
-    def _sample(self, name: str, **labels: str) -> float:
-        value = self.registry.get_sample_value(name, {"worker": self.worker, **labels})
-        return value or 0.0
-
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Serve /healthz and /metrics on `port` (0: any free port); returns the port bound."""
         self._server = make_server(host, port, self._app, _Server, _QuietHandler)

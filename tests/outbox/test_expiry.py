@@ -32,6 +32,7 @@ from tests.support.workers import (
     AuditTable,
     in_process,
     running,
+    settled_count,
 )
 from workers.audit import open_audit
 from workers.push_cleanup import open_push_cleanup
@@ -93,7 +94,10 @@ async def test_an_expired_session_reaches_both_workers_as_session_expired(
     async with running(audit), running(push):
 
         async def both_done() -> bool:
-            return audit.metrics.count("acked") == 1 and push.metrics.count("acked") == 1
+            return (
+                settled_count(audit.metrics, "acked") == 1
+                and settled_count(push.metrics, "acked") == 1
+            )
 
         await wait_until(both_done, "both workers to handle the session.expired event")
     [event_id] = await audit_table.event_ids()

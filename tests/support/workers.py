@@ -306,3 +306,25 @@ async def worker_processes() -> AsyncIterator[list[WorkerProcess]]:
     yield started
     for process in started:
         await process.close()
+
+
+# What a worker's metrics counted, read the way Prometheus would (the worker itself never
+# reads its counters back).
+def _sample(metrics: WorkerMetrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, {"worker": metrics.worker, **labels}) or 0.0
+
+
+def settled_count(metrics: WorkerMetrics, outcome: str) -> float:
+    return _sample(metrics, "worker_messages_total", outcome=outcome)
+
+
+def retry_count(metrics: WorkerMetrics) -> float:
+    return _sample(metrics, "worker_retries_total")
+
+
+def dead_letter_count(metrics: WorkerMetrics, reason: str) -> float:
+    return _sample(metrics, "worker_dead_letters_total", reason=reason)
+
+
+def ack_frame_count(metrics: WorkerMetrics) -> float:
+    return _sample(metrics, "worker_ack_frames_total")

@@ -22,7 +22,9 @@ from tests.support.workers import (
     in_process,
     logged_lines,
     make_event,
+    retry_count,
     running,
+    settled_count,
 )
 from workers.audit import open_audit
 
@@ -44,7 +46,7 @@ async def test_each_event_gets_one_row_and_a_redelivery_adds_nothing(
         await broker.publish(events[0], events[1])  # the relay re-published these two
 
         async def all_settled() -> bool:
-            return worker.metrics.count("acked") >= 22
+            return settled_count(worker.metrics, "acked") >= 22
 
         await wait_until(all_settled, "22 messages acked")
     assert await audit_table.count() == 20
@@ -113,7 +115,7 @@ async def test_a_worker_killed_mid_batch_leaves_exactly_one_row_per_event_after_
             # At least each event without a row and each republished one delivered and
             # acked (those the killed worker wrote but had not acked come back too).
             ready, _ = await broker.depth(broker.topology.queue("audit"))
-            acked = successor.metrics.count("acked")
+            acked = settled_count(successor.metrics, "acked")
             return ready == 0 and acked >= len(events) - len(written) + len(again)
 
         await wait_until(drained, "the queue drained")
@@ -123,11 +125,11 @@ async def test_a_worker_killed_mid_batch_leaves_exactly_one_row_per_event_after_
         async def each_duplicate_logged_and_acked() -> bool:
             # A delivery is logged, then acked: wait for the last lines and their acks.
             duplicates = len(already_audited())
-            acked = successor.metrics.count("acked")
+            acked = settled_count(successor.metrics, "acked")
             return duplicates >= len(again) and acked == len(events) - len(written) + duplicates
 
         await wait_until(each_duplicate_logged_and_acked, "every duplicate logged and acked")
-    delivered = successor.metrics.count("acked")
+    delivered = settled_count(successor.metrics, "acked")
     already = already_audited()
     report_counts(
         sent=len(events),
@@ -136,7 +138,7 @@ async def test_a_worker_killed_mid_batch_leaves_exactly_one_row_per_event_after_
         delivered_to_successor=delivered,
         already_audited=len(already),
         rows=len(ids),
-        dead_lettered=successor.metrics.count("dead_lettered"),
+        dead_lettered=settled_count(successor.metrics, "dead_lettered"),
     )
     assert set(ids) == {e.event_id for e in events}
     # Every delivery of an event that already had its row was counted as a duplicate,
@@ -144,7 +146,7 @@ async def test_a_worker_killed_mid_batch_leaves_exactly_one_row_per_event_after_
     assert delivered == len(events) - len(written) + len(already)
     assert len(already) >= len(again)
     assert {line["event_id"] for line in already} >= {e.event_id for e in again}
-    assert successor.metrics.count("dead_lettered") == 0
+    assert settled_count(successor.metrics, "dead_lettered") == 0
 
 
 async def test_two_audit_workers_split_the_load_and_write_each_event_once(
@@ -159,13 +161,15 @@ async def test_two_audit_workers_split_the_load_and_write_each_event_once(
         await wait_until(rows_reach(audit_table, len(events)), "every row", within=30)
 
         async def all_acked() -> bool:
-            total = first.metrics.count("acked") + second.metrics.count("acked")
+            total = settled_count(first.metrics, "acked") + settled_count(second.metrics, "acked")
             return total >= len(events)
 
         await wait_until(all_acked, "every message acked")
-    assert first.metrics.count("acked") > 0
-    assert second.metrics.count("acked") > 0
-    assert first.metrics.count("acked") + second.metrics.count("acked") == len(events)
+    assert settled_count(first.metrics, "acked") > 0
+    assert settled_count(second.metrics, "acked") > 0
+    assert settled_count(first.metrics, "acked") + settled_count(second.metrics, "acked") == len(
+        events
+    )
     ids = await audit_table.event_ids()
     assert sorted(ids) == sorted(e.event_id for e in events)
 
@@ -192,7 +196,7 @@ async def test_postgres_cut_dead_letters_nothing_and_every_row_lands_after_resto
         await broker.publish(*events)
 
         async def retrying() -> bool:
-            return worker.metrics.retry_count() >= 5
+            return retry_count(worker.metrics) >= 5
 
         await wait_until(retrying, "the worker to retry against the cut database")
         ready, _ = await broker.depth(broker.topology.dead_letter_queue("audit"))
@@ -203,18 +207,20 @@ async def test_postgres_cut_dead_letters_nothing_and_every_row_lands_after_resto
         await wait_until(rows_reach(audit_table, len(events)), "every row after restore")
 
         async def all_acked() -> bool:
-            return worker.metrics.count("acked") + worker.metrics.count("retried") >= len(events)
+            return settled_count(worker.metrics, "acked") + settled_count(
+                worker.metrics, "retried"
+            ) >= len(events)
 
         await wait_until(all_acked, "every message acked")
     ready, _ = await broker.depth(broker.topology.dead_letter_queue("audit"))
     rows = await audit_table.count()
     report_counts(
         sent=len(events),
-        retries=worker.metrics.retry_count(),
-        dead_lettered=worker.metrics.count("dead_lettered"),
+        retries=retry_count(worker.metrics),
+        dead_lettered=settled_count(worker.metrics, "dead_lettered"),
         dlq_depth=ready,
         rows=rows,
     )
-    assert worker.metrics.count("dead_lettered") == 0
+    assert settled_count(worker.metrics, "dead_lettered") == 0
     assert ready == 0
     assert sorted(await audit_table.event_ids()) == sorted(e.event_id for e in events)

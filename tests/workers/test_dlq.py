@@ -15,7 +15,9 @@ from tests.support.workers import (
     Broker,
     in_process,
     make_event,
+    retry_count,
     running,
+    settled_count,
 )
 from workers.audit import open_audit
 from workers.replay import replay_dead_letters
@@ -51,8 +53,8 @@ async def test_malformed_messages_are_dead_lettered_at_once_and_replay_brings_go
                 return (await broker.depth(dlq))[0] == 3
 
             await wait_until(malformed_in_dlq, "3 messages in the DLQ", within=5)
-        assert worker.metrics.retry_count() == 0, "a malformed message must not be retried"
-        assert worker.metrics.count("dead_lettered") == 3
+        assert retry_count(worker.metrics) == 0, "a malformed message must not be retried"
+        assert settled_count(worker.metrics, "dead_lettered") == 3
         reasons = {
             str(r.__dict__.get("message_id")): str(r.__dict__.get("reason")) for r in caplog.records
         }
@@ -79,7 +81,9 @@ async def test_malformed_messages_are_dead_lettered_at_once_and_replay_brings_go
         await wait_until(lambda: _has_rows(audit_table, 4), "the replayed events' rows")
 
         async def malformed_back_in_dlq() -> bool:
-            return (await broker.depth(dlq))[0] == 3 and worker.metrics.count("dead_lettered") == 3
+            return (await broker.depth(dlq))[0] == 3 and settled_count(
+                worker.metrics, "dead_lettered"
+            ) == 3
 
         await wait_until(malformed_back_in_dlq, "the malformed ones dead-lettered again")
     assert set(await audit_table.event_ids()) == {e.event_id for e in good + stranded}

@@ -17,7 +17,15 @@ import pytest
 from session_close.events import APP_VERSION_MAX, OS_MAX, REQUEST_ID_MAX, SESSION_ID_MAX
 from session_close.settings import Settings
 from tests.support.waiting import wait_until
-from tests.support.workers import AuditTable, Broker, in_process, make_event, running
+from tests.support.workers import (
+    AuditTable,
+    Broker,
+    dead_letter_count,
+    in_process,
+    make_event,
+    retry_count,
+    running,
+)
 from workers.audit import open_audit
 
 
@@ -79,9 +87,9 @@ async def test_an_event_past_the_apis_bounds_is_dead_lettered_at_its_first_deliv
                 )
 
             await wait_until(settled, f"{len(bad)} in the DLQ, the others audited", within=30)
-    assert worker.metrics.retry_count() == 0, "a malformed message is never retried"
-    assert worker.metrics.dead_letter_count("malformed") == len(bad)
-    assert worker.metrics.dead_letter_count("poison") == 0
+    assert retry_count(worker.metrics) == 0, "a malformed message is never retried"
+    assert dead_letter_count(worker.metrics, "malformed") == len(bad)
+    assert dead_letter_count(worker.metrics, "poison") == 0
     assert set(await audit_table.event_ids()) == {e.event_id for e in [*good, at_the_bounds]}
     lines = {
         str(r.__dict__["message_id"]): r.__dict__
@@ -96,5 +104,5 @@ async def test_an_event_past_the_apis_bounds_is_dead_lettered_at_its_first_deliv
         malformed=len(bad),
         dead_lettered=len(lines),
         audited=await audit_table.count(),
-        retries=worker.metrics.retry_count(),
+        retries=retry_count(worker.metrics),
     )

@@ -14,6 +14,7 @@ from tests.support.workers import (
     AuditTable,
     in_process,
     running,
+    settled_count,
 )
 from workers.audit import open_audit
 from workers.push_cleanup import open_push_cleanup
@@ -47,7 +48,10 @@ async def test_a_close_writes_its_audit_row_and_removes_its_push_token(
         assert resp.status == 200
 
         async def both_done() -> bool:
-            return audit.metrics.count("acked") == 1 and push.metrics.count("acked") == 1
+            return (
+                settled_count(audit.metrics, "acked") == 1
+                and settled_count(push.metrics, "acked") == 1
+            )
 
         await wait_until(both_done, "both workers to handle the event")
     [event_id] = await audit_table.event_ids()

@@ -18,10 +18,13 @@ from tests.support.workers import (
     REJECTED_USER,
     AuditTable,
     Broker,
+    dead_letter_count,
     in_process,
     logged_lines,
     make_event,
+    retry_count,
     running,
+    settled_count,
     table_rejecting,
 )
 from workers.audit import open_audit
@@ -40,7 +43,8 @@ async def settled(worker: Worker, broker: Broker, *, acked: int, dead: int) -> N
 
     async def done() -> bool:
         return (
-            worker.metrics.count("acked") + worker.metrics.count("retried") == acked
+            settled_count(worker.metrics, "acked") + settled_count(worker.metrics, "retried")
+            == acked
             and (await broker.depth(dlq))[0] == dead
         )
 
@@ -67,15 +71,15 @@ async def test_a_row_the_database_rejects_is_dead_lettered_after_its_attempts_an
     report_counts(
         sent=len(good) + 1,
         rows=rows,
-        retries=worker.metrics.retry_count(),
-        dead_lettered=worker.metrics.count("dead_lettered"),
+        retries=retry_count(worker.metrics),
+        dead_lettered=settled_count(worker.metrics, "dead_lettered"),
     )
     assert rows == len(good)
     assert set(await audit_table.event_ids()) == {e.event_id for e in good}
     # Only the poison paid: each of its failed attempts but the last was retried.
-    assert worker.metrics.retry_count() == MAX_ATTEMPTS - 1
-    assert worker.metrics.count("dead_lettered") == 1
-    assert worker.metrics.dead_letter_count("poison") == 1
+    assert retry_count(worker.metrics) == MAX_ATTEMPTS - 1
+    assert settled_count(worker.metrics, "dead_lettered") == 1
+    assert dead_letter_count(worker.metrics, "poison") == 1
     [line] = dead_letter_lines(caplog)
     assert line.__dict__["message_id"] == poison.event_id
     assert line.__dict__["dead_letter"] == "poison"
@@ -108,8 +112,8 @@ async def test_a_value_no_consumer_can_store_is_dead_lettered_at_first_delivery(
         await broker.publish(*good[:5], bad, *good[5:])
         await settled(worker, broker, acked=len(good), dead=1)
     assert set(await audit_table.event_ids()) == {e.event_id for e in good}
-    assert worker.metrics.retry_count() == 0, "malformed: no retry"
-    assert worker.metrics.dead_letter_count("malformed") == 1
+    assert retry_count(worker.metrics) == 0, "malformed: no retry"
+    assert dead_letter_count(worker.metrics, "malformed") == 1
     [line] = dead_letter_lines(caplog)
     assert line.__dict__["message_id"] == bad.event_id
     assert line.__dict__["dead_letter"] == "malformed"
@@ -139,8 +143,8 @@ async def test_a_push_key_of_the_wrong_type_is_dead_lettered_after_its_attempts_
     for user in users:
         assert await redis.hgetall(keys.user_push(user)) == {"kept": "s-x"}
     assert await redis.get(keys.user_push("wrong-type")) == "not a hash"
-    assert worker.metrics.retry_count() == MAX_ATTEMPTS - 1
-    assert worker.metrics.dead_letter_count("poison") == 1
+    assert retry_count(worker.metrics) == MAX_ATTEMPTS - 1
+    assert dead_letter_count(worker.metrics, "poison") == 1
     [line] = dead_letter_lines(caplog)
     assert line.__dict__["message_id"] == poison.event_id
     assert "WRONGTYPE" in line.__dict__["reason"]

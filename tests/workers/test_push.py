@@ -17,7 +17,9 @@ from tests.support.workers import (
     Broker,
     in_process,
     make_event,
+    retry_count,
     running,
+    settled_count,
 )
 from workers.push_cleanup import open_push_cleanup
 
@@ -40,7 +42,7 @@ async def test_a_token_reregistered_by_a_newer_session_survives_a_late_or_repeat
         await broker.publish(closed)
 
         async def acked(n: int) -> bool:
-            return worker.metrics.count("acked") == n
+            return settled_count(worker.metrics, "acked") == n
 
         await wait_until(lambda: acked(1), "the event handled")
         assert await redis.hgetall(push) == {"token-tablet": "s-tablet", "token-phone": "s-new"}
@@ -55,7 +57,7 @@ async def test_a_token_reregistered_by_a_newer_session_survives_a_late_or_repeat
         "token-phone": "s-new",
         "token-old-phone": "s-relogin",
     }
-    assert worker.metrics.count("dead_lettered") == 0
+    assert settled_count(worker.metrics, "dead_lettered") == 0
 
 
 async def test_push_cleanup_retries_while_redis_is_cut_and_cleans_up_after_restore(
@@ -75,14 +77,14 @@ async def test_push_cleanup_retries_while_redis_is_cut_and_cleans_up_after_resto
         await broker.publish(make_event(session_id="s-closed", user_id="u2"))
 
         async def retrying() -> bool:
-            return worker.metrics.retry_count() >= 3
+            return retry_count(worker.metrics) >= 3
 
         await wait_until(retrying, "retries against the cut Redis")
         assert await redis.hgetall(push) == {"token-a": "s-closed", "token-b": "s-open"}
         redis_proxy.restore()
 
         async def settled() -> bool:
-            return worker.metrics.count("retried") == 1
+            return settled_count(worker.metrics, "retried") == 1
 
         await wait_until(settled, "the event handled after restore")
     assert await redis.hgetall(push) == {"token-b": "s-open"}
@@ -132,7 +134,7 @@ async def test_tokens_reregistered_while_the_cleanup_runs_are_never_removed(
             created += await pipe.execute()
 
         async def handled() -> bool:
-            return worker.metrics.count("acked") == 1
+            return settled_count(worker.metrics, "acked") == 1
 
         await wait_until(handled, "the cleanup handled")
     left = await redis.hgetall(push)

@@ -14,7 +14,15 @@ from session_close.settings import Settings
 from tests.support.processes import redis_server
 from tests.support.redis_states import WRITABLE_DIR, cannot_persist, persists_again
 from tests.support.waiting import wait_until
-from tests.support.workers import Broker, in_process, make_event, running
+from tests.support.workers import (
+    Broker,
+    dead_letter_count,
+    in_process,
+    make_event,
+    retry_count,
+    running,
+    settled_count,
+)
 from workers.push_cleanup import open_push_cleanup
 
 MAX_ATTEMPTS = 2  # far fewer than the retries the outage causes
@@ -49,7 +57,7 @@ async def test_push_cleanup_retries_while_redis_cannot_persist_and_dead_letters_
                 )
 
                 async def retried_past_the_limit() -> bool:
-                    return worker.metrics.retry_count() >= len(users) * (MAX_ATTEMPTS + 2)
+                    return retry_count(worker.metrics) >= len(users) * (MAX_ATTEMPTS + 2)
 
                 await wait_until(retried_past_the_limit, "retries while Redis cannot persist")
                 for user in users:
@@ -57,15 +65,15 @@ async def test_push_cleanup_retries_while_redis_cannot_persist_and_dead_letters_
                 await persists_again(redis, tmp_path)
 
                 async def settled() -> bool:
-                    return worker.metrics.count("retried") == len(users)
+                    return settled_count(worker.metrics, "retried") == len(users)
 
                 await wait_until(settled, "every event handled once Redis persists again")
             for user in users:
                 assert await redis.hgetall(keys.user_push(user)) == {"kept": "s-x"}
             dead = (await broker.depth(broker.topology.dead_letter_queue("push-cleanup")))[0]
-            assert (dead, worker.metrics.dead_letter_count("poison")) == (0, 0)
+            assert (dead, dead_letter_count(worker.metrics, "poison")) == (0, 0)
             report_counts(
-                events=len(users), retries=worker.metrics.retry_count(), dead_lettered=dead
+                events=len(users), retries=retry_count(worker.metrics), dead_lettered=dead
             )
         finally:
             await redis.aclose()

@@ -16,9 +16,11 @@ from tests.support.workers import (
     REJECTED_USER,
     AuditTable,
     Broker,
+    ack_frame_count,
     in_process,
     make_event,
     running,
+    settled_count,
     table_rejecting,
 )
 from workers.audit import open_audit
@@ -37,12 +39,12 @@ async def test_the_acks_of_a_burst_share_frames(
     async with running(worker):
 
         async def all_acked() -> bool:
-            return worker.metrics.count("acked") == len(events)
+            return settled_count(worker.metrics, "acked") == len(events)
 
         await wait_until(all_acked, "every message acked", within=30)
     # The worker has closed its connection: anything not really acked would be back.
     ready, _ = await broker.depth(broker.topology.queue("audit"))
-    frames = worker.metrics.ack_frame_count()
+    frames = ack_frame_count(worker.metrics)
     report_counts(messages=len(events), ack_frames=frames, ready_after=ready)
     assert ready == 0
     assert await audit_table.count() == len(events)
@@ -68,7 +70,7 @@ async def held_back_after_cut(broker: Broker, proxy: TcpProxy) -> int:
 
 async def acked(worker: Worker, n: int) -> None:
     async def done() -> bool:
-        return worker.metrics.count("acked") == n
+        return settled_count(worker.metrics, "acked") == n
 
     await wait_until(done, f"{n} messages acked", within=30)
 
@@ -115,12 +117,14 @@ async def test_a_message_held_for_retry_is_never_acked_by_a_later_run_even_after
     report_counts(
         ready_at_first_cut=ready_at_first_cut,
         ready_at_second_cut=ready_at_second_cut,
-        acked=worker.metrics.count("acked"),
+        acked=settled_count(worker.metrics, "acked"),
         rows=rows,
-        dead_lettered=worker.metrics.count("dead_lettered"),
+        dead_lettered=settled_count(worker.metrics, "dead_lettered"),
     )
     assert ready_at_first_cut == 1, "the held message must go back, not be acked by the run"
     assert ready_at_second_cut == 1
-    assert worker.metrics.count("acked") == len(before) + len(behind) + len(after_reconnect)
+    assert settled_count(worker.metrics, "acked") == len(before) + len(behind) + len(
+        after_reconnect
+    )
     assert rows == len(before) + len(behind) + len(after_reconnect)
-    assert worker.metrics.count("dead_lettered") == 0
+    assert settled_count(worker.metrics, "dead_lettered") == 0

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import uuid
 from collections.abc import Callable
@@ -334,45 +333,3 @@ async def open_exchange(
         return await channel.get_exchange(settings.amqp_exchange, ensure=False)
 
     return await retry("opening the outbox relay's channel", attempt, policy=CHANNEL)
-
-
-async def run_standalone(settings: Settings) -> None:
-    """The relay as its own process (`python -m outbox relay`), until SIGTERM/SIGINT.
-    /healthz and /metrics are served from the start, while RabbitMQ is still awaited."""
-    from outbox.probes import Liveness, outbox_registry, serving_probes
-    from session_close.amqp import connect_and_declare
-    from session_close.redis_client import connect_redis
-    from session_close.runtime import tune_gc
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    redis = connect_redis(settings, resend=False)
-    registry, metrics = outbox_registry()
-    liveness = Liveness()
-    async with serving_probes(settings, redis, liveness, registry, metrics):
-        connect = asyncio.create_task(connect_and_declare(settings))
-        await asyncio.wait(
-            [connect, asyncio.create_task(stop.wait())], return_when="FIRST_COMPLETED"
-        )
-        if not connect.done():
-            connect.cancel()
-            await redis.aclose()
-            return
-        connection = connect.result()
-        exchange = await open_exchange(connection, settings)
-        relay = Relay(
-            redis,
-            settings,
-            on_published=metrics.relay_published,
-            on_failed=metrics.relay_failed,
-            on_dead_lettered=metrics.relay_dead_lettered,
-        )
-        tune_gc()
-        task = liveness.work = asyncio.create_task(relay.run(exchange))
-        log.info("outbox relay running")
-        await stop.wait()
-        await relay.stop(task)
-    await connection.close()
-    await redis.aclose()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,27 +118,3 @@ async def stop(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-
-
-async def run_standalone(settings: Settings) -> None:
-    """The sweeper as its own process (`python -m outbox sweeper`), until SIGTERM/SIGINT.
-    Its events wait in the outbox for the relays."""
-    from outbox.probes import Liveness, outbox_registry, serving_probes
-    from session_close.redis_client import connect_redis
-    from session_close.runtime import tune_gc
-
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_requested.set)
-    redis = connect_redis(settings)
-    registry, metrics = outbox_registry()
-    liveness = Liveness()
-    async with serving_probes(settings, redis, liveness, registry, metrics):
-        sweeper = Sweeper(redis, settings, on_sweep=metrics.sweep)
-        task = liveness.work = asyncio.create_task(sweeper.run())
-        tune_gc()
-        log.info("expiry sweeper running")
-        await stop_requested.wait()
-        await stop(task)
-    await redis.aclose()

@@ -733,8 +733,8 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "standalone relay's metrics miss its publishes",
-        RELAY,
-        edits=(Edit("on_published=metrics.relay_published, ", ""),),
+        "outbox/__main__.py",
+        edits=(Edit("            on_published=metrics.relay_published,\n", ""),),
         tests=(
             "tests/outbox/test_standalone_processes.py::"
             "test_standalone_relay_serves_healthz_and_metrics_counting_its_publishes",

@@ -89,7 +89,7 @@ async def test_a_close_requests_traceparent_reaches_the_event_and_the_workers_lo
     event, line = await close_and_audit(
         client, settings, published, caplog, "session-traced", TRACEPARENT
     )
-    assert event["traceparent"] == TRACEPARENT
+    assert event.get("traceparent") == TRACEPARENT
     assert line["trace_id"] == TRACE_ID
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from session_close import __version__
+from session_close import __version__, tracing
 from session_close.logs import configure_logging
 from session_close.settings import env_help, settings_or_exit
 
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> None:
     args = parse_args(argv, prog)
     settings = settings_or_exit(prog)
     configure_logging(settings.log_level)
+    tracing.configure(f"session-close-{args.command}")
     import uvloop
 
     if args.command == "relay":

@@ -17,7 +17,7 @@ import orjson
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-from service.appkeys import REQUEST_ID, REQUEST_STARTED
+from service.appkeys import REQUEST_ID, REQUEST_STARTED, TRACE_IDS
 
 ACCESS_LOGGER = logging.getLogger("service.access")
 
@@ -39,6 +39,9 @@ class JsonAccessLogger(AbstractAccessLogger):
             "latency_ms": round(time * 1000, 3),
             "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         }
+        trace_ids = request.get(TRACE_IDS)  # the close's server span, with tracing on
+        if trace_ids:
+            line |= trace_ids
         sys.stdout.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE).decode())
         sys.stdout.flush()
 

@@ -24,6 +24,7 @@ from service.schemas import (
     CloseHeadersSchema,
     header_values,
 )
+from session_close import tracing
 from session_close.events import APP_VERSION_MAX, OS_MAX, SESSION_ID_RE, traceparent_of_request
 from session_close.logs import short_id
 
@@ -139,7 +140,9 @@ def _challenge(reply: Reply) -> dict[str, str] | None:
 def _event_traceparent(request: web.Request) -> str | None:
     """The event's traceparent: the close's server span with tracing on, else the
     request's own header (None when it sent none or a malformed one)."""
-    return request.get(TRACEPARENT) or traceparent_of_request(request.headers.get("traceparent"))
+    if tracing.ENABLED:  # (request.get alone costs about 0.3 us: Mapping.get's KeyError)
+        return request[TRACEPARENT]
+    return traceparent_of_request(request.headers.get("traceparent"))
 
 
 async def close_session(request: web.Request) -> web.Response:

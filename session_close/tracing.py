@@ -45,7 +45,7 @@ def configure(service_name: str) -> bool:
         return False
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
-    # Imported only when on: an untraced process loads none of the SDK.
+    # Imported only when on (redis-py imports some SDK modules itself, building nothing).
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider

@@ -230,12 +230,12 @@ async def test_the_access_line_and_a_worker_line_carry_the_trace_and_span_ids(
     server = receiver.named("session-close-api", CLOSE_ROUTE)[0]
     handle = receiver.named("session-close-audit", "audit handle")[0]
     access = [line for line in close.api_lines if line.get("path") == CLOSE_PATH]
-    assert [(line["trace_id"], line["span_id"]) for line in access] == [
+    assert [(line.get("trace_id"), line.get("span_id")) for line in access] == [
         (close.trace_id, server.span_id)
     ]
     await close.audit.wait_logged("session close audited")
     audited = close.audit.logged("session close audited")
-    assert [(line["trace_id"], line["span_id"]) for line in audited] == [
+    assert [(line.get("trace_id"), line.get("span_id")) for line in audited] == [
         (close.trace_id, handle.span_id)
     ]
 

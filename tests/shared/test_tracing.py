@@ -9,6 +9,8 @@ import asyncio
 import json
 import secrets
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -284,3 +286,28 @@ async def test_with_no_endpoint_nothing_is_exported_and_no_exporter_thread_runs(
     assert [sorted(line.keys() & {"trace_id", "span_id"}) for line in access] == [[]]
     assert not [line for line in lines if line.get("event") == "tracing on"]
     assert receiver.requests == 0
+
+
+@pytest.mark.parametrize(
+    ("otel_service_name", "reported"),
+    [(None, "session-close-relay"), ("checkout-relay", "checkout-relay")],
+)
+def test_a_process_reports_its_own_service_name_unless_otel_service_name_says_otherwise(
+    otel_service_name: str | None, reported: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The endpoint is never called: nothing is traced, and the provider is not shut down.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    if otel_service_name is None:
+        monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    else:
+        monkeypatch.setenv("OTEL_SERVICE_NAME", otel_service_name)
+    script = (
+        "from opentelemetry import trace\n"
+        "from session_close import tracing\n"
+        "assert tracing.configure('session-close-relay')\n"
+        "print(trace.get_tracer_provider().resource.attributes['service.name'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (done.returncode, done.stdout.splitlines()[-1:]) == (0, [reported]), done.stderr

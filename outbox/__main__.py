@@ -14,7 +14,7 @@ from outbox.probes import Liveness, outbox_registry, serving_probes
 from outbox.relay import Relay, open_exchange
 from outbox.sweeper import Sweeper
 from outbox.sweeper import stop as stop_sweeper
-from session_close import __version__
+from session_close import __version__, tracing
 from session_close.amqp import connect_and_declare
 from session_close.logs import configure_logging
 from session_close.redis_client import connect_redis
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> None:
     args = parse_args(argv, prog)
     settings = settings_or_exit(prog)
     configure_logging(settings.log_level)
+    tracing.configure(f"session-close-{args.command}")
     import uvloop
 
     uvloop.run(run_relay(settings) if args.command == "relay" else run_sweeper(settings))
@@ -56,7 +57,6 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> None:
 async def run_relay(settings: Settings) -> None:
     """The relay as its own process (`python -m outbox relay`), until SIGTERM/SIGINT.
     /healthz and /metrics are served from the start, while RabbitMQ is still awaited."""
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -94,7 +94,6 @@ async def run_relay(settings: Settings) -> None:
 async def run_sweeper(settings: Settings) -> None:
     """The sweeper as its own process (`python -m outbox sweeper`), until SIGTERM/SIGINT.
     Its events wait in the outbox for the relays."""
-
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from outbox.stream import ensure_group
+from session_close import tracing
 from session_close.events import CONTENT_TYPE, BadEntry, SessionEvent
 from session_close.keys import (
     DEAD_LETTER_ENTRY_ID,
@@ -238,6 +239,7 @@ class Relay:
         sent: list[str] = []
         confirmations: list[asyncio.Future[Any]] = []
         dead: list[tuple[Entry, BadEntry]] = []
+        spans: list[tracing.Span] = []
         for entry_id, fields in entries:
             try:
                 event = SessionEvent.from_outbox(fields)
@@ -269,9 +271,15 @@ class Relay:
             )
             sent.append(entry_id)
             confirmations.append(asyncio.ensure_future(publish))
+            if tracing.ENABLED:
+                spans.append(self._publish_span(event, exchange.name))
             if len(sent) % PUBLISH_SLICE == 0:
                 await asyncio.sleep(0)
         results = await asyncio.gather(*confirmations, return_exceptions=True)
+        for span, result in zip(spans, results, strict=False):  # none when tracing is off
+            if not isinstance(result, Basic.Ack):
+                span.set_status(tracing.StatusCode.ERROR, repr(result))
+            span.end()
         # Only an Ack counts: a publish returned as unroutable (no queue bound) or
         # failed stays in the outbox, since deleting it would lose the event.
         failures = [r for r in results if not isinstance(r, Basic.Ack)]
@@ -293,6 +301,24 @@ class Relay:
             )
             self._on_failed(len(failures))
         return len(failures)
+
+    @staticmethod
+    def _publish_span(event: SessionEvent, exchange: str) -> tracing.Span:
+        """A producer span per event, from its publish to the broker's confirm, in the
+        event's trace: its parent is the event's traceparent (the close's span). The
+        message keeps that traceparent: the CloudEvent's is fixed in the outbox entry, so
+        the workers' spans are the publish span's siblings under the close."""
+        return tracing.tracer(__name__).start_span(
+            f"publish {event.type}",
+            context=tracing.parent_context(event.traceparent),
+            kind=tracing.SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "send",
+                "messaging.destination.name": exchange,
+                "messaging.message.id": event.event_id,
+            },
+        )
 
     async def _set_aside(self, dead: list[tuple[Entry, BadEntry]]) -> None:
         """Move entries to the dead-letter stream, with the reason, in one MULTI."""

@@ -118,6 +118,7 @@ RELAY_CLIENT = "session_close/redis_client.py"
 STALL = "tests/outbox/test_relay_stall.py::test_"
 BAD_ENTRIES = "tests/outbox/test_relay_bad_entries.py::test_"
 HEARTBEAT = "tests/outbox/test_relay_heartbeat.py::test_"
+TRACES = "tests/shared/test_tracing.py::test_"
 RULES = "deploy/prometheus/rules.yaml"
 ALERTS = "tests/deploy/test_alerts.py::test_"
 HARDENING = "tests/deploy/test_k8s_hardening.py::test_"
@@ -473,12 +474,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "service/handlers.py",
         edits=(
             Edit(
-                '            headers.get("AppVersion"),\n'
-                "            request[REQUEST_ID],\n"
-                '            traceparent_of_request(request.headers.get("traceparent")),\n',
-                '            headers.get("AppVersion"),\n'
-                "            request[REQUEST_ID],\n"
-                "            None,\n",
+                '    return traceparent_of_request(request.headers.get("traceparent"))\n',
+                "    return None\n",
             ),
         ),
         tests=(
@@ -882,6 +879,30 @@ MUTANTS: tuple[Mutant, ...] = (
             "tests/fault/test_redis_failover.py::"
             "test_stalled_replicas_never_acknowledge_and_the_promoted_replica_holds_every_success",
         ),
+    ),
+    # Issue 24: traces
+    Mutant(
+        "the relay's publish span not parented on the event's traceparent",
+        "outbox/relay.py",
+        edits=(Edit("context=tracing.parent_context(event.traceparent),", "context=None,"),),
+        tests=(f"{TRACES}one_close_is_one_trace_across_the_api_the_relay_and_both_workers",),
+    ),
+    Mutant(
+        "with tracing on, the event carries the request's traceparent, not the close span's",
+        "service/handlers.py",
+        edits=(
+            Edit(
+                "return request[TRACEPARENT]",
+                'return traceparent_of_request(request.headers.get("traceparent"))',
+            ),
+        ),
+        tests=(f"{TRACES}one_close_is_one_trace_across_the_api_the_relay_and_both_workers",),
+    ),
+    Mutant(
+        "the access line without the close span's trace and span ids",
+        "service/accesslog.py",
+        edits=(Edit("            line |= request.get(TRACE_IDS, {})\n", "            pass\n"),),
+        tests=(f"{TRACES}the_access_line_and_a_worker_line_carry_the_trace_and_span_ids",),
     ),
 )
 

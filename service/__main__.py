@@ -7,7 +7,7 @@ import argparse
 
 from aiohttp import web
 
-from session_close import __version__
+from session_close import __version__, tracing
 from session_close.logs import configure_logging
 from session_close.runtime import tune_gc
 from session_close.settings import env_help, settings_or_exit
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> None:
     parse_args(argv, prog)
     settings = settings_or_exit(prog)
     configure_logging(settings.log_level)
+    tracing.configure("session-close-api")  # its in-process relay's spans too
     import uvloop
 
     from service.app import create_app

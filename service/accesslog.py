@@ -17,7 +17,8 @@ import orjson
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-from service.appkeys import REQUEST_ID, REQUEST_STARTED
+from service.appkeys import REQUEST_ID, REQUEST_STARTED, TRACE_IDS
+from session_close import tracing
 
 ACCESS_LOGGER = logging.getLogger("service.access")
 
@@ -39,6 +40,8 @@ class JsonAccessLogger(AbstractAccessLogger):
             "latency_ms": round(time * 1000, 3),
             "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         }
+        if tracing.ENABLED:  # the server span's of a close, gone by now
+            line |= request.get(TRACE_IDS, {})
         sys.stdout.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE).decode())
         sys.stdout.flush()
 

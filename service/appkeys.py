@@ -25,3 +25,7 @@ REQUEST_ID = web.RequestKey("request_id", str)
 # time.perf_counter() when the app got the request: uvloop's clock, which aiohttp hands
 # the access logger, counts whole milliseconds.
 REQUEST_STARTED = web.RequestKey("request_started", float)
+# With tracing on, on the session routes: the server span's traceparent (the event's)
+# and its trace_id and span_id (the access line's, written after the span ended).
+TRACEPARENT = web.RequestKey("traceparent", str)
+TRACE_IDS = web.RequestKey("trace_ids", dict[str, str])

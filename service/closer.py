@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 from redis.asyncio import Redis
 
+from session_close import tracing
 from session_close.batching import Batcher
 from session_close.events import rfc3339_now
 from session_close.keys import Keys, token_digest
@@ -83,6 +85,15 @@ class CloseAllResult:
     closed_now: int = 0
 
 
+def _step_span(script: LuaScript) -> AbstractContextManager[tracing.Span]:
+    """A client span of one Redis step, a child of the request's server span."""
+    return tracing.tracer(__name__).start_as_current_span(
+        f"redis {script.name}",
+        kind=tracing.SpanKind.CLIENT,
+        attributes={"db.system.name": "redis", "db.operation.name": "EVALSHA"},
+    )
+
+
 class SessionCloser:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self._redis = redis
@@ -103,8 +114,20 @@ class SessionCloser:
     async def close(self, request: CloseRequest) -> CloseOutcome:
         """Raises TimeoutError or a RedisError when Redis cannot answer in time."""
         # Also bounds the wait for a batch slot while every slot is taken.
+        if tracing.ENABLED:
+            return await self._traced_close(request)
         async with asyncio.timeout(self._timeout):
             return await self._batcher.submit(request)
+
+    async def _traced_close(self, request: CloseRequest) -> CloseOutcome:
+        """The close under a span of its Redis step: the batched script run as this
+        request saw it, from joining a batch to its reply (a batch serves many requests;
+        each has its own step span, the batch's size an attribute)."""
+        with _step_span(CLOSE_SESSIONS) as span:
+            async with asyncio.timeout(self._timeout):
+                outcome = await self._batcher.submit(request)
+            span.set_attribute("session_close.outcome", outcome.value)
+            return outcome
 
     async def close_all(self, request: CloseAllRequest) -> CloseAllResult:
         """Log out everywhere, in runs of close_all_sessions.lua that each close at most
@@ -128,12 +151,13 @@ class SessionCloser:
         ]
         cursor, first, closed_now = "0", True, 0
         while True:
-            async with asyncio.timeout(self._timeout):
-                reply = await self._step(
-                    CLOSE_ALL_SESSIONS,
-                    [self._keys.outbox, self._keys.expiry],
-                    [*args, cursor, "1" if first else "0"],
-                )
+            with _step_span(CLOSE_ALL_SESSIONS) if tracing.ENABLED else nullcontext():
+                async with asyncio.timeout(self._timeout):
+                    reply = await self._step(
+                        CLOSE_ALL_SESSIONS,
+                        [self._keys.outbox, self._keys.expiry],
+                        [*args, cursor, "1" if first else "0"],
+                    )
             outcome = CloseOutcome(reply[0])
             if outcome is not CloseOutcome.CLOSED:
                 return CloseAllResult(outcome)

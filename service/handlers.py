@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 from marshmallow import Schema
 
-from service.appkeys import CLOSER, METRICS, REQUEST_ID
+from service.appkeys import CLOSER, METRICS, REQUEST_ID, TRACEPARENT
 from service.closer import CloseAllRequest, CloseOutcome, CloseRequest
 from service.replies import Reply, info_reply
 from service.schemas import (
@@ -24,6 +24,7 @@ from service.schemas import (
     CloseHeadersSchema,
     header_values,
 )
+from session_close import tracing
 from session_close.events import APP_VERSION_MAX, OS_MAX, SESSION_ID_RE, traceparent_of_request
 from session_close.logs import short_id
 
@@ -136,6 +137,14 @@ def _challenge(reply: Reply) -> dict[str, str] | None:
     return {"WWW-Authenticate": WWW_AUTHENTICATE} if reply.status == 401 else None
 
 
+def _event_traceparent(request: web.Request) -> str | None:
+    """The event's traceparent: the close's server span with tracing on, else the
+    request's own header (None when it sent none or a malformed one)."""
+    if tracing.ENABLED:  # (request.get alone costs about 0.3 us: Mapping.get's KeyError)
+        return request[TRACEPARENT]
+    return traceparent_of_request(request.headers.get("traceparent"))
+
+
 async def close_session(request: web.Request) -> web.Response:
     """Checks run in the order of the error table; the first that fails answers."""
     checked = await _authorized_request(request, _headers)
@@ -155,7 +164,7 @@ async def close_session(request: web.Request) -> web.Response:
             headers.get("OS"),
             headers.get("AppVersion"),
             request[REQUEST_ID],
-            traceparent_of_request(request.headers.get("traceparent")),
+            _event_traceparent(request),
         )
     )
     request.app[METRICS].close_outcome(outcome)
@@ -185,7 +194,7 @@ async def close_all_sessions(request: web.Request) -> web.Response:
             token,
             headers["SessionID"] if keep_current else None,
             request[REQUEST_ID],
-            traceparent_of_request(request.headers.get("traceparent")),
+            _event_traceparent(request),
         )
     )
     request.app[METRICS].close_all_outcome(result)

@@ -13,10 +13,11 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from service.appkeys import METRICS, REQUEST_ID, REQUEST_STARTED
+from service.appkeys import METRICS, REQUEST_ID, REQUEST_STARTED, TRACE_IDS, TRACEPARENT
 from service.replies import Reply, info_reply
 from service.schemas import MAX_BODY_BYTES
-from session_close.events import REQUEST_ID_RE
+from session_close import tracing
+from session_close.events import REQUEST_ID_RE, traceparent_of_request
 from session_close.redis_client import unavailable
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,35 @@ async def whole_requests(request: web.Request, handler: Handler) -> web.StreamRe
     return await handler(request)
 
 
+# The routes a server span is made for: a close and a close-all, not probes or scrapes.
+TRACED_PATHS = frozenset({"/v1.0/session/close", "/v1.0/session/close-all"})
+
+
+@web.middleware
+async def traced_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A server span per close and close-all, continuing the caller's traceparent (a
+    malformed one starts a trace). Installed only when tracing is on."""
+    resource = request.match_info.route.resource
+    if resource is None or resource.canonical not in TRACED_PATHS:
+        return await handler(request)
+    with tracing.tracer(__name__).start_as_current_span(
+        f"{request.method} {resource.canonical}",
+        context=tracing.parent_context(traceparent_of_request(request.headers.get("traceparent"))),
+        kind=tracing.SpanKind.SERVER,
+        attributes={"http.request.method": request.method, "http.route": resource.canonical},
+    ) as span:
+        request[TRACEPARENT] = tracing.traceparent_of(span)
+        request[TRACE_IDS] = tracing.ids_of(span)
+        response = await handler(request)
+        span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 500:
+            span.set_status(tracing.StatusCode.ERROR)
+        return response
+
+
 def setup_middlewares(app: web.Application) -> None:
     # measure_requests comes first so it sees the reply info_replies made of any failure,
-    # whole_requests last so that info_replies answers its failures too.
-    app.middlewares.extend([measure_requests, info_replies, whole_requests])
+    # whole_requests last so that info_replies answers its failures too; the server span
+    # (with tracing on) wraps them all.
+    traced = [traced_requests] if tracing.ENABLED else []
+    app.middlewares.extend([*traced, measure_requests, info_replies, whole_requests])

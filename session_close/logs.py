@@ -11,10 +11,20 @@ from typing import Any, TextIO
 
 import orjson
 import structlog
-from structlog.typing import Processor
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from session_close import tracing
+
+
+def add_trace_ids(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """trace_id and span_id of the span the line is written in, when tracing is on."""
+    event.update(tracing.current_ids())
+    return event
+
 
 _shared: list[Processor] = [
     structlog.contextvars.merge_contextvars,
+    add_trace_ids,
     structlog.stdlib.add_log_level,
     structlog.stdlib.add_logger_name,
     structlog.stdlib.ExtraAdder(),
@@ -60,6 +70,8 @@ class JsonLines(structlog.stdlib.ProcessorFormatter):
             return super().format(record)
         event: dict[str, object] = {"event": message}
         structlog.contextvars.merge_contextvars(None, "", event)
+        if tracing.ENABLED:
+            event.update(tracing.current_ids())
         event["level"] = record.levelname.lower()
         event["logger"] = record.name
         for key, value in record.__dict__.items():

@@ -13,6 +13,7 @@ from redis.exceptions import NoScriptError
 
 class LuaScript:
     def __init__(self, filename: str) -> None:
+        self.name = filename.removesuffix(".lua")  # for spans
         folder = Path(__file__).parent / "lua"
         self.source = (folder / "lib.lua").read_text() + (folder / filename).read_text()
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from session_close import __version__
+from session_close import __version__, tracing
 from session_close.logs import configure_logging
 from session_close.settings import env_help, settings_or_exit
 from session_close.topology import WORKERS
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> None:
     settings = dataclasses.replace(
         settings, **{k: v for k, v in overrides.items() if v is not None}
     )
+    tracing.configure(f"session-close-{args.command}")
     from workers.runner import run_worker
 
     if args.command == "audit":

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
+from session_close import tracing
 from session_close.events import SessionEvent
 from session_close.settings import Settings
 
@@ -30,9 +31,15 @@ EffectFactory = Callable[[Settings], AbstractAsyncContextManager[Effect]]
 
 
 def event_ids(event: SessionEvent) -> dict[str, str | None]:
-    """The ids every line logged about an event carries."""
-    return {
+    """The ids every line logged about an event carries: with tracing on, the trace and
+    span of the worker's handling of it (while the runner handles it), else the trace id
+    of its traceparent."""
+    ids = {
         "request_id": event.request_id,
         "event_id": event.event_id,
         "trace_id": event.trace_id,
     }
+    spans = tracing.EVENT_SPANS.get()
+    if spans is not None and (span := spans.get(event.event_id)) is not None:
+        ids |= tracing.ids_of(span)
+    return ids

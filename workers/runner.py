@@ -40,6 +40,7 @@ from typing import TypeVar
 
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
+from session_close import tracing
 from session_close.amqp import connect
 from session_close.events import MalformedEvent, SessionEvent
 from session_close.retry import Backoff, Policy
@@ -276,10 +277,10 @@ class Worker:
         """One call of the effect; acks what it did, returns what failed."""
         assert self._effect is not None
         results: Sequence[BaseException | None]
-        try:
-            results = await self._effect.apply([event for _, event in pending])
-        except Exception as exc:
-            results = [exc] * len(pending)
+        if tracing.ENABLED:
+            results = await self._traced_effect([event for _, event in pending])
+        else:
+            results = await self._effect_results([event for _, event in pending])
         done: list[Held] = []
         failures = []
         for (held, event), result in zip(pending, results, strict=True):
@@ -291,6 +292,53 @@ class Worker:
                 failures.append((held, event, result))
         self._finish(done, "ack")
         return failures
+
+    async def _effect_results(self, events: list[SessionEvent]) -> Sequence[BaseException | None]:
+        assert self._effect is not None
+        try:
+            return await self._effect.apply(events)
+        except Exception as exc:
+            return [exc] * len(events)
+
+    async def _traced_effect(self, events: list[SessionEvent]) -> Sequence[BaseException | None]:
+        """The effect's call with, per event, a consumer span of its handling in the
+        event's trace (parent: its traceparent, the close's span) and a child for the
+        effect: a batch is one INSERT or script run, so each event's effect span covers
+        that one call (its batch size an attribute). Lines the effect logs per event carry
+        that event's handling span."""
+        tracer = tracing.tracer(__name__)
+        handling: dict[str, tracing.Span] = {}
+        effects: list[tracing.Span] = []
+        for event in events:
+            span = tracer.start_span(
+                f"{self.name} handle",
+                context=tracing.parent_context(event.traceparent),
+                kind=tracing.SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "rabbitmq",
+                    "messaging.operation.type": "process",
+                    "messaging.message.id": event.event_id,
+                    "messaging.batch.message_count": len(events),
+                },
+            )
+            handling[event.event_id] = span
+            effects.append(
+                tracer.start_span(
+                    f"{self.name} effect",
+                    context=tracing.trace.set_span_in_context(span),
+                    attributes={"effect.batch_size": len(events)},
+                )
+            )
+        with tracing.event_spans(handling):
+            results = await self._effect_results(events)
+        for event, effect, result in zip(events, effects, results, strict=True):
+            span = handling[event.event_id]
+            if result is not None:
+                for failed in (effect, span):
+                    failed.set_status(tracing.StatusCode.ERROR, repr(result))
+            effect.end()
+            span.end()
+        return results
 
     def _retry_later(
         self,

@@ -18,7 +18,13 @@ from tests.support.paths import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # Import names that differ from their distribution's name.
-DISTRIBUTIONS = {"redis": "redis", "aio_pika": "aio-pika", "prometheus_client": "prometheus-client"}
+# opentelemetry is a namespace package: its API's (the SDK and exporter are declared too).
+DISTRIBUTIONS = {
+    "redis": "redis",
+    "aio_pika": "aio-pika",
+    "prometheus_client": "prometheus-client",
+    "opentelemetry": "opentelemetry-api",
+}
 # The shared package and a package per process.
 OURS = {"session_close", "service", "outbox", "workers"}
 

@@ -79,7 +79,7 @@ local function expires_at_of(text)
   return nil, true
 end
 
--- One outbox entry: a session's end, with the fields events.py's SessionEvent.from_entry
+-- One outbox entry: a session's end, with the fields events.py's SessionEvent.from_outbox
 -- reads. `event` holds type, reason, event_id, session_id, user_id, closed_at and,
 -- optionally, os, app_version, request_id, traceparent and expired_at.
 local function add_event(outbox, event)

@@ -21,8 +21,8 @@ from service.app import create_app
 from service.appkeys import AMQP
 from session_close.keys import Keys, token_digest
 from session_close.settings import Settings
-from session_close.topology import Topology
 from tests.support.closing import BODY, CLOSE_PATH, Client, app_headers, open_session
+from tests.support.events import collecting
 from tests.support.waiting import wait_until
 
 USER, SID = "user-42", "session-0001"
@@ -33,19 +33,7 @@ PUSH_TOKEN = "fcm:secret-push-token-abcdefgh"
 @pytest.fixture
 async def audit_messages(settings: Settings) -> AsyncIterator[list[AbstractIncomingMessage]]:
     """Messages arriving on the test's audit queue, collected as they come."""
-    received: list[AbstractIncomingMessage] = []
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        topology = Topology.from_settings(settings)
-        await topology.declare(channel)
-        queue = await channel.get_queue(topology.queue("audit"))
-
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            received.append(message)
-            await message.ack()
-
-        await queue.consume(on_message)
+    async with collecting(settings, "audit") as received:
         yield received
 
 

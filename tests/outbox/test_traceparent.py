@@ -8,15 +8,14 @@ import json
 import logging
 from collections.abc import AsyncIterator
 
-import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from redis.asyncio import Redis
 
 from session_close.keys import Keys
 from session_close.settings import Settings
-from session_close.topology import Topology
 from tests.support.closing import BODY, CLOSE_PATH, Client, app_headers, open_session
+from tests.support.events import collecting
 from tests.support.waiting import wait_until
 from tests.support.workers import AuditTable, in_process, logged_lines, running
 from workers.audit import open_audit
@@ -30,19 +29,7 @@ TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 async def published(settings: Settings) -> AsyncIterator[list[AbstractIncomingMessage]]:
     """The events as published, seen on the push-cleanup queue (no push worker runs
     here; the audit worker has the audit queue)."""
-    received: list[AbstractIncomingMessage] = []
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        topology = Topology.from_settings(settings)
-        await topology.declare(channel)
-        queue = await channel.get_queue(topology.queue("push-cleanup"))
-
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            received.append(message)
-            await message.ack()
-
-        await queue.consume(on_message)
+    async with collecting(settings, "push-cleanup") as received:
         yield received
 
 

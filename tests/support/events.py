@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
 
 from session_close.settings import Settings
 from session_close.topology import Topology
@@ -34,3 +37,25 @@ async def collect_event_ids(
         while (message := await queue.get(fail=False, no_ack=True)) is not None:
             seen[message.message_id or ""] += 1
     return seen
+
+
+@asynccontextmanager
+async def collecting(
+    settings: Settings, worker: str
+) -> AsyncIterator[list[AbstractIncomingMessage]]:
+    """The messages arriving on a worker's queue (its topology declared first), acked and
+    collected as they come, while the block runs."""
+    received: list[AbstractIncomingMessage] = []
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        topology = Topology.from_settings(settings)
+        await topology.declare(channel)
+        queue = await channel.get_queue(topology.queue(worker))
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            received.append(message)
+            await message.ack()
+
+        await queue.consume(on_message)
+        yield received

@@ -17,7 +17,7 @@ from redis.typing import EncodableT, FieldT
 
 from session_close import __version__
 from session_close.events import APP_VERSION_MAX, OS_MAX, SESSION_ID_RE
-from session_close.keys import DEAD_LETTER_FIELDS, Keys
+from session_close.keys import DEAD_LETTER_FIELDS, Keys, bucket_of
 from session_close.redis_client import connect_redis
 from session_close.settings import Settings, env_help, settings_or_exit
 
@@ -54,11 +54,12 @@ async def create_session(
     expires_at = round(now + ttl, 3)
     if expiry_grace is not None:
         fields["expires_at"] = expires_at
+    # Every key of the session is in its user's bucket: one MULTI, on a cluster too.
     pipe = redis.pipeline(transaction=True)
-    pipe.hset(keys.session(session_id), mapping=fields)
-    pipe.expire(keys.session(session_id), ttl + (expiry_grace or 0))
+    pipe.hset(keys.session(user_id, session_id), mapping=fields)
+    pipe.expire(keys.session(user_id, session_id), ttl + (expiry_grace or 0))
     if expiry_grace is not None:
-        pipe.zadd(keys.expiry, {session_id: expires_at})
+        pipe.zadd(keys.expiry(bucket_of(user_id)), {session_id: expires_at})
     pipe.sadd(keys.user_sessions(user_id), session_id)
     if push_token:
         pipe.hset(keys.user_push(user_id), push_token, session_id)
@@ -82,20 +83,21 @@ async def dead_letters(redis: Redis, keys: Keys) -> list[dict[str, object]]:
 async def replay(
     redis: Redis, keys: Keys, ids: list[str] | None, changes: dict[str, str]
 ) -> dict[str, object]:
-    """Move dead letters (all, or those of `ids`) back to the outbox, as new entries with
-    their own fields (the event id unchanged, so consumers still drop a repeat), with
-    `changes` applied; each is written and removed in one MULTI."""
+    """Move dead letters (all, or those of `ids`) back to the outbox of their user's
+    bucket, as new entries with their own fields (the event id unchanged, so consumers
+    still drop a repeat), with `changes` applied: written first, then removed from the
+    dead letters (another slot), so one interrupted is replayed twice, never lost."""
     if ids is None:
         found = await _dead_letter_entries(redis, keys)
     else:
         found = [e for i in ids for e in await _dead_letter_entries(redis, keys, i, i)]
-    pipe = redis.pipeline(transaction=True)
+    pipe = redis.pipeline(transaction=False)
     for _, fields in found:
         entry = {k: v for k, v in fields.items() if k not in DEAD_LETTER_FIELDS} | changes
-        pipe.xadd(keys.outbox, entry)  # type: ignore[arg-type]
+        pipe.xadd(keys.outbox(bucket_of(entry.get("user_id", ""))), entry)  # type: ignore[arg-type]
+    new_ids = await pipe.execute()
     if found:
-        pipe.xdel(keys.dead_letters, *(i for i, _ in found))
-    new_ids = (await pipe.execute())[: len(found)]
+        await redis.xdel(keys.dead_letters, *(i for i, _ in found))
     replayed = {i for i, _ in found}
     return {
         "replayed": [

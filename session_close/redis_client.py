@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import Any, cast
 
 from redis import exceptions as redis_errors
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
@@ -114,6 +114,8 @@ def connect_redis(settings: Settings, *, resend: bool = True) -> Redis:
         "retry": Retry(NoBackoff(), 1 if resend else 0),
         "health_check_interval": 30,
     }
+    if settings.redis_cluster:
+        return _cluster(settings, options)
     if not settings.redis_sentinels:
         return Redis.from_pool(BlockingConnectionPool.from_url(settings.redis_url, **options))
     # REDIS_URL's host is Sentinel's to say; its database, user and password still apply.
@@ -132,6 +134,25 @@ def connect_redis(settings: Settings, *, resend: bool = True) -> Redis:
         **options,
     )
     return Redis.from_pool(pool)
+
+
+def _cluster(settings: Settings, options: dict[str, Any]) -> Redis:
+    """A Redis Cluster client, starting from the node REDIS_URL names. It sends each
+    command to the primary of its key's slot and follows MOVED and ASK. Typed as Redis:
+    it takes the commands, pipelines and scripts this service sends alike (a script's
+    keys must share a slot, which the key layout ensures)."""
+    cluster = RedisCluster.from_url(
+        settings.redis_url,
+        # Per node, as the single-node pool: a caller waits for a free connection.
+        max_connections=options["max_connections"],
+        decode_responses=True,
+        encoding_errors=options["encoding_errors"],
+        socket_timeout=options["socket_timeout"],
+        socket_connect_timeout=options["socket_connect_timeout"],
+        retry=options["retry"],
+        health_check_interval=options["health_check_interval"],
+    )
+    return cast(Redis, cluster)
 
 
 async def undurable_settings(redis: Redis) -> dict[str, str]:

@@ -20,6 +20,7 @@ from session_close import tracing
 from session_close.batching import Batcher
 from session_close.events import rfc3339_now
 from session_close.keys import Keys, bucket_of
+from session_close.redis_client import unavailable
 from session_close.replication import run_replicated
 from session_close.scripts import CLOSE_ALL_SESSIONS, CLOSE_SESSIONS, LuaScript, run_each
 from session_close.settings import Settings
@@ -198,7 +199,9 @@ class SessionCloser:
             # The closes of a known token, by the script run they go to.
             runs: dict[int, list[int]] = {}
             for i, uid in enumerate(users):
-                if uid is not None:
+                if isinstance(uid, Exception):
+                    outcomes[i] = uid  # its token's key is of the wrong type: its own error
+                elif uid is not None:
                     runs.setdefault(bucket_of(uid) if self._cluster else 0, []).append(i)
             if not runs:
                 return outcomes
@@ -218,18 +221,23 @@ class SessionCloser:
                 outcomes[i] = result if isinstance(result, BaseException) else CloseOutcome(result)
         return outcomes
 
-    async def _users_of(self, requests: list[CloseRequest]) -> list[str | None]:
-        """The user of each request's token (None for an unknown token), in one round
-        trip: each token's key is in a slot of its own."""
+    async def _users_of(self, requests: list[CloseRequest]) -> list[str | Exception | None]:
+        """The user of each request's token (None for an unknown token, the error reply
+        for a token key Redis cannot read as a hash), in one round trip: each token's key
+        is in a slot of its own. An unreachable Redis raises."""
         pipe = self._redis.pipeline(transaction=False)
         for r in requests:
             pipe.hget(self._keys.token(r.token), "user_id")
-        return cast(list[str | None], await pipe.execute())
+        users = await pipe.execute(raise_on_error=False)
+        for user in users:
+            if isinstance(user, Exception) and unavailable(user):
+                raise user
+        return cast(list[str | Exception | None], users)
 
     def _close_call(
         self,
         requests: list[CloseRequest],
-        users: list[str | None],
+        users: list[str | Exception | None],
         members: list[int],
         closed_at: str,
     ) -> tuple[list[str], list[Any]]:

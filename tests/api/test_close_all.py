@@ -119,9 +119,10 @@ async def test_every_open_session_is_closed_with_its_own_event(
         assert (entry["os"], entry["app_version"]) == (f"os-{i}", f"1.{i}.0")
         assert uuid.UUID(entry["event_id"]).version == 5
         assert (
-            await redis.hget(keys.tombstone(entry["session_id"]), "event_id") == entry["event_id"]
+            await redis.hget(keys.tombstone(USER, entry["session_id"]), "event_id")
+            == entry["event_id"]
         )
-        assert not await redis.exists(keys.session(entry["session_id"]))
+        assert not await redis.exists(keys.session(USER, entry["session_id"]))
     assert len({e["event_id"] for e in entries}) == 3
     assert await redis.scard(keys.user_sessions(USER)) == 0
 
@@ -140,7 +141,7 @@ async def test_keep_current_keeps_the_requesting_session(
         "session-laptop",
         "session-tablet",
     ]
-    assert await redis.exists(keys.session("session-phone"))
+    assert await redis.exists(keys.session(USER, "session-phone"))
     assert await redis.smembers(keys.user_sessions(USER)) == {"session-phone"}
 
 
@@ -199,7 +200,8 @@ async def test_other_users_stale_and_expired_sessions_are_not_closed(
     # In the user's set but not theirs, gone, and past its logical end.
     await redis.sadd(keys.user_sessions(USER), "session-theirs", "session-gone-1")
     await redis.hset(
-        keys.session("session-expired"), mapping={"user_id": USER, "expires_at": time.time() - 5}
+        keys.session(USER, "session-expired"),
+        mapping={"user_id": USER, "expires_at": time.time() - 5},
     )
     await redis.sadd(keys.user_sessions(USER), "session-expired")
 
@@ -207,10 +209,12 @@ async def test_other_users_stale_and_expired_sessions_are_not_closed(
 
     assert (await info_of(resp, 200, "success"))["closedSessions"] == 3
     assert sorted(e["session_id"] for e in await outbox_entries(redis, keys)) == sorted(sessions)
-    assert await redis.exists(keys.session("session-theirs"))
-    assert await redis.exists(keys.session("session-expired"))  # the sweeper's to expire
-    # The gone one is dropped from the set without an event; the others are left.
-    assert await redis.smembers(keys.user_sessions(USER)) == {"session-theirs", "session-expired"}
+    assert await redis.exists(keys.session("someone-else", "session-theirs"))
+    assert await redis.exists(keys.session(USER, "session-expired"))  # the sweeper's to expire
+    # The gone one is dropped from the set without an event, and so is the other user's:
+    # it is not in this user's bucket, so for this user it does not exist. The expired
+    # one is left for the sweeper.
+    assert await redis.smembers(keys.user_sessions(USER)) == {"session-expired"}
 
 
 @pytest.mark.parametrize(
@@ -221,9 +225,12 @@ async def test_keep_current_with_a_session_not_open_for_the_user_is_404_and_clos
     client: Client, redis: Redis, keys: Keys, sessions: list[str], keep: str
 ) -> None:
     await open_session(redis, keys, "someone-else", "session-theirs", "their-token")
-    await redis.hset(keys.tombstone("session-closed"), mapping={"user_id": USER, "event_id": "x"})
     await redis.hset(
-        keys.session("session-expired"), mapping={"user_id": USER, "expires_at": time.time() - 5}
+        keys.tombstone(USER, "session-closed"), mapping={"user_id": USER, "event_id": "x"}
+    )
+    await redis.hset(
+        keys.session(USER, "session-expired"),
+        mapping={"user_id": USER, "expires_at": time.time() - 5},
     )
     async with Unchanged(redis, keys):
         resp = await client.post(
@@ -294,11 +301,11 @@ async def test_a_key_of_the_wrong_type_fails_the_whole_step_and_writes_nothing(
     client: Client, redis: Redis, keys: Keys, sessions: list[str]
 ) -> None:
     # One session of the user has a tombstone key that is not a hash.
-    await redis.set(keys.tombstone("session-laptop"), "not a hash")
+    await redis.set(keys.tombstone(USER, "session-laptop"), "not a hash")
     async with Unchanged(redis, keys):
         resp = await client.post(CLOSE_ALL_PATH, headers=close_all_headers(), data=close_all_body())
         await info_of(resp, 500, "error")
-    await redis.delete(keys.tombstone("session-laptop"))
+    await redis.delete(keys.tombstone(USER, "session-laptop"))
     retry = await client.post(CLOSE_ALL_PATH, headers=close_all_headers(), data=close_all_body())
     assert (await info_of(retry, 200, "success"))["closedSessions"] == 3
 

@@ -76,8 +76,12 @@ async def snapshot(redis: Redis, prefix: str) -> dict[str, Any]:
 
 
 async def outbox_entries(redis: Redis, keys: Keys) -> list[dict[str, str]]:
-    """The fields of every entry still in the outbox, oldest first."""
-    entries: list[tuple[str, dict[str, str]]] = await redis.xrange(keys.outbox)  # type: ignore[assignment]
+    """The fields of every entry still in any bucket's outbox, oldest first."""
+    pipe = redis.pipeline(transaction=False)
+    for outbox in keys.outboxes:
+        pipe.xrange(outbox)
+    entries: list[tuple[str, dict[str, str]]] = [e for found in await pipe.execute() for e in found]
+    entries.sort(key=lambda entry: tuple(int(part) for part in entry[0].split("-")))
     return [fields for _, fields in entries]
 
 

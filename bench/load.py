@@ -20,6 +20,7 @@ from bench.report import table, verdict
 from bench.seed import seed_sessions, seed_tokens
 from bench.stack import Process, Stack, cpu_seconds, memory_kib, wait_until
 from bench.wrk import WrkResult, run_wrk
+from session_close.keys import bucket_of
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ async def fill_outbox(stack: Stack, entries: int) -> None:
         pipe = stack.redis.pipeline(transaction=False)
         for i in range(start, min(start + 2000, entries)):
             pipe.xadd(
-                stack.keys.outbox,
+                stack.keys.outbox(bucket_of("bu0")),
                 {
                     "event_id": f"00000000-0000-4000-8000-{i:012d}",
                     "session_id": f"relay-{stack.run_id}-{i}",

@@ -26,7 +26,8 @@ import aio_pika
 import asyncpg
 from redis.asyncio import Redis
 
-from session_close.keys import Keys
+from outbox.stream import backlog
+from session_close.keys import BUCKETS, Keys
 from session_close.settings import Settings
 from session_close.topology import WORKERS, Topology
 
@@ -186,7 +187,14 @@ class Stack:
         return depths
 
     async def outbox_length(self) -> int:
-        return int(await self.redis.xlen(self.keys.outbox))
+        return await backlog(self.redis, self.keys)
+
+    async def expiry_size(self) -> int:
+        """Sessions in the expiry index, over every bucket."""
+        pipe = self.redis.pipeline(transaction=False)
+        for bucket in range(BUCKETS):
+            pipe.zcard(self.keys.expiry(bucket))
+        return sum(int(n) for n in await pipe.execute())
 
     async def outbox_empty(self) -> bool:
         return await self.outbox_length() == 0

@@ -174,8 +174,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "session_close/lua/take_over_relays.lua",
         edits=(
             Edit(
-                "    if #redis.call('XPENDING', stream, group, '-', '+', 1, name) == 0 then",
-                "    if true then",
+                "  if #redis.call('XPENDING', stream, group, '-', '+', 1, name) == 0 then",
+                "  if true then",
             ),
         ),
         tests=(
@@ -230,13 +230,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "workers/push_cleanup.py",
         edits=(
             Edit(
-                "        replies = await REMOVE_PUSH_TOKENS("
-                "self._redis, keys, [e.session_id for e in events])\n",
-                "        replies = []\n"
-                "        for key, event in zip(keys, events, strict=True):\n"
-                "            mapped = await self._redis.hgetall(key)\n"
-                "            stale = [t for t, s in mapped.items() if s == event.session_id]\n"
-                "            replies.append(await self._redis.hdel(key, *stale) if stale else 0)\n",
+                "            replies = [await REMOVE_PUSH_TOKENS(self._redis, *calls[0][1:])]\n",
+                "            replies = [[]]\n"
+                "            for key, sid in zip(*calls[0][1:], strict=True):\n"
+                "                mapped = await self._redis.hgetall(key)\n"
+                "                stale = [t for t, s in mapped.items() if s == sid]\n"
+                "                removed = await self._redis.hdel(key, *stale) if stale else 0\n"
+                "                replies[0].append(removed)\n",
             ),
         ),
         tests=(
@@ -390,9 +390,8 @@ MUTANTS: tuple[Mutant, ...] = (
         CLOSE_SCRIPT,
         edits=(
             Edit(
-                "  expect_type(key.user_sessions(uid), 'set')\n",
-                "  redis.call('DEL', key.session(sid))\n"
-                "  expect_type(key.user_sessions(uid), 'set')\n",
+                "  expect_type(at.user_sessions, 'set')\n",
+                "  redis.call('DEL', at.session)\n  expect_type(at.user_sessions, 'set')\n",
             ),
         ),
         tests=(

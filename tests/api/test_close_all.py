@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from service.app import create_app
 from service.schemas import InfoReplySchema
 from session_close.cli import create_token
-from session_close.keys import Keys
+from session_close.keys import Keys, bucket_of
 from session_close.settings import Settings
 from tests.support.closing import (
     BODY,
@@ -193,10 +193,15 @@ async def test_spanish_success_reply(client: Client, sessions: list[str]) -> Non
     )
 
 
+def test_someone_0_shares_the_users_bucket() -> None:
+    assert bucket_of("someone-0") == bucket_of(USER) != bucket_of("someone-else")
+
+
+@pytest.mark.parametrize("other", ["someone-else", "someone-0"])  # another bucket, USER's
 async def test_other_users_stale_and_expired_sessions_are_not_closed(
-    client: Client, redis: Redis, keys: Keys, sessions: list[str]
+    client: Client, redis: Redis, keys: Keys, sessions: list[str], other: str
 ) -> None:
-    await open_session(redis, keys, "someone-else", "session-theirs", "their-token")
+    await open_session(redis, keys, other, "session-theirs", "their-token")
     # In the user's set but not theirs, gone, and past its logical end.
     await redis.sadd(keys.user_sessions(USER), "session-theirs", "session-gone-1")
     await redis.hset(
@@ -209,12 +214,15 @@ async def test_other_users_stale_and_expired_sessions_are_not_closed(
 
     assert (await info_of(resp, 200, "success"))["closedSessions"] == 3
     assert sorted(e["session_id"] for e in await outbox_entries(redis, keys)) == sorted(sessions)
-    assert await redis.exists(keys.session("someone-else", "session-theirs"))
+    assert await redis.exists(keys.session(other, "session-theirs"))
     assert await redis.exists(keys.session(USER, "session-expired"))  # the sweeper's to expire
-    # The gone one is dropped from the set without an event, and so is the other user's:
-    # it is not in this user's bucket, so for this user it does not exist. The expired
-    # one is left for the sweeper.
-    assert await redis.smembers(keys.user_sessions(USER)) == {"session-expired"}
+    # The gone one is dropped from the set without an event. So is the other user's when
+    # it is in another bucket (for this user it does not exist); in the user's own bucket
+    # it is left, like the expired one, which is the sweeper's.
+    left = {"session-expired"} | (
+        {"session-theirs"} if bucket_of(other) == bucket_of(USER) else set()
+    )
+    assert await redis.smembers(keys.user_sessions(USER)) == left
 
 
 @pytest.mark.parametrize(

@@ -164,11 +164,22 @@ async def test_closes_work_after_redis_lost_its_script_cache(
             await redis.aclose()
 
 
+# Another user: in another bucket, and in USER's own bucket (layout 2 puts every key of a
+# user in the bucket of CRC32(user id) mod 256), where only the scripts' ownership checks
+# tell the sessions apart.
+OTHER_USERS = ["user-2", "neighbour-177"]
+
+
+def test_the_neighbour_shares_the_users_bucket() -> None:
+    assert bucket_of("neighbour-177") == bucket_of(USER) != bucket_of("user-2")
+
+
+@pytest.mark.parametrize("other", OTHER_USERS)
 async def test_a_session_owned_by_another_user_is_404_and_left_alone(
-    client: Client, redis: Redis, keys: Keys
+    client: Client, redis: Redis, keys: Keys, other: str
 ) -> None:
     await open_session(redis, keys, USER, SID, TOKEN)
-    await open_session(redis, keys, "user-2", "session-0002", "token-of-user-2")
+    await open_session(redis, keys, other, "session-0002", "token-of-user-2")
     before = await snapshot(redis, keys.prefix)
     resp = await client.post(CLOSE_PATH, headers=app_headers(TOKEN, "session-0002"), data=BODY)
     assert resp.status == 404
@@ -176,10 +187,11 @@ async def test_a_session_owned_by_another_user_is_404_and_left_alone(
     assert await snapshot(redis, keys.prefix) == before
 
 
+@pytest.mark.parametrize("other", OTHER_USERS)
 async def test_a_session_closed_by_another_user_is_404_not_case_8(
-    client: Client, redis: Redis, keys: Keys
+    client: Client, redis: Redis, keys: Keys, other: str
 ) -> None:
-    await open_session(redis, keys, "user-2", "session-0002", "token-of-user-2")
+    await open_session(redis, keys, other, "session-0002", "token-of-user-2")
     await open_session(redis, keys, USER, SID, TOKEN)
     closed = await client.post(
         CLOSE_PATH, headers=app_headers("token-of-user-2", "session-0002"), data=BODY

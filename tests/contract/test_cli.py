@@ -87,11 +87,13 @@ async def test_session_with_push_token_writes_the_session_its_user_set_and_push_
     )
     assert printed == {"userId": "u1", "sessionId": "sid-00000001"}
     state = await snapshot(redis, keys.prefix)
-    session = state.pop(f"{keys.prefix}session:sid-00000001")
+    # Layout 2 (docs/redis.md), spelled out: the tag of u1's bucket, CRC32("u1") mod 256.
+    tag = f"{keys.prefix}{{b118}}:"
+    session = state.pop(f"{tag}session:sid-00000001")
     assert state == {
-        f"{keys.prefix}user:u1:sessions": ("set", ["sid-00000001"]),
-        f"{keys.prefix}user:u1:push": ("hash", {"fcm-token-1": "sid-00000001"}),
-        f"{keys.prefix}sessions:expiry": ("zset", "zset"),
+        f"{tag}user:u1:sessions": ("set", ["sid-00000001"]),
+        f"{tag}user:u1:push": ("hash", {"fcm-token-1": "sid-00000001"}),
+        f"{tag}sessions:expiry": ("zset", "zset"),
     }
     kind, fields = session
     assert kind == "hash"

@@ -155,7 +155,8 @@ MUTANTS: tuple[Mutant, ...] = (
         edits=(
             Edit(
                 "            self._on_failed(len(entries))\n",
-                "            await self._redis.xdel(self._keys.outbox, *(e for e, _ in entries))\n"
+                "            for bucket, entry_id, _ in entries:\n"
+                "                await self._redis.xdel(self._keys.outbox(bucket), entry_id)\n"
                 "            self._on_failed(len(entries))\n",
             ),
         ),

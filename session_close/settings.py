@@ -46,7 +46,8 @@ class Settings:
     )
     # Outside every key's hash tag: braces in it would move the tag (docs/redis.md).
     redis_key_prefix: str = setting(
-        "", mf.String(validate=validate.Regexp(r"^[^{}]*$", error="must not hold a brace ({{ or }})"))
+        "",
+        mf.String(validate=validate.Regexp(r"^[^{}]*$", error="must not hold a brace ({{ or }})")),
     )
     # REDIS_URL names any node of a Redis Cluster; the client finds the others.
     redis_cluster: bool = setting(False, mf.Boolean())

@@ -21,10 +21,11 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import aio_pika
 import asyncpg
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from outbox.stream import backlog
 from session_close.keys import BUCKETS, Keys
@@ -101,7 +102,13 @@ class Stack:
         self.keys = Keys(self.settings.redis_key_prefix)
         self.workdir = workdir
         self.processes: list[Process] = []
-        self.redis = Redis.from_url(self.settings.redis_url, decode_responses=True)
+        # The bench's own client, with no timeout of the service's: it seeds in large
+        # pipelines. A cluster's client sends each command to its slot's primary.
+        self.redis: Redis = (
+            cast(Redis, RedisCluster.from_url(self.settings.redis_url, decode_responses=True))
+            if self.settings.redis_cluster
+            else Redis.from_url(self.settings.redis_url, decode_responses=True)
+        )
 
     @property
     def url(self) -> str:
@@ -115,6 +122,7 @@ class Stack:
             HTTP_PORT=str(s.http_port),
             REDIS_URL=s.redis_url,
             REDIS_KEY_PREFIX=s.redis_key_prefix,
+            REDIS_CLUSTER=str(s.redis_cluster).lower(),
             AMQP_URL=s.amqp_url,
             AMQP_EXCHANGE=s.amqp_exchange,
             AMQP_QUEUE_PREFIX=s.amqp_queue_prefix,

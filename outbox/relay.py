@@ -7,15 +7,16 @@ and each covers every bucket: it reads new entries, publishes windows of them
 concurrently, then XACKs and XDELs the confirmed ones (settle_entries.lua, per bucket).
 On a single node (or behind Sentinel) one blocking XREADGROUP reads all 256 streams; on
 Redis Cluster, where one command's keys must share a slot, each read is one XREADGROUP
-per bucket in one pipeline (a round trip to each primary), every CLUSTER_POLL_SECONDS
-while the outboxes are empty. An entry whose publish failed stays pending and is
-retried by the same relay, which re-reads its own pending entries after any error it
-sees and on every heartbeat tick: a reply lost on the way (a timeout) leaves entries
-pending that the relay never saw, and they wait at most a tick. Each relay refreshes a
-heartbeat key (TTL RELAY_HEARTBEAT_SECONDS) from its event loop; the entries of a relay
-whose heartbeat is gone are claimed at once by another (take_over_relays.lua, per bucket). A relay
-judged dead that was merely slow may still publish what it read: delivery is at least
-once, and the event id (message_id) lets consumers drop repeats.
+per bucket (read_outbox.lua), in one pipeline (a round trip to each primary), every
+CLUSTER_POLL_SECONDS while the outboxes are empty. An entry whose publish failed stays
+pending and is retried by the same relay, which re-reads its own pending entries after
+any error it sees and on every heartbeat tick: a reply lost on the way (a timeout)
+leaves entries pending that the relay never saw, and they wait at most a tick. Each
+relay refreshes a heartbeat key (TTL RELAY_HEARTBEAT_SECONDS) from its event loop; the
+entries of a relay whose heartbeat is gone are claimed at once by another
+(take_over_relays.lua, per bucket). A relay judged dead that was merely slow may still
+publish what it read: delivery is at least once, and the event id (message_id) lets
+consumers drop repeats.
 
 An entry that can never become a valid event (a field missing or out of range) is moved
 to the dead-letter stream `outbox:dead-letters` with the reason, and the rest of its
@@ -56,7 +57,7 @@ from session_close.keys import (
 from session_close.redis_client import unavailable
 from session_close.replication import hold_replicated
 from session_close.retry import Backoff, Policy, retry
-from session_close.scripts import SETTLE_ENTRIES, TAKE_OVER_RELAYS, run_each
+from session_close.scripts import READ_OUTBOX, SETTLE_ENTRIES, TAKE_OVER_RELAYS, run_each
 from session_close.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -215,32 +216,34 @@ class Relay:
         """Up to RELAY_BATCH_SIZE entries of each outbox: new ones (start ">"), or those
         this relay read before and still holds ("0")."""
         count = self._settings.relay_batch_size
-        bucket_of = {self._keys.outbox(b): b for read in self._reads for b in read}
         if len(self._reads) == 1:
             # Blocks until any bucket has new entries; reads of its own never block.
-            reply = await self._redis.xreadgroup(
+            outboxes = {self._keys.outbox(b): b for b in self._reads[0]}
+            reply: Any = await self._redis.xreadgroup(
                 OUTBOX_GROUP,
                 self._consumer,
-                {self._keys.outbox(b): start for b in self._reads[0]},
+                dict.fromkeys(outboxes, start),
                 count=count,
                 block=None if start == "0" else self._block_ms,
             )
-            replies: list[Any] = [reply]
+            found: list[tuple[int, Any]] = [(outboxes[stream], raw) for stream, raw in reply or []]
         else:
-            pipe = self._redis.pipeline(transaction=False)
-            for read in self._reads:
-                pipe.xreadgroup(
-                    OUTBOX_GROUP,
-                    self._consumer,
-                    {self._keys.outbox(b): start for b in read},
-                    count=count,
-                )
-            replies = await pipe.execute()
+            calls = [
+                (READ_OUTBOX, [self._keys.outbox(b)], [OUTBOX_GROUP, self._consumer, count, start])
+                for [b] in self._reads
+            ]
+            replies = await run_each(self._redis, calls)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply  # a missing group: the caller recreates it
+            found = [
+                (b, [(entry_id, _pairs(flat) if flat else None) for entry_id, flat in reply])
+                for [b], reply in zip(self._reads, replies, strict=True)
+            ]
         # XREADGROUP '0' gives a None body for entries deleted meanwhile.
         return [
-            (bucket_of[stream], entry_id, fields)
-            for reply in replies
-            for stream, raw in reply or []
+            (bucket, entry_id, fields)
+            for bucket, raw in found
             for entry_id, fields in raw
             if fields
         ]

@@ -61,6 +61,7 @@ async def run_each(
 
 CLOSE_SESSIONS = LuaScript("close_sessions.lua")
 CLOSE_ALL_SESSIONS = LuaScript("close_all_sessions.lua")
+READ_OUTBOX = LuaScript("read_outbox.lua")
 REMOVE_PUSH_TOKENS = LuaScript("remove_push_tokens.lua")
 SETTLE_ENTRIES = LuaScript("settle_entries.lua")
 SWEEP_EXPIRED = LuaScript("sweep_expired.lua")

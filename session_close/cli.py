@@ -139,8 +139,9 @@ def _change(text: str) -> tuple[str, str]:
 
 async def _run(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
     keys = Keys(settings.redis_key_prefix)
-    # No re-sent command: a replay's MULTI run twice would append its entries twice.
-    redis = connect_redis(settings, resend=False)
+    # No re-sent command: a replay's MULTI run twice would append its entries twice. A
+    # migration moves names, fields and members byte for byte: replies not decoded.
+    redis = connect_redis(settings, resend=False, decode=args.command != "migrate-keys")
     try:
         if args.command == "token":
             token = args.token or secrets.token_urlsafe(32)

@@ -47,7 +47,7 @@ KINDS = (
 # At most this many of the keys left alone are named in the output (all are counted).
 NAMED_LEFT_ALONE = 100
 # A close-all's id in its key: 32 hex digits derived from the request id.
-_RUN = re.compile(r"[0-9a-f]{32}")
+_RUN = re.compile(rb"[0-9a-f]{32}")
 
 
 class RelayAlive(Exception):
@@ -57,26 +57,26 @@ class RelayAlive(Exception):
 @dataclass(frozen=True, slots=True)
 class Layout1:
     """The names of layout 1 that layout 2 changed (git history: docs/redis.md before
-    layout 2). Read here only: nothing writes them any more."""
+    layout 2), as bytes. Read here only: nothing writes them any more."""
 
-    prefix: str
+    prefix: bytes
 
-    def session(self, sid: str) -> str:
-        return f"{self.prefix}session:{sid}"
-
-    @property
-    def expiry(self) -> str:
-        return f"{self.prefix}sessions:expiry"
+    def session(self, sid: bytes) -> bytes:
+        return self.prefix + b"session:" + sid
 
     @property
-    def outbox(self) -> str:
-        return f"{self.prefix}outbox:session.closed"
+    def expiry(self) -> bytes:
+        return self.prefix + b"sessions:expiry"
+
+    @property
+    def outbox(self) -> bytes:
+        return self.prefix + b"outbox:session.closed"
 
 
 @dataclass(frozen=True, slots=True)
 class Move:
     kind: str
-    old: str
+    old: bytes
     new: str
 
 
@@ -94,8 +94,8 @@ class Report:
     # (key, why, what exactly): `why` one of a few phrases, counted by phrase.
     left_alone: list[tuple[str, str, str]] = field(default_factory=list)
 
-    def leave(self, key: str, why: str, detail: str = "") -> None:
-        self.left_alone.append((key, why, detail))
+    def leave(self, key: bytes, why: str, detail: str = "") -> None:
+        self.left_alone.append((_shown(key), why, detail))
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -122,21 +122,45 @@ def _nonzero(counts: Counter[str]) -> dict[str, int]:
     return {kind: n for kind, n in counts.items() if n}
 
 
-def _glob(text: str) -> str:
+def _glob(text: bytes) -> bytes:
     """`text` as a literal in a SCAN MATCH pattern."""
-    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+    return re.sub(rb"([*?\[\]\\])", rb"\\\1", text)
 
 
-def _stream_id(text: str) -> tuple[int, int]:
+def _shown(name: bytes | str) -> str:
+    """A key or a reply as text: bytes that are not UTF-8 as \\x escapes."""
+    return name.decode("utf-8", "backslashreplace") if isinstance(name, bytes) else name
+
+
+def _text(value: Any) -> str | None:
+    """A name or user id read from Redis, as the service reads it; None unless it is
+    UTF-8 (the service could never build its key)."""
+    if value is None:
+        return None
+    try:
+        return bytes(value).decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _stream_id(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
 
 
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
 class KeyMigration:
+    """Given a client that does not decode replies (decode_responses off): names, fields
+    and members are moved byte for byte, also where they are not UTF-8."""
+
     def __init__(self, redis: Redis, prefix: str, *, batch: int = 1000) -> None:
         self._redis = redis
         self._keys = Keys(prefix)
-        self._old = Layout1(prefix)
+        self._prefix = prefix.encode()
+        self._old = Layout1(self._prefix)
         self._batch = batch
         # The buckets whose outbox took an old entry under a new id (see _move_outbox_page).
         self._appending: set[int] = set()
@@ -158,12 +182,16 @@ class KeyMigration:
         return self.report
 
     async def _relay_heartbeats(self) -> list[str]:
-        match = _glob(self._keys.relay_heartbeat("")) + "*"
-        return [k async for k in self._redis.scan_iter(match=match, count=self._batch)]
+        match = _glob(self._keys.relay_heartbeat("").encode()) + b"*"
+        found = self._redis.scan_iter(match=match, count=self._batch)
+        return [_shown(key) async for key in found]
+
+    async def _type(self, key: bytes) -> str:
+        return _shown(await self._redis.type(key))
 
     async def _move_expiry_index(self) -> None:
         old = self._old.expiry
-        kind = str(await self._redis.type(old))
+        kind = await self._type(old)
         if kind == "none":
             return
         if kind != "zset":
@@ -172,26 +200,26 @@ class KeyMigration:
         cursor = 0
         while True:
             cursor, page = await self._redis.zscan(old, cursor, count=self._batch)
-            await self._move_index_page(cast(list[tuple[str, float]], page))
+            await self._move_index_page(cast(list[tuple[bytes, float]], page))
             if cursor == 0:
                 return
 
-    async def _move_index_page(self, page: list[tuple[str, float]]) -> None:
+    async def _move_index_page(self, page: list[tuple[bytes, float]]) -> None:
         pipe = self._redis.pipeline(transaction=False)
         for sid, _ in page:
             pipe.type(self._old.session(sid))
             pipe.hget(self._old.session(sid), "user_id")
         found = await pipe.execute(raise_on_error=False)
-        adds: list[tuple[str, str, float]] = []
-        gone: list[str] = []
+        adds: list[tuple[bytes, str, float]] = []
+        gone: list[bytes] = []
         for n, (sid, score) in enumerate(page):
-            kind, uid = found[2 * n], found[2 * n + 1]
+            kind, uid = _shown(found[2 * n]), _text(found[2 * n + 1])
             if kind == "none":
                 # The sweeper would drop it too: the session it points to is gone.
                 gone.append(sid)
             elif kind != "hash" or uid is None:
                 self.report.leave(
-                    f"{self._old.expiry} {sid}",
+                    self._old.expiry + b" " + sid,
                     "its session has no user_id, so no bucket",
                     "the session stays too",
                 )
@@ -208,7 +236,7 @@ class KeyMigration:
         ):
             if isinstance(added, Exception):
                 self.report.leave(
-                    f"{self._old.expiry} {sid}",
+                    self._old.expiry + b" " + sid,
                     "not written",
                     f"{self._keys.expiry(bucket_of(uid))}: {added}",
                 )
@@ -227,7 +255,7 @@ class KeyMigration:
         stream, and its group, go only once all are written; the relays' group on each
         bucket's stream starts at 0 (ensure_group), so they publish every one."""
         old = self._old.outbox
-        kind = str(await self._redis.type(old))
+        kind = await self._type(old)
         if kind == "none":
             return
         if kind != "stream":
@@ -235,16 +263,13 @@ class KeyMigration:
             return
         last = await self._last_ids()
         failed = 0
-        start = "-"
+        start = b"-"
         while True:
-            page = cast(
-                list[tuple[str, dict[str, str]]],
-                await self._redis.xrange(old, start, "+", count=self._batch),
-            )
+            page = cast(list[Entry], await self._redis.xrange(old, start, "+", count=self._batch))
             if not page:
                 break
             failed += await self._move_outbox_page(page, last)
-            start = f"({page[-1][0]}"
+            start = b"(" + page[-1][0]
         if failed:
             self.report.leave(old, "entries not written: the stream stays", f"{failed} entries")
         else:
@@ -264,14 +289,12 @@ class KeyMigration:
             )
         return last
 
-    async def _move_outbox_page(
-        self, page: list[tuple[str, dict[str, str]]], last: list[tuple[int, int]]
-    ) -> int:
+    async def _move_outbox_page(self, page: list[Entry], last: list[tuple[int, int]]) -> int:
         """Write one page of old entries, in their order; returns how many failed."""
-        buckets = [bucket_of(fields.get("user_id") or "") for _, fields in page]
-        self.report.outbox_entries_without_user_id += sum(
-            1 for _, fields in page if not fields.get("user_id")
-        )
+        users = [fields.get(b"user_id") for _, fields in page]
+        self.report.outbox_entries_without_user_id += sum(1 for uid in users if not uid)
+        # The bucket the service gives the user id it reads (`sessionctl outbox replay`).
+        buckets = [bucket_of(uid.decode("utf-8", "replace")) if uid else 0 for uid in users]
         # An entry at or below its bucket's last id was written under its id by an
         # interrupted run, or (layout 2 written before the migration) cannot keep its id.
         below = [
@@ -306,7 +329,7 @@ class KeyMigration:
             if isinstance(result, Exception):
                 failed += 1
                 self.report.leave(
-                    f"{self._old.outbox} {page[n][0]}",
+                    self._old.outbox + b" " + page[n][0],
                     "not written",
                     f"{self._keys.outbox(buckets[n])}: {result}",
                 )
@@ -318,67 +341,68 @@ class KeyMigration:
         """One SCAN over the prefix: each key of layout 1 is renamed to its name in
         layout 2 (layout 2's own keys all start with a bucket's tag, `{b`, and are
         passed over)."""
-        seen: set[str] = set()  # SCAN may return a key twice
-        match = _glob(self._keys.prefix) + "*"
+        seen: set[bytes] = set()  # SCAN may return a key twice
+        match = _glob(self._prefix) + b"*"
         cursor = 0
         while True:
             cursor, found = await self._redis.scan(cursor, match=match, count=self._batch)
-            fresh = [k for k in cast(list[str], found) if k not in seen]
+            fresh = [k for k in cast(list[bytes], found) if k not in seen]
             seen.update(fresh)
             await self._move_batch(fresh)
             if cursor == 0:
                 return
 
-    async def _move_batch(self, found: Iterable[str]) -> None:
+    async def _move_batch(self, found: Iterable[bytes]) -> None:
         moves: list[Move] = []
-        by_user: list[tuple[str, str, str]] = []  # (kind, key, sid) of sessions, tombstones
+        by_user: list[tuple[str, bytes, str]] = []  # (kind, key, sid) of sessions, tombstones
         for key in found:
-            rest = key[len(self._keys.prefix) :]
-            kind, name = self._classify(rest)
+            kind, name = self._classify(key[len(self._prefix) :])
             if kind == "layout2":
                 continue
             if kind in ("tokens", "relayHeartbeats"):
                 self.report.unchanged[kind] += 1
             elif kind == "deadLetters":
                 self.report.unchanged[kind] += await self._redis.xlen(key)
+            elif kind == "":
+                self.report.leave(key, "not a key of layout 1")
+            elif name is None:
+                self.report.leave(key, "its name is not UTF-8")
             elif kind in (SESSIONS, TOMBSTONES):
                 by_user.append((kind, key, name))
             elif kind in (USER_SESSION_SETS, PUSH_HASHES, CLOSE_ALL_RECORDS):
                 moves.append(Move(kind, key, self._new_user_key(kind, name)))
-            elif kind == "":
-                self.report.leave(key, "not a key of layout 1")
         moves += await self._session_moves(by_user)
         await self._rename(moves)
 
-    def _classify(self, rest: str) -> tuple[str, str]:
+    def _classify(self, rest: bytes) -> tuple[str, str | None]:
         """The kind of a key (without the prefix) and what names it in layout 2: a
         session's or tombstone's sid, a user's id (with ":"+run for a close-all). By the
         name alone: a tombstone, `session:closed:<sid>`, is no session `session:<sid>`
         (a sid has no ":")."""
-        if rest.startswith("{b"):
+        if rest.startswith(b"{b"):
             return "layout2", ""
-        if rest.startswith("auth:token:"):
+        if rest.startswith(b"auth:token:"):
             return "tokens", ""
-        if rest.startswith("outbox:relay:"):
+        if rest.startswith(b"outbox:relay:"):
             return "relayHeartbeats", ""
-        if rest == "outbox:dead-letters":
+        if rest == b"outbox:dead-letters":
             return "deadLetters", ""
-        if rest in ("outbox:session.closed", "sessions:expiry"):
+        if rest in (b"outbox:session.closed", b"sessions:expiry"):
             return "handled", ""  # what remains of them was counted by their own step
-        if rest.startswith("session:closed:"):
-            return TOMBSTONES, rest.removeprefix("session:closed:")
-        if rest.startswith("session:") and ":" not in rest.removeprefix("session:"):
-            return SESSIONS, rest.removeprefix("session:")
-        if rest.startswith("user:"):
+        if rest.startswith(b"session:closed:"):
+            return TOMBSTONES, _text(rest.removeprefix(b"session:closed:"))
+        if rest.startswith(b"session:") and b":" not in rest.removeprefix(b"session:"):
+            return SESSIONS, _text(rest.removeprefix(b"session:"))
+        if rest.startswith(b"user:"):
             # The user id may hold ":"; what ends the key names its kind.
-            user = rest.removeprefix("user:")
-            if user.endswith(":sessions"):
-                return USER_SESSION_SETS, user.removesuffix(":sessions")
-            if user.endswith(":push"):
-                return PUSH_HASHES, user.removesuffix(":push")
-            uid, sep, run = user.rpartition(":close-all:")
+            user = rest.removeprefix(b"user:")
+            if user.endswith(b":sessions"):
+                return USER_SESSION_SETS, _text(user.removesuffix(b":sessions"))
+            if user.endswith(b":push"):
+                return PUSH_HASHES, _text(user.removesuffix(b":push"))
+            _, sep, run = user.rpartition(b":close-all:")
             if sep and _RUN.fullmatch(run):
-                return CLOSE_ALL_RECORDS, f"{uid}:{run}"
+                return CLOSE_ALL_RECORDS, _text(user)
         return "", ""
 
     def _new_user_key(self, kind: str, name: str) -> str:
@@ -386,10 +410,10 @@ class KeyMigration:
             return self._keys.user_sessions(name)
         if kind == PUSH_HASHES:
             return self._keys.user_push(name)
-        uid, _, run = name.rpartition(":")
+        uid, _, run = name.rpartition(":close-all:")
         return self._keys.close_all(uid, run)
 
-    async def _session_moves(self, found: list[tuple[str, str, str]]) -> list[Move]:
+    async def _session_moves(self, found: list[tuple[str, bytes, str]]) -> list[Move]:
         """Sessions and tombstones go to the bucket of the user_id they hold."""
         pipe = self._redis.pipeline(transaction=False)
         for _, key, _ in found:
@@ -398,17 +422,19 @@ class KeyMigration:
         replies = await pipe.execute(raise_on_error=False)
         moves: list[Move] = []
         for n, (kind, key, sid) in enumerate(found):
-            held, uid = replies[2 * n], replies[2 * n + 1]
+            held, uid = _shown(replies[2 * n]), replies[2 * n + 1]
             if held == "none":
                 self.report.dropped["expiredDuringMigration"] += 1
             elif held != "hash":
                 self.report.leave(key, "not a hash", f"holds a {held}")
             elif uid is None:
                 self.report.leave(key, "no user_id, so no bucket")
+            elif _text(uid) is None:
+                self.report.leave(key, "its user_id is not UTF-8", _shown(uid))
             elif kind == SESSIONS:
-                moves.append(Move(kind, key, self._keys.session(uid, sid)))
+                moves.append(Move(kind, key, self._keys.session(uid.decode(), sid)))
             else:
-                moves.append(Move(kind, key, self._keys.tombstone(uid, sid)))
+                moves.append(Move(kind, key, self._keys.tombstone(uid.decode(), sid)))
         return moves
 
     async def _rename(self, moves: list[Move]) -> None:

@@ -278,3 +278,34 @@ async def test_it_refuses_a_cluster(store: Settings) -> None:
     assert code != 0
     assert out == ""
     assert "single node or a Sentinel primary" in err
+
+
+async def test_values_that_are_not_utf8_move_byte_for_byte(store: Settings, keys: Keys) -> None:
+    """An `os` some writer got wrong moves as it is (a client that decodes would have
+    written U+FFFD back); a key the service could never name (its sid or user id not
+    UTF-8) is left alone and reported."""
+    raw = Redis.from_url(store.redis_url)
+    prefix = keys.prefix.encode()
+    try:
+        entry = {b"type": b"session.closed", b"user_id": b"u-1", b"os": b"\xff\xfeAndroid"}
+        entry_id = await raw.xadd(prefix + b"outbox:session.closed", entry)  # type: ignore[arg-type]
+        session = {b"user_id": b"u-1", b"os": b"\xc3(", b"expires_at": b"1900000000"}
+        await raw.hset(prefix + b"session:sess-bytes-1", mapping=session)  # type: ignore[arg-type]
+        await raw.zadd(prefix + b"sessions:expiry", {b"sess-bytes-1": 1900000000})
+        await raw.hset(prefix + b"session:sess-\xff\xff-2", mapping={b"user_id": b"u-1"})
+        await raw.hset(prefix + b"session:sess-bytes-3", mapping={b"user_id": b"u-\xff"})
+
+        printed = await migrated(store)
+        assert printed["moved"]["outboxEntries"] == 1
+        assert printed["moved"]["sessions"] == 1
+        assert printed["moved"]["expiryIndexEntries"] == 1
+        assert printed["leftAlone"]["byReason"] == {
+            "its name is not UTF-8": 1,
+            "its user_id is not UTF-8": 1,
+        }
+        outbox = keys.outbox(bucket_of("u-1")).encode()
+        assert await raw.xrange(outbox) == [(entry_id, entry)]
+        assert await raw.hgetall(keys.session("u-1", "sess-bytes-1").encode()) == session
+        assert await raw.exists(prefix + b"session:sess-\xff\xff-2") == 1
+    finally:
+        await raw.aclose()

@@ -19,6 +19,7 @@ import pytest
 from redis.asyncio import Redis
 
 from outbox.stream import ensure_group
+from outbox.sweeper import Sweeper
 from service.closer import CloseOutcome, CloseRequest, SessionCloser
 from session_close.keys import OUTBOX_GROUP, Keys, bucket_of
 from session_close.settings import Settings
@@ -33,6 +34,7 @@ from tests.support.layout1 import (
 from tests.support.processes import redis_server, settings_env
 
 USERS = 2500  # 10,000 sessions
+Entries = list[tuple[str, dict[str, str]]]
 
 
 @pytest.fixture
@@ -146,7 +148,7 @@ async def test_a_store_of_10000_sessions_moves_to_layout_2_whole(
     assert await closer.close(repeat) is CloseOutcome.ALREADY_CLOSED
     await closer.drain()
     stream = keys.outbox(bucket_of(uid))
-    last = cast(list[tuple[str, dict[str, str]]], await redis.xrevrange(stream, count=1))
+    last = cast(Entries, await redis.xrevrange(stream, count=1))
     assert last[0][1]["event_id"] == request.event_id
     assert last[0][1]["session_id"] == sid
     assert await redis.hget(keys.tombstone(uid, sid), "user_id") == uid
@@ -158,6 +160,12 @@ async def test_a_store_of_10000_sessions_moves_to_layout_2_whole(
     read = cast(Any, await redis.xreadgroup(OUTBOX_GROUP, "new-relay", {stream: ">"}))
     migrated_ids = [entry_id for entry_id, _ in after[stream][1]]
     assert [entry_id for entry_id, _ in read[0][1]] == [*migrated_ids, last[0][0]]
+    # The sweeper finds the sessions that came due meanwhile in their bucket's index.
+    assert (await Sweeper(redis, store).sweep_once()).expired == len(old.due)
+    for uid, sid in old.due:
+        newest = await redis.xrevrange(keys.outbox(bucket_of(uid)), count=1)
+        assert cast(Entries, newest)[0][1]["type"] == "session.expired"
+        assert cast(Entries, newest)[0][1]["session_id"] == sid
 
 
 async def cut_short(
@@ -168,7 +176,7 @@ async def cut_short(
     as such, and what it finds moved (gone from layout 1) and does not count."""
     index = old.old("sessions:expiry")
     outbox = old.old("outbox:session.closed")
-    entries = cast(list[tuple[str, dict[str, str]]], await redis.xrange(outbox))
+    entries = cast(Entries, await redis.xrange(outbox))
     gone: Counter[str] = Counter()
     # Index entries copied (and, the step over, removed from the old index).
     copied = 10 if at == "index" else len(old.indexed)

@@ -197,10 +197,14 @@ class KeyMigration:
         if kind != "zset":
             self.report.leave(old, "not a sorted set", f"holds a {kind}")
             return
+        seen: set[bytes] = set()  # ZSCAN may return a member twice
         cursor = 0
         while True:
             cursor, page = await self._redis.zscan(old, cursor, count=self._batch)
-            await self._move_index_page(cast(list[tuple[bytes, float]], page))
+            members = cast(list[tuple[bytes, float]], page)
+            fresh = [(sid, score) for sid, score in members if sid not in seen]
+            seen.update(sid for sid, _ in fresh)
+            await self._move_index_page(fresh)
             if cursor == 0:
                 return
 

@@ -87,13 +87,14 @@ class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
         await self.sentinel_manager.aclose()
 
 
-def connect_redis(settings: Settings, *, resend: bool = True) -> Redis:
-    """The client. With `resend`, a command whose connection dropped is sent once more on
-    a new one: only for callers whose every command is safe to run twice (a close script
-    compares the event id with the tombstone's). The outbox relay's is not (`resend`
-    False): it cannot know whether a command whose reply was lost ran, and a re-sent
-    `XREADGROUP >` hands out more entries while the lost reply's sit unseen in its
-    pending list; the relay re-reads those itself."""
+def connect_redis(settings: Settings, *, resend: bool = True, decode: bool = True) -> Redis:
+    """The client, whose replies are text (`decode`) or, for a caller that moves data as it
+    is (`sessionctl migrate-keys`), bytes. With `resend`, a command whose connection
+    dropped is sent once more on a new one: only for callers whose every command is safe
+    to run twice (a close script compares the event id with the tombstone's). The outbox
+    relay's is not (`resend` False): it cannot know whether a command whose reply was
+    lost ran, and a re-sent `XREADGROUP >` hands out more entries while the lost reply's
+    sit unseen in its pending list; the relay re-reads those itself."""
     timeout = settings.redis_timeout_seconds
     # A WAIT for replicas blocks its connection up to REDIS_REPLICA_TIMEOUT_SECONDS
     # beyond the command itself; the caller's own bound still covers the whole step.
@@ -105,7 +106,7 @@ def connect_redis(settings: Settings, *, resend: bool = True) -> Redis:
     options: dict[str, Any] = {
         "max_connections": settings.redis_max_connections,
         "timeout": timeout,
-        "decode_responses": True,
+        "decode_responses": decode,
         # Bytes that are not UTF-8 (an `os` some writer got wrong) read as U+FFFD: a
         # read of the outbox, or of anything else, never fails on what an entry holds.
         "encoding_errors": "replace",

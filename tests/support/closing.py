@@ -76,11 +76,14 @@ async def snapshot(redis: Redis, prefix: str) -> dict[str, Any]:
 
 
 async def outbox_entries(redis: Redis, keys: Keys) -> list[dict[str, str]]:
-    """The fields of every entry still in any bucket's outbox, oldest first."""
+    """The fields of every entry still in the outboxes (every bucket's), oldest first by
+    entry id (Redis's clock at the write; a user's entries are all in one bucket, so
+    theirs keep their order)."""
     pipe = redis.pipeline(transaction=False)
     for outbox in keys.outboxes:
         pipe.xrange(outbox)
-    entries: list[tuple[str, dict[str, str]]] = [e for found in await pipe.execute() for e in found]
+    streams: list[list[tuple[str, dict[str, str]]]] = await pipe.execute()
+    entries = [entry for stream in streams for entry in stream]
     entries.sort(key=lambda entry: tuple(int(part) for part in entry[0].split("-")))
     return [fields for _, fields in entries]
 

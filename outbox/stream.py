@@ -29,13 +29,14 @@ async def backlog(redis: Redis, keys: Keys) -> int:
 
 async def oldest_entry_age(redis: Redis, keys: Keys) -> float:
     """Seconds since the oldest entry of any outbox was written, from its id (Redis's
-    clock, in ms), 0 when every outbox is empty: the first entry of each and one TIME,
-    in one pipeline."""
+    clock, in ms), 0 when every outbox is empty: the first entry of each, in one
+    pipeline, then one TIME (apart: redis-py's cluster pipeline refuses TIME, which
+    names no key)."""
     pipe = redis.pipeline(transaction=False)
     for outbox in keys.outboxes:
         pipe.xrange(outbox, count=1)
-    pipe.time()
-    *firsts, (seconds, micros) = await pipe.execute()
+    firsts = await pipe.execute()
+    seconds, micros = await redis.time()
     oldest_ms = min(
         (int(str(first[0][0]).split("-", 1)[0]) for first in firsts if first), default=None
     )

@@ -10,6 +10,7 @@ import re
 from typing import Any, cast
 
 from redis import exceptions as redis_errors
+from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
@@ -152,7 +153,32 @@ def _cluster(settings: Settings, options: dict[str, Any]) -> Redis:
         retry=options["retry"],
         health_check_interval=options["health_check_interval"],
     )
+    cluster.commands_parser = _StreamReadKeys()
     return cast(Redis, cluster)
+
+
+class _StreamReadKeys(AsyncCommandsParser):
+    """redis-py finds the slot of a command whose keys can sit anywhere in it (XREAD,
+    XREADGROUP: "movablekeys") by asking Redis, COMMAND GETKEYS, one round trip per
+    command, all to one node: a relay's poll of the 256 outboxes would send 256 of them
+    one after the other. Their keys are those after STREAMS (the first half of what
+    follows), found here instead."""
+
+    async def get_keys(self, *args: Any) -> tuple[str, ...] | None:
+        command = str(args[0]).upper()
+        if command in ("XREAD", "XREADGROUP"):
+            # XREADGROUP GROUP <group> <consumer>: the names could read "STREAMS".
+            start = 4 if command == "XREADGROUP" else 1
+            at = next(i for i in range(start, len(args)) if _word(args[i]) == "STREAMS") + 1
+            rest = args[at:]
+            return tuple(_word(key, upper=False) for key in rest[: len(rest) // 2])
+        keys: tuple[str, ...] | None = await super().get_keys(*args)
+        return keys
+
+
+def _word(arg: Any, *, upper: bool = True) -> str:
+    word = arg.decode() if isinstance(arg, bytes) else str(arg)
+    return word.upper() if upper else word
 
 
 async def undurable_settings(redis: Redis) -> dict[str, str]:

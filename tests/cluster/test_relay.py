@@ -1,7 +1,8 @@
-"""Relay takeover on Redis Cluster (SPEC 3 per bucket): a standalone relay
-(`python -m outbox relay`, REDIS_CLUSTER=true) that holds entries of buckets on all
-three primaries is SIGKILLed; another relay publishes every one of them, exactly once,
-within 10 s of the kill (its heartbeat's TTL included)."""
+"""The standalone relay (`python -m outbox relay`, REDIS_CLUSTER=true) on Redis Cluster,
+SPEC 3 per bucket: a relay that holds entries of buckets on all three primaries is
+SIGKILLed and another publishes every one of them, exactly once, within 10 s of the kill
+(its heartbeat's TTL included); a bad entry is set aside in the dead-letter stream (a
+slot of its own) and the rest published; an idle relay polls every bucket."""
 
 from __future__ import annotations
 
@@ -17,13 +18,19 @@ import aio_pika
 import pytest
 from redis.asyncio import Redis
 
-from session_close.keys import OUTBOX_GROUP, Keys, bucket_of
+from session_close.keys import (
+    DEAD_LETTER_ENTRY_ID,
+    DEAD_LETTER_FIELD,
+    OUTBOX_GROUP,
+    Keys,
+    bucket_of,
+)
 from session_close.redis_client import connect_redis
 from session_close.settings import Settings
 from session_close.topology import Topology
 from tests.conftest import through
 from tests.support.cluster import Cluster, clean_up, cluster_settings, outbox_length
-from tests.support.delivered import closed_entry
+from tests.support.delivered import closed_entry, stream_entries
 from tests.support.processes import listening_port, log_tail, running, settings_env
 from tests.support.proxy import TcpProxy
 from tests.support.waiting import wait_until
@@ -158,6 +165,36 @@ async def test_entries_of_a_killed_relay_are_published_by_another_within_10_s(
     }
     assert sorted(ids) == sorted(str(e["event_id"]) for e in entries), log_tail(heir_log)
     assert took <= TAKEOVER_BOUND, log_tail(heir_log)
+
+
+async def test_a_bad_entry_is_set_aside_and_the_rest_of_every_bucket_published(
+    cluster: Cluster, settings: Settings, redis: Redis, tmp_path: Path
+) -> None:
+    keys = Keys(settings.redis_key_prefix)
+    users = [f"batch-{uuid.uuid4().hex[:6]}-{n:02d}" for n in range(12)]
+    entries = [closed_entry(n, user_id=user) for n, user in enumerate(users)]
+    assert {cluster.node_of(keys.outbox(bucket_of(u))) for u in users} == set(cluster.ports)
+    del entries[5]["session_id"]
+    pipe = redis.pipeline(transaction=False)
+    for user, entry in zip(users, entries, strict=True):
+        pipe.xadd(keys.outbox(bucket_of(user)), entry)  # type: ignore[arg-type]
+    bad_id = (await pipe.execute())[5]
+    log = tmp_path / "relay.log"
+    env = settings_env(settings, LOG_LEVEL="INFO", OUTBOX_METRICS_PORT="0")
+    with running(["outbox", "relay"], env, log) as relay:
+
+        async def drained() -> bool:
+            return await outbox_length(redis, keys) == 0
+
+        await wait_until(drained, "the relay to empty every outbox", within=20)
+        relay.terminate()
+        assert relay.wait(15) == 0, log_tail(log)
+    dead = await stream_entries(redis, keys.dead_letters)
+    assert [(f[DEAD_LETTER_ENTRY_ID], f[DEAD_LETTER_FIELD]) for _, f in dead] == [
+        (bad_id, "session_id")
+    ]
+    ids = await audit_messages(settings)
+    assert sorted(ids) == sorted(str(e["event_id"]) for n, e in enumerate(entries) if n != 5)
 
 
 async def test_a_relay_polls_every_bucket_without_error(

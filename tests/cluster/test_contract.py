@@ -1,9 +1,9 @@
-"""The contract on Redis Cluster (SPEC 2b), with the real processes on a cluster of three
-primaries (tests/cluster/conftest.py): a close gives exactly one session.closed event, a
-repeat none, a foreign session a 404 and no change; close-all one event per session;
-an expired session exactly one session.expired; both workers act on the events; and a
-user's keys land on the node of the user's bucket, so that many users spread over all
-three primaries."""
+"""The contract on Redis Cluster (REDIS_CLUSTER=true), with the real processes on a
+cluster of three primaries (tests/cluster/conftest.py): a close gives exactly one
+session.closed event, a repeat none, a foreign session a 404 and no change; close-all
+one event per session; an expired session exactly one session.expired; both workers act
+on the events; sessions written by sessionctl close; and a user's keys land on the node
+of the user's bucket, so that many users spread over all three primaries."""
 
 from __future__ import annotations
 

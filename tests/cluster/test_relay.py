@@ -1,8 +1,9 @@
 """The standalone relay (`python -m outbox relay`, REDIS_CLUSTER=true) on Redis Cluster,
-SPEC 3 per bucket: a relay that holds entries of buckets on all three primaries is
-SIGKILLed and another publishes every one of them, exactly once, within 10 s of the kill
-(its heartbeat's TTL included); a bad entry is set aside in the dead-letter stream (a
-slot of its own) and the rest published; an idle relay polls every bucket."""
+its guarantees (docs/events.md) held per bucket: a relay that holds entries of buckets
+on all three primaries is SIGKILLed and another publishes every one of them, exactly
+once, within 10 s of the kill (its heartbeat's TTL included); a bad entry is set aside
+in the dead-letter stream (a slot of its own) and the rest published; an idle relay
+polls every bucket."""
 
 from __future__ import annotations
 

@@ -26,6 +26,8 @@ import asyncpg
 import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from session_close.keys import Keys
 from session_close.settings import Settings
@@ -37,6 +39,9 @@ PRIMARIES = 3
 # What Redis adds to a node's port for its cluster bus.
 BUS_OFFSET = 10000
 SLOTS = 16384
+# A port found free may be taken (say, as the source port of another process's
+# connection) before redis-server binds it: the nodes then start again on other ports.
+START_ATTEMPTS = 3
 
 
 @dataclass
@@ -126,18 +131,26 @@ def cluster_port(taken: set[int]) -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+class PortTaken(Exception):
+    """A node could not bind its port or its bus port: something took it meanwhile."""
+
+
 def _alive(cluster: Cluster) -> None:
     for port, proc in cluster.processes.items():
         if proc.poll() is not None:
             log = (cluster.folder / f"node-{port}.log").read_text(errors="replace")
+            if "Address already in use" in log:
+                raise PortTaken(log)
             raise AssertionError(f"redis-server on {port} exited with {proc.returncode}:\n{log}")
 
 
 def _answers(cluster: Cluster, port: int) -> bool:
     _alive(cluster)
+    # One quick try: a port another process holds must not hold the wait for long.
+    quick = SyncRedis(port=port, socket_timeout=1, retry=Retry(NoBackoff(), 0))
     try:
-        with cluster.client(port) as node:
-            return bool(node.ping())
+        with quick:
+            return bool(quick.ping())
     except Exception:  # refused, LOADING: not yet
         return False
 
@@ -169,50 +182,60 @@ def _slot_ranges(cluster: Cluster) -> list[tuple[int, int, int]]:
     return sorted(ranges)
 
 
+def _kill_all(cluster: Cluster) -> None:
+    # SIGKILL: nothing to save, and nothing left behind.
+    for proc in cluster.processes.values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def _start_nodes(cluster: Cluster) -> None:
+    """Start every node and wait until each answers; PortTaken if one could not bind."""
+    for port in cluster.ports:
+        with open(cluster.folder / f"node-{port}.log", "ab") as log:
+            cluster.processes[port] = subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(cluster.folder / f"nodes-{port}.conf"),
+                    "--appendonly",
+                    "no",
+                    "--save",
+                    "",
+                    "--dir",
+                    str(cluster.folder),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+    for port in cluster.ports:
+        wait_until_blocking(partial(_answers, cluster, port), f"redis-server on {port}", within=30)
+
+
 @contextmanager
 def redis_cluster(folder: Path) -> Iterator[Cluster]:
     """Three cluster-enabled redis-servers joined into one cluster, every slot served."""
-    ports: list[int] = []
-    for _ in range(PRIMARIES):
-        ports.append(cluster_port(set(ports) | {p + BUS_OFFSET for p in ports}))
-    cluster = Cluster(ports, folder)
     with ExitStack() as stack:
-
-        def kill_all() -> None:
-            # SIGKILL: nothing to save, and nothing left behind.
-            for proc in cluster.processes.values():
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait(10)
-
-        stack.callback(kill_all)
-        for port in ports:
-            with open(folder / f"node-{port}.log", "ab") as log:
-                cluster.processes[port] = subprocess.Popen(
-                    [
-                        "redis-server",
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        str(folder / f"nodes-{port}.conf"),
-                        "--appendonly",
-                        "no",
-                        "--save",
-                        "",
-                        "--dir",
-                        str(folder),
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-        for port in ports:
-            wait_until_blocking(
-                partial(_answers, cluster, port), f"redis-server on {port}", within=30
-            )
+        for attempt in range(1, START_ATTEMPTS + 1):
+            ports: list[int] = []
+            for _ in range(PRIMARIES):
+                ports.append(cluster_port(set(ports) | {p + BUS_OFFSET for p in ports}))
+            cluster = Cluster(ports, folder)
+            stack.callback(_kill_all, cluster)
+            try:
+                _start_nodes(cluster)
+                break
+            except PortTaken:
+                _kill_all(cluster)
+                if attempt == START_ATTEMPTS:
+                    raise
         created = subprocess.run(
             [
                 "redis-cli",

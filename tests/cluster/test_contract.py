@@ -122,8 +122,8 @@ async def test_close_all_gives_one_event_per_session_of_the_user(
     sids = [unique(f"session-{n}") for n in range(5)]
     for sid in sids:
         await open_session(redis, keys, user, sid, token)
-    bystander, kept = unique("bystander"), unique("session-kept")
-    await open_session(redis, keys, bystander, kept, unique("token"))
+    bystander, untouched = unique("bystander"), unique("session-untouched")
+    await open_session(redis, keys, bystander, untouched, unique("token"))
     headers = app_headers(token, "")
     del headers["Sessionid"]
     body = json.dumps({"requestContent": {}}).encode()
@@ -135,7 +135,7 @@ async def test_close_all_gives_one_event_per_session_of_the_user(
     assert events.count(CLOSED) == Counter(dict.fromkeys(sids, 1)), received
     assert {e.reason for e in received} == {"user_logout_all"}
     assert await redis.scard(keys.user_sessions(user)) == 0
-    assert await redis.sismember(keys.user_sessions(bystander), kept)
+    assert await redis.sismember(keys.user_sessions(bystander), untouched)
 
 
 async def test_sessions_of_many_users_spread_over_every_primary_and_each_close_gives_one_event(

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import cast
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.typing import EncodableT, FieldT
 
 from session_close import __version__
@@ -57,6 +57,12 @@ async def create_session(
     expires_at = round(now + ttl, 3)
     if expiry_grace is not None:
         fields["expires_at"] = expires_at
+    if isinstance(redis, RedisCluster):
+        # redis-py runs each command queued in a cluster MULTI through asyncio.run, in a
+        # thread of its own: a client not yet initialized would initialize there, with
+        # connections bound to that short-lived loop, and the next command sent on one
+        # of them fails ("Event loop is closed"). So: initialized on the caller's loop.
+        await redis.initialize()
     # Every key of the session is in its user's bucket: one MULTI, on a cluster too.
     pipe = redis.pipeline(transaction=True)
     pipe.hset(keys.session(user_id, session_id), mapping=fields)

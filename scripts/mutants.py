@@ -126,6 +126,7 @@ HYGIENE = "tests/api/test_http_hygiene.py::test_"
 BOUNDS = "tests/workers/test_input_bounds.py::test_"
 RELAY_CLIENT = "session_close/redis_client.py"
 STALL = "tests/outbox/test_relay_stall.py::test_"
+BUCKETS_TESTS = "tests/outbox/test_buckets.py::test_"
 BAD_ENTRIES = "tests/outbox/test_relay_bad_entries.py::test_"
 HEARTBEAT = "tests/outbox/test_relay_heartbeat.py::test_"
 TRACES = "tests/shared/test_tracing.py::test_"
@@ -172,6 +173,44 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
         tests=(
             f"{OUTBOX}closes_succeed_while_rabbitmq_is_down_and_the_backlog_drains_after[reset]",
+        ),
+    ),
+    Mutant(
+        "relay reads every bucket's outbox but the last (its events stranded)",
+        RELAY,
+        edits=(
+            Edit(
+                "        buckets = list(range(BUCKETS))\n",
+                "        buckets = list(range(BUCKETS - 1))\n",
+            ),
+        ),
+        tests=(
+            f"{BUCKETS_TESTS}one_relay_publishes_the_entries_of_every_bucket_once_and_removes_them",
+        ),
+    ),
+    Mutant(
+        "sweeper sweeps every bucket's index but the last",
+        "outbox/sweeper.py",
+        edits=(
+            Edit(
+                "        buckets: Sequence[int] = range(BUCKETS)\n",
+                "        buckets: Sequence[int] = range(BUCKETS - 1)\n",
+            ),
+        ),
+        tests=(f"{BUCKETS_TESTS}one_sweep_interval_sweeps_the_sessions_of_users_in_every_bucket",),
+    ),
+    Mutant(
+        "on a cluster, the closes of several buckets in one script run (keys of many slots)",
+        "service/closer.py",
+        edits=(
+            Edit(
+                "runs.setdefault(bucket_of(uid) if self._cluster else 0, []).append(i)",
+                "runs.setdefault(0, []).append(i)",
+            ),
+        ),
+        tests=(
+            "tests/cluster/test_contract.py::test_sessions_of_many_users_spread_over_every_"
+            "primary_and_each_close_gives_one_event",
         ),
     ),
     Mutant(

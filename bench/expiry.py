@@ -27,6 +27,7 @@ from bench.seed import USERS, seed_sessions, seed_tokens, user_id
 from bench.stack import Stack, wait_for_port, wait_until
 from bench.wrk import WrkResult, run_wrk
 from session_close.events import EXPIRED
+from session_close.keys import bucket_of
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,12 @@ async def seed_expired(stack: Stack, count: int, *, expires_at: list[float]) -> 
         for i in range(start, min(start + CHUNK, count)):
             sid, uid = f"e{stack.run_id}-{i}", user_id(i % USERS)
             pipe.hset(
-                keys.session(sid),
+                keys.session(uid, sid),
                 mapping={"user_id": uid, "os": "iOS", "expires_at": expires_at[i]},
             )
-            pipe.expire(keys.session(sid), 3600)
+            pipe.expire(keys.session(uid, sid), 3600)
             pipe.sadd(keys.user_sessions(uid), sid)
-            pipe.zadd(keys.expiry, {sid: expires_at[i]})
+            pipe.zadd(keys.expiry(bucket_of(uid)), {sid: expires_at[i]})
         await pipe.execute()
 
 
@@ -97,7 +98,7 @@ async def run(stack: Stack, *, rate: float, seconds: float, connections: int) ->
         )
 
     async def index_empty() -> bool:
-        return int(await stack.redis.zcard(stack.keys.expiry)) == 0
+        return await stack.expiry_size() == 0
 
     # Baseline: closes with no sweeper.
     api = stack.start("api", ["-m", "service"], stack.env({"SWEEPER_ENABLED": "false"}))
@@ -114,14 +115,14 @@ async def run(stack: Stack, *, rate: float, seconds: float, connections: int) ->
     await wait_until("the backlog to be swept", index_empty, within=300, interval=0.02)
     sweep_relay_off = await load
     stack.stop(api)
-    await stack.redis.delete(stack.keys.outbox)
+    await stack.redis.delete(*stack.keys.outboxes)
 
     # The whole path: the sweeper works the backlog off and the relay publishes it.
     await seed_expired(stack, BACKLOG, expires_at=[time.time() - 60] * BACKLOG)
     api = stack.start("api", ["-m", "service"])
     await wait_for_port(api, settings.http_port)
     # Timed from here: the sweeper may have begun while the API was starting.
-    started, due = time.monotonic(), int(await stack.redis.zcard(stack.keys.expiry))
+    started, due = time.monotonic(), await stack.expiry_size()
     load = asyncio.create_task(closes(2 * window))
     await wait_until("the backlog to be swept", index_empty, within=300, interval=0.02)
     sweep_seconds = time.monotonic() - started

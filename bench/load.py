@@ -13,13 +13,14 @@ from pathlib import Path
 
 import aiohttp
 
-from bench import replicated
+from bench import clustered, replicated
 from bench.client import close_one
 from bench.cpu import CpuMeter
 from bench.report import table, verdict
 from bench.seed import seed_sessions, seed_tokens
 from bench.stack import Process, Stack, cpu_seconds, memory_kib, wait_until
 from bench.wrk import WrkResult, run_wrk
+from session_close.keys import bucket_of
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class LoadResult:
     # The same close run on a primary with one replica of the run's own.
     replica_no_wait: WrkResult
     replica_wait: WrkResult
+    # The same close run on a Redis Cluster of three primaries of the run's own.
+    cluster: WrkResult
 
     @property
     def ratio(self) -> float:
@@ -163,7 +166,7 @@ async def fill_outbox(stack: Stack, entries: int) -> None:
         pipe = stack.redis.pipeline(transaction=False)
         for i in range(start, min(start + 2000, entries)):
             pipe.xadd(
-                stack.keys.outbox,
+                stack.keys.outbox(bucket_of("bu0")),
                 {
                     "event_id": f"00000000-0000-4000-8000-{i:012d}",
                     "session_id": f"relay-{stack.run_id}-{i}",
@@ -217,7 +220,7 @@ async def run(
     )
     api.check_alive()
     peak_rss = memory_kib(api.pid, "VmHWM") / 1024
-    tombstones = await stack.count_keys("session:closed:*")
+    tombstones = await stack.count_keys("{b*}:session:closed:*")
     queued = await stack.queue_depths(purge=True)
     stack.stop(api)
     relay_timed, relay_seconds = await measure_relay(stack, relay_entries)
@@ -229,6 +232,7 @@ async def run(
     )
     stack.stop(api)
     replica_no_wait, replica_wait = await replicated.measure(stack, seconds, connections)
+    cluster = await clustered.measure(stack, seconds, connections)
     return LoadResult(
         bare=bare,
         close=close,
@@ -244,6 +248,7 @@ async def run(
         relay_seconds=relay_seconds,
         replica_no_wait=replica_no_wait,
         replica_wait=replica_wait,
+        cluster=cluster,
     )
 
 
@@ -255,6 +260,7 @@ def render(r: LoadResult, connections: int) -> str:
         ("close, relay off", r.no_relay),
         ("close, own primary + replica", r.replica_no_wait),
         ("close, REDIS_MIN_REPLICAS=1", r.replica_wait),
+        ("close + relay, Redis Cluster", r.cluster),
     ):
         errors = w.non_2xx + w.socket_errors
         rows.append([name, w.requests, w.rate, w.p50_ms, w.p99_ms, errors, w.rate / r.bare.rate])
@@ -299,7 +305,8 @@ def render(r: LoadResult, connections: int) -> str:
             f"Relay: of an outbox filled before the API started, {r.relay_entries:,} entries "
             f"published in {r.relay_seconds:.2f}s by the idle API's relay.",
             "The last two rows run on a primary with one replica of the run's own (AOF on): "
-            "REDIS_MIN_REPLICAS=0, then 1 (one WAIT per close batch).",
+            "REDIS_MIN_REPLICAS=0, then 1 (one WAIT per close batch). The cluster row: three "
+            "primaries of the run's own (no persistence), REDIS_CLUSTER=true, relay in the API.",
         ]
     )
     return f"{first}\n\n{second}\n\n{notes}"

@@ -53,7 +53,7 @@ async def seed_sessions(
         for i in range(start, min(start + CHUNK, first + count)):
             sid, uid = session_id(run_id, i), user_id(i)
             pipe.hset(
-                keys.session(sid),
+                keys.session(uid, sid),
                 mapping={
                     "user_id": uid,
                     "created_at": created_at,
@@ -62,7 +62,7 @@ async def seed_sessions(
                     "device_id": f"device-{i}",
                 },
             )
-            pipe.expire(keys.session(sid), TTL_SECONDS)
+            pipe.expire(keys.session(uid, sid), TTL_SECONDS)
             pipe.sadd(keys.user_sessions(uid), sid)
             if push:
                 pipe.hset(keys.user_push(uid), push_token(run_id, i), sid)

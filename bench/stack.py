@@ -21,12 +21,14 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import aio_pika
 import asyncpg
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
-from session_close.keys import Keys
+from outbox.stream import backlog
+from session_close.keys import BUCKETS, Keys
 from session_close.settings import Settings
 from session_close.topology import WORKERS, Topology
 
@@ -100,7 +102,13 @@ class Stack:
         self.keys = Keys(self.settings.redis_key_prefix)
         self.workdir = workdir
         self.processes: list[Process] = []
-        self.redis = Redis.from_url(self.settings.redis_url, decode_responses=True)
+        # The bench's own client, with no timeout of the service's: it seeds in large
+        # pipelines. A cluster's client sends each command to its slot's primary.
+        self.redis: Redis = (
+            cast(Redis, RedisCluster.from_url(self.settings.redis_url, decode_responses=True))
+            if self.settings.redis_cluster
+            else Redis.from_url(self.settings.redis_url, decode_responses=True)
+        )
 
     @property
     def url(self) -> str:
@@ -114,6 +122,7 @@ class Stack:
             HTTP_PORT=str(s.http_port),
             REDIS_URL=s.redis_url,
             REDIS_KEY_PREFIX=s.redis_key_prefix,
+            REDIS_CLUSTER=str(s.redis_cluster).lower(),
             AMQP_URL=s.amqp_url,
             AMQP_EXCHANGE=s.amqp_exchange,
             AMQP_QUEUE_PREFIX=s.amqp_queue_prefix,
@@ -186,7 +195,14 @@ class Stack:
         return depths
 
     async def outbox_length(self) -> int:
-        return int(await self.redis.xlen(self.keys.outbox))
+        return await backlog(self.redis, self.keys)
+
+    async def expiry_size(self) -> int:
+        """Sessions in the expiry index, over every bucket."""
+        pipe = self.redis.pipeline(transaction=False)
+        for bucket in range(BUCKETS):
+            pipe.zcard(self.keys.expiry(bucket))
+        return sum(int(n) for n in await pipe.execute())
 
     async def outbox_empty(self) -> bool:
         return await self.outbox_length() == 0

@@ -117,7 +117,7 @@ async def run(stack: Stack, *, rate: float, seconds: float, connections: int) ->
         cpu = meter.stop()
         if load.sent > total:
             log.warning("wrk ran past the seeded sessions", extra={"seeded": total})
-        closed = await stack.count_keys("session:closed:*") - 1
+        closed = await stack.count_keys("{b*}:session:closed:*") - 1
 
         async def rows_written() -> int:
             count: int = await db.fetchval(

@@ -1,16 +1,22 @@
 """The outbox relay: publishes outbox stream entries to RabbitMQ with publisher
 confirms and deletes an entry only after the broker confirmed it.
 
-close_sessions.lua appends one entry per close to the stream. Relays share the consumer
-group `relay`; each reads new entries, publishes a window of them concurrently, then
-XACKs and XDELs the confirmed ones. An entry whose publish failed stays pending and is
-retried by the same relay, which re-reads its own pending entries after any error it
-sees and on every heartbeat tick: a reply lost on the way (a timeout) leaves entries
-pending that the relay never saw, and they wait at most a tick. Each relay refreshes a
-heartbeat key (TTL RELAY_HEARTBEAT_SECONDS) from its event loop; the entries of a relay
-whose heartbeat is gone are claimed at once by another (take_over_relays.lua). A relay
-judged dead that was merely slow may still publish what it read: delivery is at least
-once, and the event id (message_id) lets consumers drop repeats.
+close_sessions.lua appends one entry per close to its bucket's stream (256 of them, the
+key layout of docs/redis.md). Relays share the consumer group `relay` of every stream,
+and each covers every bucket: it reads new entries, publishes windows of them
+concurrently, then XACKs and XDELs the confirmed ones (settle_entries.lua, per bucket).
+On a single node (or behind Sentinel) one blocking XREADGROUP reads all 256 streams; on
+Redis Cluster, where one command's keys must share a slot, each read is one XREADGROUP
+per bucket (read_outbox.lua), in one pipeline (a round trip to each primary), every
+CLUSTER_POLL while the outboxes are empty. An entry whose publish failed stays
+pending and is retried by the same relay, which re-reads its own pending entries after
+any error it sees and on every heartbeat tick: a reply lost on the way (a timeout)
+leaves entries pending that the relay never saw, and they wait at most a tick. Each
+relay refreshes a heartbeat key (TTL RELAY_HEARTBEAT_SECONDS) from its event loop; the
+entries of a relay whose heartbeat is gone are claimed at once by another
+(take_over_relays.lua, per bucket). A relay judged dead that was merely slow may still
+publish what it read: delivery is at least once, and the event id (message_id) lets
+consumers drop repeats.
 
 An entry that can never become a valid event (a field missing or out of range) is moved
 to the dead-letter stream `outbox:dead-letters` with the reason, and the rest of its
@@ -41,6 +47,7 @@ from outbox.stream import ensure_group
 from session_close import tracing
 from session_close.events import CONTENT_TYPE, BadEntry, SessionEvent
 from session_close.keys import (
+    BUCKETS,
     DEAD_LETTER_ENTRY_ID,
     DEAD_LETTER_FIELD,
     DEAD_LETTER_REASON,
@@ -50,12 +57,18 @@ from session_close.keys import (
 from session_close.redis_client import unavailable
 from session_close.replication import hold_replicated
 from session_close.retry import Backoff, Policy, retry
-from session_close.scripts import TAKE_OVER_RELAYS
+from session_close.scripts import READ_OUTBOX, SETTLE_ENTRIES, TAKE_OVER_RELAYS, run_each
 from session_close.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Entry = tuple[str, dict[str, str]]
+# An outbox entry: its bucket, its id in the bucket's stream, its fields.
+Entry = tuple[int, str, dict[str, str]]
+# On Redis Cluster, a relay that found every outbox empty looks again after a pause (it
+# cannot block on streams of several slots): 50 ms after a read that found entries,
+# doubling while they stay empty up to 400 ms, what an event of a quiet cluster may wait.
+# Polling at 50 ms all the time cost an idle relay 15 % of a core (256 reads a poll).
+CLUSTER_POLL = Policy(first=0.05, cap=0.4)
 # Yield to the event loop after this many publishes, so a large backlog never holds
 # the request path for long (a 500-message burst pushed p99 past 20 ms). No more than
 # aiormq's write queue holds (10 frames): a publish that finds it full waits for room
@@ -99,10 +112,13 @@ class Relay:
         # Block well inside the client's socket timeout, which applies to blocking reads
         # too: blocking as long as the timeout made an idle relay time out every second.
         self._block_ms = max(1, int(settings.redis_timeout_seconds * 500))
+        # The buckets one XREADGROUP reads: all of them, except on a cluster.
+        buckets = list(range(BUCKETS))
+        self._reads = [[b] for b in buckets] if settings.redis_cluster else [buckets]
 
     async def run(self, exchange: AbstractExchange) -> None:
         self._exchange = exchange
-        backoff = Backoff(RELAY)
+        backoff, idle = Backoff(RELAY), Backoff(CLUSTER_POLL)
         # Quietly: Redis may be down as the relay starts; the loop below retries until
         # it is back (a missing group fails XREADGROUP, which recreates it).
         await self._ensure_group_quietly()
@@ -115,16 +131,14 @@ class Relay:
             try:
                 entries = await self._next_entries()
                 if not entries:
+                    if len(self._reads) > 1:  # a cluster's reads do not block
+                        await idle.sleep()
                     continue
+                idle.reset()
                 # Publish only what the replicas hold (REDIS_MIN_REPLICAS): an entry lost
                 # with its primary must not have gone out, its close's retry gives its event.
                 await hold_replicated(self._redis, self._settings, self._heartbeat)
-                self._batch_done.clear()
-                try:
-                    failed = await self._publish(entries)
-                finally:
-                    self._batch_done.set()
-                if not failed:
+                if not await self._publish_windows(entries):
                     backoff.reset()
                     continue
             except Exception as exc:
@@ -183,40 +197,110 @@ class Relay:
 
     async def _next_entries(self) -> list[Entry]:
         loop = asyncio.get_running_loop()
-        count = self._settings.relay_batch_size
         if loop.time() >= self._next_takeover:
             # Often enough that a dead relay's entries move within a fifth of the TTL
             # after its heartbeat expired.
             self._next_takeover = loop.time() + self._settings.relay_heartbeat_seconds / 5
-            claimed = await TAKE_OVER_RELAYS(
-                self._redis,
-                [self._keys.outbox],
-                [OUTBOX_GROUP, self._keys.prefix, self._consumer, count],
-            )
+            claimed = await self._take_over()
             if claimed:
                 log.info(
                     "outbox relay took over a dead relay's entries", extra={"entries": len(claimed)}
                 )
-                return self._decode([(entry_id, _pairs(flat)) for entry_id, flat in claimed])
+                return claimed
         own = self._retry_own
-        reply = await self._redis.xreadgroup(
-            OUTBOX_GROUP,
-            self._consumer,
-            {self._keys.outbox: "0" if own else ">"},
-            count=count,
-            block=None if own else self._block_ms,
-        )
-        entries = self._decode(reply[0][1]) if reply else []  # type: ignore[index,arg-type]
+        entries = await self._read("0" if own else ">")
         # Only a read of its own that found nothing clears the flag: a heartbeat tick may
         # have set it while a blocking read of new entries was waiting.
         if own and not entries:
             self._retry_own = False
         return entries
 
-    @staticmethod
-    def _decode(raw: list[Any]) -> list[Entry]:
+    async def _read(self, start: str) -> list[Entry]:
+        """Up to RELAY_BATCH_SIZE entries of each outbox: new ones (start ">"), or those
+        this relay read before and still holds ("0")."""
+        count = self._settings.relay_batch_size
+        if len(self._reads) == 1:
+            # Blocks until any bucket has new entries; reads of its own never block.
+            outboxes = {self._keys.outbox(b): b for b in self._reads[0]}
+            reply: Any = await self._redis.xreadgroup(
+                OUTBOX_GROUP,
+                self._consumer,
+                dict.fromkeys(outboxes, start),
+                count=count,
+                block=None if start == "0" else self._block_ms,
+            )
+            found: list[tuple[int, Any]] = [(outboxes[stream], raw) for stream, raw in reply or []]
+        else:
+            calls = [
+                (READ_OUTBOX, [self._keys.outbox(b)], [OUTBOX_GROUP, self._consumer, count, start])
+                for [b] in self._reads
+            ]
+            replies = await run_each(self._redis, calls)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply  # a missing group: the caller recreates it
+            found = [
+                (b, [(entry_id, _pairs(flat) if flat else None) for entry_id, flat in reply])
+                for [b], reply in zip(self._reads, replies, strict=True)
+            ]
         # XREADGROUP '0' gives a None body for entries deleted meanwhile.
-        return [(entry_id, fields) for entry_id, fields in raw if fields]
+        return [
+            (bucket, entry_id, fields)
+            for bucket, raw in found
+            for entry_id, fields in raw
+            if fields
+        ]
+
+    async def _take_over(self) -> list[Entry]:
+        """Claim the entries of the relays whose heartbeat is gone, in every bucket."""
+        pipe = self._redis.pipeline(transaction=False)
+        for b in range(BUCKETS):
+            pipe.xinfo_consumers(self._keys.outbox(b), OUTBOX_GROUP)
+        # A bucket whose group is missing (a Redis restarted empty) has no one to claim.
+        found = await pipe.execute(raise_on_error=False)
+        consumers = {
+            b: {c["name"] for c in info} - {self._consumer}
+            for b, info in enumerate(found)
+            if not isinstance(info, Exception) and info
+        }
+        names = sorted(set().union(*consumers.values()))
+        if not names:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(self._keys.relay_heartbeat(name))
+        dead = {name for name, alive in zip(names, await pipe.execute(), strict=True) if not alive}
+        targets = [(b, sorted(held & dead)) for b, held in consumers.items() if held & dead]
+        calls = [
+            (
+                TAKE_OVER_RELAYS,
+                [self._keys.outbox(b)],
+                [OUTBOX_GROUP, self._consumer, self._settings.relay_batch_size, *gone],
+            )
+            for b, gone in targets
+        ]
+        claimed: list[Entry] = []
+        for (bucket, _), result in zip(targets, await run_each(self._redis, calls), strict=True):
+            if isinstance(result, Exception):
+                raise result
+            claimed += [(bucket, entry_id, _pairs(flat)) for entry_id, flat in result]
+        return claimed
+
+    async def _publish_windows(self, entries: list[Entry]) -> int:
+        """Publish what was read, RELAY_BATCH_SIZE entries at a time (a read of all the
+        buckets may bring that many from each); stop at a window that had failures, whose
+        entries, and those not yet sent, stay pending for this relay to read again.
+        Returns how many failed."""
+        window = self._settings.relay_batch_size
+        for start in range(0, len(entries), window):
+            self._batch_done.clear()
+            try:
+                failed = await self._publish(entries[start : start + window])
+            finally:
+                self._batch_done.set()
+            if failed or self._stopping:
+                return failed
+        return 0
 
     async def _publish(self, entries: list[Entry]) -> int:
         """Publish a window of entries concurrently; return how many failed."""
@@ -236,15 +320,15 @@ class Relay:
             self._on_failed(len(entries))
             return len(entries)
         source, timeout = self._settings.event_source, self._settings.publish_timeout_seconds
-        sent: list[str] = []
+        sent: list[tuple[int, str]] = []
         confirmations: list[asyncio.Future[Any]] = []
         dead: list[tuple[Entry, BadEntry]] = []
         spans: list[tracing.Span] = []
-        for entry_id, fields in entries:
+        for bucket, entry_id, fields in entries:
             try:
                 event = SessionEvent.from_outbox(fields)
             except BadEntry as bad:
-                dead.append(((entry_id, fields), bad))  # it can never succeed
+                dead.append(((bucket, entry_id, fields), bad))  # it can never succeed
                 continue
             # Straight to aiormq, with the properties aio_pika.Message would build:
             # through Exchange.publish, aiormq holds the channel lock until each frame is
@@ -269,7 +353,7 @@ class Relay:
                 timeout=timeout,
                 wait=False,
             )
-            sent.append(entry_id)
+            sent.append((bucket, entry_id))
             confirmations.append(asyncio.ensure_future(publish))
             if tracing.ENABLED:
                 spans.append(self._publish_span(event, exchange.name))
@@ -285,10 +369,7 @@ class Relay:
         failures = [r for r in results if not isinstance(r, Basic.Ack)]
         done = [e for e, r in zip(sent, results, strict=True) if isinstance(r, Basic.Ack)]
         if done:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.xack(self._keys.outbox, OUTBOX_GROUP, *done)
-            pipe.xdel(self._keys.outbox, *done)
-            await pipe.execute()
+            await self._settle(done)
             self._on_published(len(done))
         if dead:
             # After the acks, apart: XADD needs memory that XACK and XDEL do not, so a
@@ -320,20 +401,34 @@ class Relay:
             },
         )
 
+    async def _settle(self, done: list[tuple[int, str]]) -> None:
+        """XACK and XDEL the confirmed entries, atomically per bucket, in one pipeline."""
+        by_bucket: dict[int, list[str]] = {}
+        for bucket, entry_id in done:
+            by_bucket.setdefault(bucket, []).append(entry_id)
+        calls = [
+            (SETTLE_ENTRIES, [self._keys.outbox(bucket)], [OUTBOX_GROUP, *ids])
+            for bucket, ids in by_bucket.items()
+        ]
+        for result in await run_each(self._redis, calls):
+            if isinstance(result, Exception):
+                raise result
+
     async def _set_aside(self, dead: list[tuple[Entry, BadEntry]]) -> None:
-        """Move entries to the dead-letter stream, with the reason, in one MULTI."""
-        pipe = self._redis.pipeline(transaction=True)
-        for (entry_id, fields), bad in dead:
+        """Copy entries to the dead-letter stream, with the reason, then remove them from
+        their outboxes. Two steps (the dead-letter stream has a slot of its own): a relay
+        that dies between them leaves the entries pending, and they are set aside again,
+        so a dead letter may be recorded twice, never lost."""
+        pipe = self._redis.pipeline(transaction=False)
+        for (_, entry_id, fields), bad in dead:
             record: dict[FieldT, EncodableT] = {k: v for k, v in fields.items()}
             record[DEAD_LETTER_REASON] = bad.reason
             record[DEAD_LETTER_FIELD] = bad.field
             record[DEAD_LETTER_ENTRY_ID] = entry_id
             pipe.xadd(self._keys.dead_letters, record)
-        ids = [entry_id for (entry_id, _), _ in dead]
-        pipe.xack(self._keys.outbox, OUTBOX_GROUP, *ids)
-        pipe.xdel(self._keys.outbox, *ids)
         await pipe.execute()
-        for (entry_id, _), bad in dead:
+        await self._settle([(bucket, entry_id) for (bucket, entry_id, _), _ in dead])
+        for (_, entry_id, _), bad in dead:
             # The field and the reason only: the values stay in Redis, out of the logs.
             log.error(
                 "outbox entry cannot become an event; set aside as a dead letter",

@@ -1,37 +1,45 @@
-"""Reads of the outbox stream itself, for the relay that drains it and for the API that
-reports it (`/readyz`, `/metrics`)."""
+"""Reads of the outbox streams themselves (one per bucket), for the relay that drains
+them and for the API that reports them (`/readyz`, `/metrics`). Each reads every bucket
+in one pipeline: one round trip to each Redis node."""
 
 from __future__ import annotations
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from session_close.keys import OUTBOX_GROUP, Keys
 
 
 async def ensure_group(redis: Redis, keys: Keys) -> None:
-    try:
-        await redis.xgroup_create(keys.outbox, OUTBOX_GROUP, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+    """The relays' group on every bucket's outbox, created with its stream if missing."""
+    pipe = redis.pipeline(transaction=False)
+    for outbox in keys.outboxes:
+        pipe.xgroup_create(outbox, OUTBOX_GROUP, id="0", mkstream=True)
+    for result in await pipe.execute(raise_on_error=False):
+        if isinstance(result, Exception) and "BUSYGROUP" not in str(result):
+            raise result
 
 
 async def backlog(redis: Redis, keys: Keys) -> int:
     """Entries not yet confirmed by the broker (confirmed ones are deleted)."""
-    return int(await redis.xlen(keys.outbox))
+    pipe = redis.pipeline(transaction=False)
+    for outbox in keys.outboxes:
+        pipe.xlen(outbox)
+    return sum(int(length) for length in await pipe.execute())
 
 
 async def oldest_entry_age(redis: Redis, keys: Keys) -> float:
-    """Seconds since the outbox's first entry was written, from its id (Redis's clock, in
-    ms), 0 when the outbox is empty: one XRANGE of one entry and one TIME, in one round
-    trip."""
+    """Seconds since the oldest entry of any outbox was written, from its id (Redis's
+    clock, in ms), 0 when every outbox is empty: the first entry of each in one pipeline,
+    then one TIME (which a cluster's pipeline does not take: it has no key to route by)."""
     pipe = redis.pipeline(transaction=False)
-    pipe.xrange(keys.outbox, count=1)
-    pipe.time()
-    first, (seconds, micros) = await pipe.execute()
-    if not first:
+    for outbox in keys.outboxes:
+        pipe.xrange(outbox, count=1)
+    firsts = await pipe.execute()
+    seconds, micros = await redis.time()
+    oldest_ms = min(
+        (int(str(first[0][0]).split("-", 1)[0]) for first in firsts if first), default=None
+    )
+    if oldest_ms is None:
         return 0.0
-    entry_ms = int(str(first[0][0]).split("-", 1)[0])
     now = int(seconds) + int(micros) / 1e6
-    return max(0.0, now - entry_ms / 1000)
+    return max(0.0, now - oldest_ms / 1000)

@@ -1,10 +1,12 @@
 """The expiry sweeper: sessions whose logical end (`expires_at`, indexed by the login side
 in the expiry sorted set) has passed get their `session.expired` event.
 
-Every SWEEP_INTERVAL_SECONDS it runs sweep_expired.lua, which handles at most
-SWEEP_BATCH_SIZE due sessions per run, each atomically with its outbox entry; while a
-run finds a full batch it runs again at once (a backlog), yielding to the event loop in
-between so that no single step holds Redis, or the API, for long. Any number of
+The index is sharded over the 256 buckets of the key layout (docs/redis.md). Every
+SWEEP_INTERVAL_SECONDS it runs sweep_expired.lua on every bucket, in one pipeline (a
+round trip to each Redis node); each run handles at most SWEEP_BATCH_SIZE due sessions
+of its bucket, each atomically with its outbox entry. While a bucket's run finds a full
+batch, that bucket is swept again at once (a backlog), after yielding to the event loop,
+so that no single step holds Redis, or the API, for long. Any number of
 sweepers may run: the script's atomicity gives each expired session exactly one event.
 """
 
@@ -14,16 +16,16 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
 from session_close.events import rfc3339_now
-from session_close.keys import Keys
+from session_close.keys import BUCKETS, Keys
 from session_close.redis_client import unavailable
 from session_close.retry import Backoff, Policy
-from session_close.scripts import SWEEP_EXPIRED
+from session_close.scripts import SWEEP_EXPIRED, run_each
 from session_close.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ class SweepResult:
     lag: float
     # Dropped from the index because their expires_at is not a valid Unix time.
     invalid: int = 0
+    # The buckets whose run found a full batch: more may be due there.
+    backlogged: tuple[int, ...] = ()
 
 
 class Sweeper:
@@ -63,18 +67,37 @@ class Sweeper:
         self._timeout = settings.redis_timeout_seconds
         self._on_sweep = on_sweep
 
-    async def sweep_once(self) -> SweepResult:
-        """One script run over at most SWEEP_BATCH_SIZE due sessions."""
-        args = [self._keys.prefix, self._batch, rfc3339_now(), EVENT_NAMESPACE.hex]
-        async with asyncio.timeout(self._timeout):
-            reply = await SWEEP_EXPIRED(
-                self._redis,
-                [self._keys.expiry, self._keys.outbox],
-                [*args, SET_ASIDE_SECONDS],
+    async def sweep_once(self, buckets: Sequence[int] = range(BUCKETS)) -> SweepResult:
+        """One script run per bucket, each over at most SWEEP_BATCH_SIZE due sessions;
+        the counts are their sums, the lag the largest."""
+        args = [self._batch, rfc3339_now(), EVENT_NAMESPACE.hex, SET_ASIDE_SECONDS]
+        calls = [
+            (
+                SWEEP_EXPIRED,
+                [self._keys.expiry(b), self._keys.outbox(b)],
+                [self._keys.tag(b), *args],
             )
-        expired, rescored, dropped, failed, lag, invalid = reply
+            for b in buckets
+        ]
+        async with asyncio.timeout(self._timeout):
+            replies = await run_each(self._redis, calls)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        counts = [[int(n) for n in (*reply[:4], reply[5])] for reply in replies]
+        expired, rescored, dropped, failed, invalid = (
+            sum(column) for column in zip(*counts, strict=False)
+        )
         result = SweepResult(
-            int(expired), int(rescored), int(dropped), int(failed), float(lag), int(invalid)
+            expired,
+            rescored,
+            dropped,
+            failed,
+            max(float(reply[4]) for reply in replies),
+            invalid,
+            tuple(
+                b for b, handled in zip(buckets, counts, strict=True) if sum(handled) >= self._batch
+            ),
         )
         if result.invalid:
             log.warning(
@@ -92,9 +115,10 @@ class Sweeper:
     async def run(self) -> None:
         """Sweep until cancelled; a Redis outage is waited out with backoff."""
         backoff = Backoff(OUTAGE)
+        buckets: Sequence[int] = range(BUCKETS)
         while True:
             try:
-                result = await self.sweep_once()
+                result = await self.sweep_once(buckets)
             except Exception as exc:
                 if unavailable(exc):
                     # An outage (unreachable, or refusing writes: MISCONF...), waited out.
@@ -104,12 +128,12 @@ class Sweeper:
                 await backoff.sleep()
                 continue
             backoff.reset()
-            handled = (
-                result.expired + result.rescored + result.dropped + result.failed + result.invalid
-            )
-            if handled >= self._batch:
-                await asyncio.sleep(0)  # a backlog: next batch at once, after other work
+            if result.backlogged:
+                # A backlog: the next batch of those buckets at once, after other work.
+                buckets = result.backlogged
+                await asyncio.sleep(0)
                 continue
+            buckets = range(BUCKETS)
             await asyncio.sleep(self._interval)
 
 

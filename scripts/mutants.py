@@ -1,9 +1,10 @@
 """Mutation check of the guarantees: `make mutants`.
 
 Each mutant below breaks one guarantee with a small edit of the source, and names the
-tests that should notice. The script copies the repository to a temporary directory,
-applies one mutant at a time there (the original is never touched), runs only its tests
-against the copy, and prints one line per mutant:
+tests that should notice. The script copies the repository to a temporary directory
+once per job (--jobs, default 2: most of a mutant's time is its tests waiting), applies
+one mutant at a time in each copy (the original is never touched), runs only its tests
+against that copy, and prints one line per mutant as it finishes:
 
     killed   <name>  (<seconds>s, by <test>; confirmed in <seconds>s)
     SURVIVED <name>  (<seconds>s)
@@ -43,13 +44,16 @@ as killed.
     python scripts/mutants.py --list          # the table, with each mutant's tests
     python scripts/mutants.py --only timeout  # those whose name contains a text
     python scripts/mutants.py --skip NUL      # all but those (repeatable, like --only)
+    python scripts/mutants.py --jobs 1        # one mutant at a time
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -57,6 +61,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Generator, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -67,6 +72,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # Bounds one pytest run, so a mutant that hangs past pytest's own per-test timeout (or
 # hangs a process the tests started) cannot hold up CI; such a run is an ERROR.
 RUN_TIMEOUT_SECONDS = 180.0
+# Mutants judged at once. Most of a mutant's time is its tests waiting (for a takeover, a
+# timeout, a broker's return), so two jobs on a 2-core machine take about half as long.
+JOBS = 2
+# The process groups of the pytest runs in hand, ended if the check itself is stopped.
+RUNNING: set[int] = set()
 CACHES = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis"}
 # What `make` and local runs leave at the top (see .gitignore): not code, maybe large.
 LOCAL = {".git", ".venv", "build", "run", "bench/results"}
@@ -116,6 +126,7 @@ HYGIENE = "tests/api/test_http_hygiene.py::test_"
 BOUNDS = "tests/workers/test_input_bounds.py::test_"
 RELAY_CLIENT = "session_close/redis_client.py"
 STALL = "tests/outbox/test_relay_stall.py::test_"
+BUCKETS_TESTS = "tests/outbox/test_buckets.py::test_"
 BAD_ENTRIES = "tests/outbox/test_relay_bad_entries.py::test_"
 HEARTBEAT = "tests/outbox/test_relay_heartbeat.py::test_"
 TRACES = "tests/shared/test_tracing.py::test_"
@@ -155,12 +166,51 @@ MUTANTS: tuple[Mutant, ...] = (
         edits=(
             Edit(
                 "            self._on_failed(len(entries))\n",
-                "            await self._redis.xdel(self._keys.outbox, *(e for e, _ in entries))\n"
+                "            for bucket, entry_id, _ in entries:\n"
+                "                await self._redis.xdel(self._keys.outbox(bucket), entry_id)\n"
                 "            self._on_failed(len(entries))\n",
             ),
         ),
         tests=(
             f"{OUTBOX}closes_succeed_while_rabbitmq_is_down_and_the_backlog_drains_after[reset]",
+        ),
+    ),
+    Mutant(
+        "relay reads every bucket's outbox but the last (its events stranded)",
+        RELAY,
+        edits=(
+            Edit(
+                "        buckets = list(range(BUCKETS))\n",
+                "        buckets = list(range(BUCKETS - 1))\n",
+            ),
+        ),
+        tests=(
+            f"{BUCKETS_TESTS}one_relay_publishes_the_entries_of_every_bucket_once_and_removes_them",
+        ),
+    ),
+    Mutant(
+        "sweeper sweeps every bucket's index but the last",
+        "outbox/sweeper.py",
+        edits=(
+            Edit(
+                "        buckets: Sequence[int] = range(BUCKETS)\n",
+                "        buckets: Sequence[int] = range(BUCKETS - 1)\n",
+            ),
+        ),
+        tests=(f"{BUCKETS_TESTS}one_sweep_interval_sweeps_the_sessions_of_users_in_every_bucket",),
+    ),
+    Mutant(
+        "on a cluster, the closes of several buckets in one script run (keys of many slots)",
+        "service/closer.py",
+        edits=(
+            Edit(
+                "runs.setdefault(bucket_of(uid) if self._cluster else 0, []).append(i)",
+                "runs.setdefault(0, []).append(i)",
+            ),
+        ),
+        tests=(
+            "tests/cluster/test_contract.py::test_sessions_of_many_users_spread_over_every_"
+            "primary_and_each_close_gives_one_event",
         ),
     ),
     Mutant(
@@ -174,8 +224,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "session_close/lua/take_over_relays.lua",
         edits=(
             Edit(
-                "    if #redis.call('XPENDING', stream, group, '-', '+', 1, name) == 0 then",
-                "    if true then",
+                "  if #redis.call('XPENDING', stream, group, '-', '+', 1, name) == 0 then",
+                "  if true then",
             ),
         ),
         tests=(
@@ -230,13 +280,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "workers/push_cleanup.py",
         edits=(
             Edit(
-                "        replies = await REMOVE_PUSH_TOKENS("
-                "self._redis, keys, [e.session_id for e in events])\n",
-                "        replies = []\n"
-                "        for key, event in zip(keys, events, strict=True):\n"
-                "            mapped = await self._redis.hgetall(key)\n"
-                "            stale = [t for t, s in mapped.items() if s == event.session_id]\n"
-                "            replies.append(await self._redis.hdel(key, *stale) if stale else 0)\n",
+                "            replies = [await REMOVE_PUSH_TOKENS(self._redis, *calls[0][1:])]\n",
+                "            replies = [[]]\n"
+                "            for key, sid in zip(*calls[0][1:], strict=True):\n"
+                "                mapped = await self._redis.hgetall(key)\n"
+                "                stale = [t for t, s in mapped.items() if s == sid]\n"
+                "                removed = await self._redis.hdel(key, *stale) if stale else 0\n"
+                "                replies[0].append(removed)\n",
             ),
         ),
         tests=(
@@ -390,9 +440,8 @@ MUTANTS: tuple[Mutant, ...] = (
         CLOSE_SCRIPT,
         edits=(
             Edit(
-                "  expect_type(key.user_sessions(uid), 'set')\n",
-                "  redis.call('DEL', key.session(sid))\n"
-                "  expect_type(key.user_sessions(uid), 'set')\n",
+                "  expect_type(at.user_sessions, 'set')\n",
+                "  redis.call('DEL', at.session)\n  expect_type(at.user_sessions, 'set')\n",
             ),
         ),
         tests=(
@@ -1000,6 +1049,7 @@ def run_tests(copy: Path, tests: Sequence[str]) -> Run:
         text=True,
         start_new_session=True,
     ) as proc:
+        RUNNING.add(proc.pid)
         try:
             output, _ = proc.communicate(timeout=RUN_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:
@@ -1007,9 +1057,8 @@ def run_tests(copy: Path, tests: Sequence[str]) -> Run:
             proc.communicate()
             why = f"timeout: the pytest run took over {RUN_TIMEOUT_SECONDS:.0f}s"
             return Run(seconds=time.monotonic() - started, error=why)
-        except BaseException:  # Ctrl-C or SIGTERM reach this process, not the session
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+        finally:
+            RUNNING.discard(proc.pid)
     seconds = time.monotonic() - started
     failed = (
         [json.loads(line) for line in outcomes.read_text().splitlines()]
@@ -1067,17 +1116,22 @@ def judge(copy: Path, mutant: Mutant) -> tuple[Status, str]:
     return "killed", f"{mutant.name}  ({seconds}, by {run.killer})"
 
 
-def check(mutants: Sequence[Mutant]) -> dict[Mutant, Status | Literal["NOT APPLIED"]]:
-    """Run the mutants in a fresh copy of the repository; each one's status."""
+def check(mutants: Sequence[Mutant], jobs: int) -> dict[Mutant, Status | Literal["NOT APPLIED"]]:
+    """Run the mutants, `jobs` at a time, each job in a fresh copy of the repository of its
+    own (the tests name their keys, queues and ports per test, so jobs never meet); each
+    mutant's status. A line per mutant is printed as it finishes."""
     statuses: dict[Mutant, Status | Literal["NOT APPLIED"]] = {}
     with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
-        copy = Path(tmp) / "repo"
-        shutil.copytree(ROOT, copy, ignore=not_copied)
+        copies: queue.SimpleQueue[Path] = queue.SimpleQueue()
+        for job in range(jobs):
+            copy = Path(tmp) / str(job) / "repo"
+            shutil.copytree(ROOT, copy, ignore=not_copied)
+            copies.put(copy)
         mutated: dict[Mutant, str] = {}
         problems: dict[Mutant, str] = {}
         for mutant in mutants:
             try:
-                mutated[mutant] = mutate((copy / mutant.file).read_text(), mutant)
+                mutated[mutant] = mutate((ROOT / mutant.file).read_text(), mutant)
             except (OSError, ValueError) as exc:
                 problems[mutant] = str(exc)
             if not mutant.tests:
@@ -1085,16 +1139,19 @@ def check(mutants: Sequence[Mutant]) -> dict[Mutant, Status | Literal["NOT APPLI
         baseline = unique(t for m in mutated for t in m.tests)
         if baseline:
             print(f"baseline: {len(baseline)} tests on the unmutated copy", flush=True)
+            copy = copies.get()
             run = run_tests(copy, baseline)
+            copies.put(copy)
             if not run.passed:
                 why = run.error or f"{run.killer} failed"
                 raise SystemExit(f"baseline must pass, and it did not: {why}")
             print(f"baseline passed ({run.seconds:.1f}s)", flush=True)
-        for mutant in mutants:
-            if mutant in problems:
-                statuses[mutant] = "NOT APPLIED"
-                print(f"NOT APPLIED {mutant.name}: {problems[mutant]}", flush=True)
-                continue
+        for mutant, why in problems.items():
+            statuses[mutant] = "NOT APPLIED"
+            print(f"NOT APPLIED {mutant.name}: {why}", flush=True)
+
+        def judged(mutant: Mutant) -> Status:
+            copy = copies.get()
             path = copy / mutant.file
             original = path.read_text()
             path.write_text(mutated[mutant])
@@ -1102,11 +1159,25 @@ def check(mutants: Sequence[Mutant]) -> dict[Mutant, Status | Literal["NOT APPLI
                 status, line = judge(copy, mutant)
             finally:
                 path.write_text(original)
-            statuses[mutant] = status
+                copies.put(copy)
             if mutant.expect == "error":
                 held = "as expected" if status == "ERROR" else "SELF-CHECK FAILED: not an error"
                 line = f"{line}  [{held}]"
             print(f"{status:<8} {line}", flush=True)
+            return status
+
+        ready = [m for m in mutants if m in mutated]
+        pool = ThreadPoolExecutor(jobs, thread_name_prefix="mutant")
+        try:
+            for mutant, status in zip(ready, pool.map(judged, ready), strict=True):
+                statuses[mutant] = status
+        except BaseException:  # Ctrl-C or SIGTERM: end every pytest run in hand
+            for pid in list(RUNNING):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
     return statuses
 
 
@@ -1127,6 +1198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="TEXT",
         help="leave out the mutants whose name contains TEXT (repeatable)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=JOBS,
+        help=f"mutants judged at once, each in a copy of its own ({JOBS})",
+    )
     args = parser.parse_args(argv)
     only = matching(MUTANTS, args.only, "--only") if args.only else set(MUTANTS)
     skipped = matching(MUTANTS, args.skip, "--skip")
@@ -1141,7 +1218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # As Ctrl-C does: unwind, so that the pytest run in hand is ended with its session.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.monotonic()
-    statuses = check(mutants)
+    statuses = check(mutants, args.jobs)
     print(f"mutants run in {time.monotonic() - started:.0f}s")
     for mutant in MUTANTS:
         if mutant in only and mutant in skipped:

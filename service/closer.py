@@ -1,6 +1,7 @@
-"""Closing sessions: the close requests of one event-loop iteration share one run of
-close_sessions.lua (one command, one round trip), which is where redis.asyncio's
-per-command overhead goes away.
+"""Closing sessions: the close requests of one event-loop iteration share one lookup of
+their tokens (one round trip), then one run of close_sessions.lua per Redis node (on a
+single node, one run for them all; on Redis Cluster, one per bucket, in one pipeline),
+which is where redis.asyncio's per-command overhead goes away.
 """
 
 from __future__ import annotations
@@ -11,16 +12,17 @@ from collections.abc import Awaitable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
 from session_close import tracing
 from session_close.batching import Batcher
 from session_close.events import rfc3339_now
-from session_close.keys import Keys, token_digest
+from session_close.keys import Keys, bucket_of
+from session_close.redis_client import unavailable
 from session_close.replication import run_replicated
-from session_close.scripts import CLOSE_ALL_SESSIONS, CLOSE_SESSIONS, LuaScript
+from session_close.scripts import CLOSE_ALL_SESSIONS, CLOSE_SESSIONS, LuaScript, run_each
 from session_close.settings import Settings
 
 MAX_BATCH = 256
@@ -105,6 +107,9 @@ class SessionCloser:
             settings.redis_replica_timeout_seconds if settings.redis_min_replicas else 0
         )
         self._close_all_batch = settings.close_all_batch_size
+        # A script run may declare keys of several slots only on a single node (or
+        # behind Sentinel): there one run serves a whole batch, on a cluster one bucket.
+        self._cluster = settings.redis_cluster
         # Capped so that a hanging Redis holds at most that many pool connections: the
         # relay and /readyz keep theirs, and closes answer 503 instead of piling up.
         self._batcher: Batcher[CloseRequest, CloseOutcome] = Batcher(
@@ -138,12 +143,26 @@ class SessionCloser:
         # One id per request id: a retry sent with the same X-Request-ID goes on counting
         # under it (and would give a session the first attempt missed the same event id).
         run = uuid.uuid5(CLOSE_ALL_NAMESPACE, request.request_id).hex
+        async with asyncio.timeout(self._timeout):
+            uid = cast(
+                str | None, await self._redis.hget(self._keys.token(request.token), "user_id")
+            )
+        if uid is None:
+            return CloseAllResult(CloseOutcome.UNKNOWN_TOKEN)
+        bucket, keep = bucket_of(uid), request.keep_session_id or ""
+        keys = [
+            self._keys.outbox(bucket),
+            self._keys.expiry(bucket),
+            self._keys.user_sessions(uid),
+            self._keys.close_all(uid, run),
+            self._keys.session(uid, keep),
+        ]
         args = [
-            self._keys.prefix,
+            self._keys.tag(bucket),
             self._ttl,
             rfc3339_now(),
-            token_digest(request.token),
-            request.keep_session_id or "",
+            uid,
+            keep,
             run,
             request.request_id,
             request.traceparent or "",
@@ -154,9 +173,7 @@ class SessionCloser:
             with _step_span(CLOSE_ALL_SESSIONS) if tracing.ENABLED else nullcontext():
                 async with asyncio.timeout(self._timeout):
                     reply = await self._step(
-                        CLOSE_ALL_SESSIONS,
-                        [self._keys.outbox, self._keys.expiry],
-                        [*args, cursor, "1" if first else "0"],
+                        CLOSE_ALL_SESSIONS, keys, [*args, cursor, "1" if first else "0"]
                     )
             outcome = CloseOutcome(reply[0])
             if outcome is not CloseOutcome.CLOSED:
@@ -174,10 +191,71 @@ class SessionCloser:
     async def _run_batch(
         self, requests: list[CloseRequest]
     ) -> Sequence[CloseOutcome | BaseException]:
-        args: list[str | int] = [self._keys.prefix, self._ttl, rfc3339_now()]
+        outcomes: list[CloseOutcome | BaseException] = [CloseOutcome.UNKNOWN_TOKEN] * len(requests)
+        # One bound for the whole batch (each caller waits at most one loop iteration
+        # before it starts): every caller of a batch that times out gets TimeoutError.
+        async with asyncio.timeout(self._timeout):
+            users = await self._users_of(requests)
+            # The closes of a known token, by the script run they go to.
+            runs: dict[int, list[int]] = {}
+            for i, uid in enumerate(users):
+                if isinstance(uid, Exception):
+                    outcomes[i] = uid  # its token's key is of the wrong type: its own error
+                elif uid is not None:
+                    runs.setdefault(bucket_of(uid) if self._cluster else 0, []).append(i)
+            if not runs:
+                return outcomes
+            closed_at = rfc3339_now()
+            calls = [
+                self._close_call(requests, users, members, closed_at) for members in runs.values()
+            ]
+            if len(calls) == 1:
+                replies = [await self._step(CLOSE_SESSIONS, *calls[0])]
+            else:
+                replies = await run_each(self._redis, [(CLOSE_SESSIONS, *call) for call in calls])
+        for members, reply in zip(runs.values(), replies, strict=True):
+            for n, i in enumerate(members):
+                # A run that failed as a whole fails each of its closes; a close that
+                # failed inside Redis comes back as its own ResponseError.
+                result = reply if isinstance(reply, BaseException) else reply[n]
+                outcomes[i] = result if isinstance(result, BaseException) else CloseOutcome(result)
+        return outcomes
+
+    async def _users_of(self, requests: list[CloseRequest]) -> list[str | Exception | None]:
+        """The user of each request's token (None for an unknown token, the error reply
+        for a token key Redis cannot read as a hash), in one round trip: each token's key
+        is in a slot of its own. An unreachable Redis raises."""
+        pipe = self._redis.pipeline(transaction=False)
         for r in requests:
+            pipe.hget(self._keys.token(r.token), "user_id")
+        users = await pipe.execute(raise_on_error=False)
+        for user in users:
+            if isinstance(user, Exception) and unavailable(user):
+                raise user
+        return cast(list[str | Exception | None], users)
+
+    def _close_call(
+        self,
+        requests: list[CloseRequest],
+        users: list[str | Exception | None],
+        members: list[int],
+        closed_at: str,
+    ) -> tuple[list[str], list[Any]]:
+        """The KEYS and ARGV of one close_sessions.lua run over the given closes."""
+        keys: list[str] = []
+        args: list[Any] = [self._ttl, closed_at]
+        for i in members:
+            r, uid = requests[i], cast(str, users[i])
+            bucket = bucket_of(uid)
+            keys += (
+                self._keys.outbox(bucket),
+                self._keys.expiry(bucket),
+                self._keys.session(uid, r.session_id),
+                self._keys.tombstone(uid, r.session_id),
+                self._keys.user_sessions(uid),
+            )
             args += (
-                token_digest(r.token),
+                uid,
                 r.session_id,
                 r.event_id,
                 r.os,
@@ -185,12 +263,7 @@ class SessionCloser:
                 r.request_id,
                 r.traceparent,
             )
-        # One bound for the whole batch (each caller waits at most one loop iteration
-        # before it starts): every caller of a batch that times out gets TimeoutError.
-        async with asyncio.timeout(self._timeout):
-            replies = await self._step(CLOSE_SESSIONS, [self._keys.outbox, self._keys.expiry], args)
-        # A close that failed inside Redis comes back as its own ResponseError.
-        return [r if isinstance(r, BaseException) else CloseOutcome(r) for r in replies]
+        return keys, args
 
     def _step(self, script: LuaScript, keys: list[str], args: list[Any]) -> Awaitable[Any]:
         """One script run; with REDIS_MIN_REPLICAS, answered only once that many replicas

@@ -71,21 +71,23 @@ async def check_dependencies(app: web.Application) -> Dependencies:
 
 
 async def _redis_state(redis: Redis, keys: Keys) -> tuple[int | None, bool]:
-    """The outbox backlog (None when Redis answered it with an error), and whether Redis
-    takes writes; one round trip."""
+    """The outbox backlog, over every bucket (None when Redis answered it with an
+    error), and whether Redis takes writes; one round trip to each node."""
     pipe = redis.pipeline(transaction=False)
-    pipe.xlen(keys.outbox)  # answers only when Redis does, so it doubles as the ping
+    for outbox in keys.outboxes:
+        pipe.xlen(outbox)  # answers only when Redis does, so it doubles as the ping
     # A write that changes nothing and needs no memory: Redis refuses it when it refuses
     # the closes' writes (MISCONF, READONLY, NOREPLICAS) and, like a close, whose first
     # write is a DEL, takes it when it is full.
     pipe.delete(keys.write_check)
-    length, deleted = await pipe.execute(raise_on_error=False)
+    *lengths, deleted = await pipe.execute(raise_on_error=False)
     if isinstance(deleted, Exception):
         log.warning("Redis refuses writes", extra={"error": repr(deleted)})
-    if isinstance(length, Exception):
-        log.warning("Redis cannot read the outbox", extra={"error": repr(length)})
+    failed = next((length for length in lengths if isinstance(length, Exception)), None)
+    if failed is not None:
+        log.warning("Redis cannot read the outbox", extra={"error": repr(failed)})
         return None, not isinstance(deleted, Exception)
-    return int(length), not isinstance(deleted, Exception)
+    return sum(int(length) for length in lengths), not isinstance(deleted, Exception)
 
 
 async def readyz(request: web.Request) -> web.Response:

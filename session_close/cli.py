@@ -1,6 +1,7 @@
 """sessionctl: write tokens, sessions and push tokens in the Redis form of docs/redis.md,
-as the login side does (for demos, tests, and the login side to copy); and list or replay
-the outbox entries the relay set aside as dead letters (docs/operations.md)."""
+as the login side does (for demos, tests, and the login side to copy); list or replay
+the outbox entries the relay set aside as dead letters (docs/operations.md); and move a
+store of key layout 1 to layout 2 (migrate-keys, session_close/migrate.py)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,18 @@ import argparse
 import asyncio
 import json
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from typing import cast
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.typing import EncodableT, FieldT
 
 from session_close import __version__
 from session_close.events import APP_VERSION_MAX, OS_MAX, SESSION_ID_RE
-from session_close.keys import DEAD_LETTER_FIELDS, Keys
+from session_close.keys import DEAD_LETTER_FIELDS, Keys, bucket_of
+from session_close.migrate import RelayAlive, migrate_keys
 from session_close.redis_client import connect_redis
 from session_close.settings import Settings, env_help, settings_or_exit
 
@@ -54,11 +57,18 @@ async def create_session(
     expires_at = round(now + ttl, 3)
     if expiry_grace is not None:
         fields["expires_at"] = expires_at
+    if isinstance(redis, RedisCluster):
+        # redis-py runs each command queued in a cluster MULTI through asyncio.run, in a
+        # thread of its own: a client not yet initialized would initialize there, with
+        # connections bound to that short-lived loop, and the next command sent on one
+        # of them fails ("Event loop is closed"). So: initialized on the caller's loop.
+        await redis.initialize()
+    # Every key of the session is in its user's bucket: one MULTI, on a cluster too.
     pipe = redis.pipeline(transaction=True)
-    pipe.hset(keys.session(session_id), mapping=fields)
-    pipe.expire(keys.session(session_id), ttl + (expiry_grace or 0))
+    pipe.hset(keys.session(user_id, session_id), mapping=fields)
+    pipe.expire(keys.session(user_id, session_id), ttl + (expiry_grace or 0))
     if expiry_grace is not None:
-        pipe.zadd(keys.expiry, {session_id: expires_at})
+        pipe.zadd(keys.expiry(bucket_of(user_id)), {session_id: expires_at})
     pipe.sadd(keys.user_sessions(user_id), session_id)
     if push_token:
         pipe.hset(keys.user_push(user_id), push_token, session_id)
@@ -82,20 +92,21 @@ async def dead_letters(redis: Redis, keys: Keys) -> list[dict[str, object]]:
 async def replay(
     redis: Redis, keys: Keys, ids: list[str] | None, changes: dict[str, str]
 ) -> dict[str, object]:
-    """Move dead letters (all, or those of `ids`) back to the outbox, as new entries with
-    their own fields (the event id unchanged, so consumers still drop a repeat), with
-    `changes` applied; each is written and removed in one MULTI."""
+    """Move dead letters (all, or those of `ids`) back to the outbox of their user's
+    bucket, as new entries with their own fields (the event id unchanged, so consumers
+    still drop a repeat), with `changes` applied: written first, then removed from the
+    dead letters (another slot), so one interrupted is replayed twice, never lost."""
     if ids is None:
         found = await _dead_letter_entries(redis, keys)
     else:
         found = [e for i in ids for e in await _dead_letter_entries(redis, keys, i, i)]
-    pipe = redis.pipeline(transaction=True)
+    pipe = redis.pipeline(transaction=False)
     for _, fields in found:
         entry = {k: v for k, v in fields.items() if k not in DEAD_LETTER_FIELDS} | changes
-        pipe.xadd(keys.outbox, entry)  # type: ignore[arg-type]
+        pipe.xadd(keys.outbox(bucket_of(entry.get("user_id", ""))), entry)  # type: ignore[arg-type]
+    new_ids = await pipe.execute()
     if found:
-        pipe.xdel(keys.dead_letters, *(i for i, _ in found))
-    new_ids = (await pipe.execute())[: len(found)]
+        await redis.xdel(keys.dead_letters, *(i for i, _ in found))
     replayed = {i for i, _ in found}
     return {
         "replayed": [
@@ -134,8 +145,9 @@ def _change(text: str) -> tuple[str, str]:
 
 async def _run(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
     keys = Keys(settings.redis_key_prefix)
-    # No re-sent command: a replay's MULTI run twice would append its entries twice.
-    redis = connect_redis(settings, resend=False)
+    # No re-sent command: a replay's MULTI run twice would append its entries twice. A
+    # migration moves names, fields and members byte for byte: replies not decoded.
+    redis = connect_redis(settings, resend=False, decode=args.command != "migrate-keys")
     try:
         if args.command == "token":
             token = args.token or secrets.token_urlsafe(32)
@@ -158,6 +170,10 @@ async def _run(args: argparse.Namespace, settings: Settings) -> dict[str, object
                 else settings.session_expiry_grace_seconds,
             )
             return {"userId": args.user, "sessionId": sid}
+        if args.command == "migrate-keys":
+            return await migrate_keys(
+                redis, settings.redis_key_prefix, force=args.force, batch=args.batch_size
+            )
         if args.command == "outbox":
             if args.outbox_command == "dead-letters":
                 return {"deadLetters": await dead_letters(redis, keys)}
@@ -238,11 +254,44 @@ def main(argv: list[str] | None = None) -> None:
         help="write FIELD (as the outbox entry names it, e.g. expired_at) with VALUE in the "
         "replayed entry; needs --id (repeatable)",
     )
+    migrating = sub.add_parser(
+        "migrate-keys",
+        help="move a store written in key layout 1 to layout 2 (docs/redis.md), once, "
+        "with the API, every relay and sweeper stopped",
+        description="Move the keys under REDIS_KEY_PREFIX from key layout 1 to layout 2: "
+        "sessions, tombstones, user sets, push hashes and close-all records renamed into "
+        "their user's bucket with their TTL, the expiry index and the outbox split over "
+        "the buckets; tokens, dead letters and heartbeats keep their names. Run it with "
+        "the API, every relay and sweeper stopped. It runs against the single Redis node "
+        "or Sentinel primary that holds the store (layout 1 never ran on Redis Cluster), "
+        "never with REDIS_CLUSTER=true. Safe to run again: a second run moves nothing, "
+        "and a run that was interrupted is finished by the next. Prints what it moved, "
+        "and what it left alone and why.",
+    )
+    migrating.add_argument(
+        "--force",
+        action="store_true",
+        help="run even though an outbox relay's heartbeat is alive (a relay still running "
+        "on layout 1 would go on writing the old keys)",
+    )
+    migrating.add_argument(
+        "--batch-size", type=int, default=1000, help="keys or entries per SCAN and pipeline"
+    )
     args = parser.parse_args(argv)
     if args.command == "outbox" and args.outbox_command == "replay" and args.set and not args.id:
         parser.error("--set needs --id: a correction is made entry by entry")
+    if args.command == "migrate-keys" and args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
     settings = settings_or_exit("sessionctl")
-    print(json.dumps(asyncio.run(_run(args, settings))))
+    if args.command == "migrate-keys" and settings.redis_cluster:
+        sys.exit(
+            "sessionctl migrate-keys: REDIS_CLUSTER=true, but a store of layout 1 is on a "
+            "single node or a Sentinel primary: point REDIS_URL (or REDIS_SENTINELS) there"
+        )
+    try:
+        print(json.dumps(asyncio.run(_run(args, settings))))
+    except RelayAlive as exc:
+        sys.exit(f"sessionctl migrate-keys: {exc}")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import Any, cast
 
 from redis import exceptions as redis_errors
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
@@ -87,13 +87,14 @@ class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
         await self.sentinel_manager.aclose()
 
 
-def connect_redis(settings: Settings, *, resend: bool = True) -> Redis:
-    """The client. With `resend`, a command whose connection dropped is sent once more on
-    a new one: only for callers whose every command is safe to run twice (a close script
-    compares the event id with the tombstone's). The outbox relay's is not (`resend`
-    False): it cannot know whether a command whose reply was lost ran, and a re-sent
-    `XREADGROUP >` hands out more entries while the lost reply's sit unseen in its
-    pending list; the relay re-reads those itself."""
+def connect_redis(settings: Settings, *, resend: bool = True, decode: bool = True) -> Redis:
+    """The client, whose replies are text (`decode`) or, for a caller that moves data as it
+    is (`sessionctl migrate-keys`), bytes. With `resend`, a command whose connection
+    dropped is sent once more on a new one: only for callers whose every command is safe
+    to run twice (a close script compares the event id with the tombstone's). The outbox
+    relay's is not (`resend` False): it cannot know whether a command whose reply was
+    lost ran, and a re-sent `XREADGROUP >` hands out more entries while the lost reply's
+    sit unseen in its pending list; the relay re-reads those itself."""
     timeout = settings.redis_timeout_seconds
     # A WAIT for replicas blocks its connection up to REDIS_REPLICA_TIMEOUT_SECONDS
     # beyond the command itself; the caller's own bound still covers the whole step.
@@ -105,7 +106,7 @@ def connect_redis(settings: Settings, *, resend: bool = True) -> Redis:
     options: dict[str, Any] = {
         "max_connections": settings.redis_max_connections,
         "timeout": timeout,
-        "decode_responses": True,
+        "decode_responses": decode,
         # Bytes that are not UTF-8 (an `os` some writer got wrong) read as U+FFFD: a
         # read of the outbox, or of anything else, never fails on what an entry holds.
         "encoding_errors": "replace",
@@ -114,6 +115,8 @@ def connect_redis(settings: Settings, *, resend: bool = True) -> Redis:
         "retry": Retry(NoBackoff(), 1 if resend else 0),
         "health_check_interval": 30,
     }
+    if settings.redis_cluster:
+        return _cluster(settings, options)
     if not settings.redis_sentinels:
         return Redis.from_pool(BlockingConnectionPool.from_url(settings.redis_url, **options))
     # REDIS_URL's host is Sentinel's to say; its database, user and password still apply.
@@ -132,6 +135,25 @@ def connect_redis(settings: Settings, *, resend: bool = True) -> Redis:
         **options,
     )
     return Redis.from_pool(pool)
+
+
+def _cluster(settings: Settings, options: dict[str, Any]) -> Redis:
+    """A Redis Cluster client, starting from the node REDIS_URL names. It sends each
+    command to the primary of its key's slot and follows MOVED and ASK. Typed as Redis:
+    it takes the commands, pipelines and scripts this service sends alike (a script's
+    keys must share a slot, which the key layout ensures)."""
+    cluster = RedisCluster.from_url(
+        settings.redis_url,
+        # Per node, as the single-node pool: a caller waits for a free connection.
+        max_connections=options["max_connections"],
+        decode_responses=True,
+        encoding_errors=options["encoding_errors"],
+        socket_timeout=options["socket_timeout"],
+        socket_connect_timeout=options["socket_connect_timeout"],
+        retry=options["retry"],
+        health_check_interval=options["health_check_interval"],
+    )
+    return cast(Redis, cluster)
 
 
 async def undurable_settings(redis: Redis) -> dict[str, str]:

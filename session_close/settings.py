@@ -44,7 +44,13 @@ class Settings:
     redis_url: str = setting(
         "redis://localhost:6379/0", mf.String(validate=_url("redis", "rediss", "unix"))
     )
-    redis_key_prefix: str = setting("", mf.String())
+    # Outside every key's hash tag: braces in it would move the tag (docs/redis.md).
+    redis_key_prefix: str = setting(
+        "",
+        mf.String(validate=validate.Regexp(r"^[^{}]*$", error="must not hold a brace ({{ or }})")),
+    )
+    # REDIS_URL names any node of a Redis Cluster; the client finds the others.
+    redis_cluster: bool = setting(False, mf.Boolean())
     # Empty: REDIS_URL names the Redis. Else the primary is found through these Sentinels
     # (REDIS_URL then gives only the database number, user and password).
     redis_sentinels: str = setting(
@@ -129,7 +135,14 @@ class Settings:
                 for name, msgs in sorted(messages.items())
             )
             raise SettingsError(f"invalid configuration: {problems}") from None
-        return cls(**{name.lower(): value for name, value in loaded.items()})
+        settings = cls(**{name.lower(): value for name, value in loaded.items()})
+        if settings.redis_cluster and (settings.redis_sentinels or settings.redis_min_replicas):
+            # A cluster fails over by itself, and WAIT would need each node's connection.
+            raise SettingsError(
+                "invalid configuration: REDIS_CLUSTER=true goes with neither REDIS_SENTINELS"
+                " nor REDIS_MIN_REPLICAS"
+            )
+        return settings
 
 
 # Built from the fields above: every variable's name, reader and check, and nothing else.

@@ -27,6 +27,9 @@ from session_close.settings import Settings
 from session_close.topology import Topology
 from tests.support.proxy import TcpProxy
 
+# How long the cleanup of a test's Redis keys may take.
+CLEANUP_SECONDS = 30.0
+
 # The workers' fixtures (broker, audit_table, worker_processes), for every test module;
 # the needs_tool marker (skipped where a tool is missing, failed under CI=true).
 pytest_plugins = ["tests.support.workers", "tests.support.tools"]
@@ -57,10 +60,16 @@ def keys(settings: Settings) -> Keys:
 
 @pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    client = Redis.from_url(settings.redis_url, decode_responses=True)
+    client = Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=30)
     yield client
-    async for key in client.scan_iter(match=f"{settings.redis_key_prefix}*", count=1000):
-        await client.delete(key)
+    # Bounded: a test that its timeout ended mid-command can leave the client's pool
+    # locked, and the cleanup must then fail, not hang the run.
+    async with asyncio.timeout(CLEANUP_SECONDS):
+        found = [
+            k async for k in client.scan_iter(match=f"{settings.redis_key_prefix}*", count=1000)
+        ]
+        for start in range(0, len(found), 1000):
+            await client.unlink(*found[start : start + 1000])
     await client.aclose()
 
 

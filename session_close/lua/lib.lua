@@ -44,19 +44,16 @@ end
 
 
 -- The key layout of docs/redis.md (session_close/keys.py builds the same keys in
--- Python), given the prefix the caller passes as an argument. The keys a script can
--- name up front (the outbox stream, the expiry index) come in KEYS instead.
-local function keys_of(prefix)
+-- Python), for the keys of one bucket: `tag` is what they all start with, the key
+-- prefix and the bucket's hash tag ({b<n>}:), which the caller passes as an argument.
+-- A script declares in KEYS every key it can name up front; the ones it derives (a
+-- session a close-all or a sweep finds) carry the same tag, so they are always in the
+-- script's own hash slot.
+local function keys_of(tag)
   return {
-    token = function(digest) return prefix .. 'auth:token:' .. digest end,
-    session = function(sid) return prefix .. 'session:' .. sid end,
-    tombstone = function(sid) return prefix .. 'session:closed:' .. sid end,
-    user_sessions = function(uid) return prefix .. 'user:' .. uid .. ':sessions' end,
-    -- A close-all's running count of sessions closed, per user and request (see
-    -- close_all_sessions.lua).
-    close_all = function(uid, run) return prefix .. 'user:' .. uid .. ':close-all:' .. run end,
-    -- Refreshed by a live outbox relay; gone (expired) once the relay is dead.
-    relay_heartbeat = function(consumer) return prefix .. 'outbox:relay:' .. consumer end,
+    session = function(sid) return tag .. 'session:' .. sid end,
+    tombstone = function(sid) return tag .. 'session:closed:' .. sid end,
+    user_sessions = function(uid) return tag .. 'user:' .. uid .. ':sessions' end,
   }
 end
 
@@ -98,15 +95,15 @@ end
 
 -- Close one open session, as a close and a close-all do: delete it, remove it from its
 -- user's set and from the expiry index, leave its tombstone (for idempotent repeats) and
--- record its session.closed event. The caller has checked every key's type first.
-local function close_session(key, outbox, expiry, ttl, event)
+-- record its session.closed event. `at` names the session's own keys; the caller has
+-- checked every key's type first.
+local function close_session(at, outbox, expiry, ttl, event)
   local sid = event.session_id
-  local tombstone = key.tombstone(sid)
-  redis.call('DEL', key.session(sid))
-  redis.call('SREM', key.user_sessions(event.user_id), sid)
+  redis.call('DEL', at.session)
+  redis.call('SREM', at.user_sessions, sid)
   redis.call('ZREM', expiry, sid)
-  redis.call('HSET', tombstone,
+  redis.call('HSET', at.tombstone,
     'user_id', event.user_id, 'event_id', event.event_id, 'closed_at', event.closed_at)
-  redis.call('EXPIRE', tombstone, ttl)
+  redis.call('EXPIRE', at.tombstone, ttl)
   add_event(outbox, event)
 end

@@ -8,8 +8,9 @@
 -- run is atomic, so any number of sweepers (and closes) may race: the sid leaves the
 -- index in the same step as its event, and only once.
 --
--- KEYS[1] expiry index   KEYS[2] outbox stream
--- ARGV[1] key prefix  ARGV[2] batch size  ARGV[3] closed at (RFC 3339)
+-- KEYS[1] a bucket's expiry index   KEYS[2] the bucket's outbox stream
+-- ARGV[1] the bucket's key tag (prefix and hash tag: the sessions found in the index and
+-- their users' sets are named from it)  ARGV[2] batch size  ARGV[3] closed at (RFC 3339)
 -- ARGV[4] event-id namespace (32 hex digits)  ARGV[5] seconds to set a failing sid aside
 --
 -- Returns {expired, rescored, dropped, failed, lag, invalid}: lag is how many seconds past its

@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from service.app import create_app
 from service.schemas import InfoReplySchema
 from session_close.cli import create_token
-from session_close.keys import Keys
+from session_close.keys import Keys, bucket_of
 from session_close.settings import Settings
 from tests.support.closing import (
     BODY,
@@ -119,9 +119,10 @@ async def test_every_open_session_is_closed_with_its_own_event(
         assert (entry["os"], entry["app_version"]) == (f"os-{i}", f"1.{i}.0")
         assert uuid.UUID(entry["event_id"]).version == 5
         assert (
-            await redis.hget(keys.tombstone(entry["session_id"]), "event_id") == entry["event_id"]
+            await redis.hget(keys.tombstone(USER, entry["session_id"]), "event_id")
+            == entry["event_id"]
         )
-        assert not await redis.exists(keys.session(entry["session_id"]))
+        assert not await redis.exists(keys.session(USER, entry["session_id"]))
     assert len({e["event_id"] for e in entries}) == 3
     assert await redis.scard(keys.user_sessions(USER)) == 0
 
@@ -140,7 +141,7 @@ async def test_keep_current_keeps_the_requesting_session(
         "session-laptop",
         "session-tablet",
     ]
-    assert await redis.exists(keys.session("session-phone"))
+    assert await redis.exists(keys.session(USER, "session-phone"))
     assert await redis.smembers(keys.user_sessions(USER)) == {"session-phone"}
 
 
@@ -192,14 +193,20 @@ async def test_spanish_success_reply(client: Client, sessions: list[str]) -> Non
     )
 
 
+def test_someone_0_shares_the_users_bucket() -> None:
+    assert bucket_of("someone-0") == bucket_of(USER) != bucket_of("someone-else")
+
+
+@pytest.mark.parametrize("other", ["someone-else", "someone-0"])  # another bucket, USER's
 async def test_other_users_stale_and_expired_sessions_are_not_closed(
-    client: Client, redis: Redis, keys: Keys, sessions: list[str]
+    client: Client, redis: Redis, keys: Keys, sessions: list[str], other: str
 ) -> None:
-    await open_session(redis, keys, "someone-else", "session-theirs", "their-token")
+    await open_session(redis, keys, other, "session-theirs", "their-token")
     # In the user's set but not theirs, gone, and past its logical end.
     await redis.sadd(keys.user_sessions(USER), "session-theirs", "session-gone-1")
     await redis.hset(
-        keys.session("session-expired"), mapping={"user_id": USER, "expires_at": time.time() - 5}
+        keys.session(USER, "session-expired"),
+        mapping={"user_id": USER, "expires_at": time.time() - 5},
     )
     await redis.sadd(keys.user_sessions(USER), "session-expired")
 
@@ -207,10 +214,15 @@ async def test_other_users_stale_and_expired_sessions_are_not_closed(
 
     assert (await info_of(resp, 200, "success"))["closedSessions"] == 3
     assert sorted(e["session_id"] for e in await outbox_entries(redis, keys)) == sorted(sessions)
-    assert await redis.exists(keys.session("session-theirs"))
-    assert await redis.exists(keys.session("session-expired"))  # the sweeper's to expire
-    # The gone one is dropped from the set without an event; the others are left.
-    assert await redis.smembers(keys.user_sessions(USER)) == {"session-theirs", "session-expired"}
+    assert await redis.exists(keys.session(other, "session-theirs"))
+    assert await redis.exists(keys.session(USER, "session-expired"))  # the sweeper's to expire
+    # The gone one is dropped from the set without an event. So is the other user's when
+    # it is in another bucket (for this user it does not exist); in the user's own bucket
+    # it is left, like the expired one, which is the sweeper's.
+    left = {"session-expired"} | (
+        {"session-theirs"} if bucket_of(other) == bucket_of(USER) else set()
+    )
+    assert await redis.smembers(keys.user_sessions(USER)) == left
 
 
 @pytest.mark.parametrize(
@@ -221,9 +233,12 @@ async def test_keep_current_with_a_session_not_open_for_the_user_is_404_and_clos
     client: Client, redis: Redis, keys: Keys, sessions: list[str], keep: str
 ) -> None:
     await open_session(redis, keys, "someone-else", "session-theirs", "their-token")
-    await redis.hset(keys.tombstone("session-closed"), mapping={"user_id": USER, "event_id": "x"})
     await redis.hset(
-        keys.session("session-expired"), mapping={"user_id": USER, "expires_at": time.time() - 5}
+        keys.tombstone(USER, "session-closed"), mapping={"user_id": USER, "event_id": "x"}
+    )
+    await redis.hset(
+        keys.session(USER, "session-expired"),
+        mapping={"user_id": USER, "expires_at": time.time() - 5},
     )
     async with Unchanged(redis, keys):
         resp = await client.post(
@@ -294,11 +309,11 @@ async def test_a_key_of_the_wrong_type_fails_the_whole_step_and_writes_nothing(
     client: Client, redis: Redis, keys: Keys, sessions: list[str]
 ) -> None:
     # One session of the user has a tombstone key that is not a hash.
-    await redis.set(keys.tombstone("session-laptop"), "not a hash")
+    await redis.set(keys.tombstone(USER, "session-laptop"), "not a hash")
     async with Unchanged(redis, keys):
         resp = await client.post(CLOSE_ALL_PATH, headers=close_all_headers(), data=close_all_body())
         await info_of(resp, 500, "error")
-    await redis.delete(keys.tombstone("session-laptop"))
+    await redis.delete(keys.tombstone(USER, "session-laptop"))
     retry = await client.post(CLOSE_ALL_PATH, headers=close_all_headers(), data=close_all_body())
     assert (await info_of(retry, 200, "success"))["closedSessions"] == 3
 

@@ -23,7 +23,7 @@ from service.app import create_app
 from service.appkeys import AMQP
 from service.closer import CLOSE_ALL_NAMESPACE
 from session_close.cli import create_token
-from session_close.keys import Keys, token_digest
+from session_close.keys import Keys, bucket_of
 from session_close.scripts import CLOSE_ALL_SESSIONS
 from session_close.settings import Settings
 from tests.support.closing import (
@@ -79,7 +79,7 @@ async def write_sessions(redis: Redis, keys: Keys, user: str, sids: list[str]) -
     for start in range(0, len(sids), 5000):
         pipe = redis.pipeline(transaction=False)
         for sid in sids[start : start + 5000]:
-            pipe.hset(keys.session(sid), mapping={"user_id": user, "os": "iOS"})
+            pipe.hset(keys.session(user, sid), mapping={"user_id": user, "os": "iOS"})
             pipe.sadd(keys.user_sessions(user), sid)
         await pipe.execute()
 
@@ -150,8 +150,25 @@ async def test_a_50000_session_close_all_leaves_other_users_closes_fast(
     assert await redis.scard(keys.user_sessions(USER)) == 0
 
 
+def close_all_call(
+    keys: Keys, run: str, request_id: str, batch: int
+) -> tuple[list[str], list[object]]:
+    """close_all_sessions.lua's KEYS and ARGV (but the cursor and the first-run flag) for
+    a close-all of USER that keeps no session, as service/closer.py builds them."""
+    bucket = bucket_of(USER)
+    script_keys = [
+        keys.outbox(bucket),
+        keys.expiry(bucket),
+        keys.user_sessions(USER),
+        keys.close_all(USER, run),
+        keys.session(USER, ""),
+    ]
+    args = [keys.tag(bucket), 600, "2026-01-01T00:00:00Z", USER, "", run, request_id, "", batch]
+    return script_keys, args
+
+
 async def _has_entries(redis: Redis, keys: Keys) -> bool:
-    return bool(await redis.xlen(keys.outbox))
+    return bool(await redis.xlen(keys.outbox(bucket_of(USER))))
 
 
 async def test_each_script_run_closes_at_most_the_batch_size(
@@ -161,17 +178,14 @@ async def test_each_script_run_closes_at_most_the_batch_size(
     outbox's growth between runs both show at most 10 sessions."""
     await create_token(redis, keys, USER, TOKEN, 600)
     await write_sessions(redis, keys, USER, [f"few-{i:02d}" for i in range(35)])
-    args = [keys.prefix, 600, "2026-01-01T00:00:00Z", token_digest(TOKEN), ""]
-    args += [uuid.uuid4().hex, "req-steps", "", 10]
+    script_keys, args = close_all_call(keys, uuid.uuid4().hex, "req-steps", 10)
     cursor, first, runs, closed = "0", True, [], 0
     while True:
-        before = await redis.xlen(keys.outbox)
-        reply = await CLOSE_ALL_SESSIONS(
-            redis, [keys.outbox, keys.expiry], [*args, cursor, "1" if first else "0"]
-        )
+        before = await redis.xlen(keys.outbox(bucket_of(USER)))
+        reply = await CLOSE_ALL_SESSIONS(redis, script_keys, [*args, cursor, "1" if first else "0"])
         assert reply[0] == "closed"
         n, total, cursor, done = reply[1:]
-        runs.append((int(n), await redis.xlen(keys.outbox) - before))
+        runs.append((int(n), await redis.xlen(keys.outbox(bucket_of(USER))) - before))
         closed += int(n)
         assert int(total) == closed
         first = False
@@ -180,7 +194,7 @@ async def test_each_script_run_closes_at_most_the_batch_size(
         assert len(runs) < 20, runs
     assert all(n <= 10 and added == n for n, added in runs), runs
     assert closed == 35
-    assert await redis.xlen(keys.outbox) == 35
+    assert await redis.xlen(keys.outbox(bucket_of(USER))) == 35
     assert await redis.scard(keys.user_sessions(USER)) == 0
 
 
@@ -193,7 +207,7 @@ async def test_close_all_answers_the_count_of_every_step(
     resp = await client.post(CLOSE_ALL_PATH, headers=close_all_headers(), data=close_all_body())
     info = await info_of(resp, 200, "success")
     assert info["closedSessions"] == 35
-    assert await redis.xlen(keys.outbox) == 35
+    assert await redis.xlen(keys.outbox(bucket_of(USER))) == 35
 
 
 async def test_a_retry_with_the_same_request_id_finishes_and_counts_the_first_attempt(
@@ -205,10 +219,8 @@ async def test_a_retry_with_the_same_request_id_finishes_and_counts_the_first_at
     await create_token(redis, keys, USER, TOKEN, 600)
     await write_sessions(redis, keys, USER, [f"few-{i:02d}" for i in range(35)])
     run = uuid.uuid5(CLOSE_ALL_NAMESPACE, "req-retried").hex
-    args = [keys.prefix, 600, "2026-01-01T00:00:00Z", token_digest(TOKEN), ""]
-    first = await CLOSE_ALL_SESSIONS(
-        redis, [keys.outbox, keys.expiry], [*args, run, "req-retried", "", 10, "0", "1"]
-    )
+    script_keys, args = close_all_call(keys, run, "req-retried", 10)
+    first = await CLOSE_ALL_SESSIONS(redis, script_keys, [*args, "0", "1"])
     assert first[:2] == ["closed", 10]
 
     headers = close_all_headers(**{"X-Request-ID": "req-retried"})
@@ -216,13 +228,13 @@ async def test_a_retry_with_the_same_request_id_finishes_and_counts_the_first_at
         await client.post(CLOSE_ALL_PATH, headers=headers, data=close_all_body()), 200, "success"
     )
     assert info["closedSessions"] == 35
-    assert await redis.xlen(keys.outbox) == 35
+    assert await redis.xlen(keys.outbox(bucket_of(USER))) == 35
     # Once more, after it all was done: the same answer, and no event more.
     again = await info_of(
         await client.post(CLOSE_ALL_PATH, headers=headers, data=close_all_body()), 200, "success"
     )
     assert again["closedSessions"] == 35
-    assert await redis.xlen(keys.outbox) == 35
+    assert await redis.xlen(keys.outbox(bucket_of(USER))) == 35
     # Without the request id it is a new close-all: nothing left to close.
     other = await info_of(
         await client.post(CLOSE_ALL_PATH, headers=close_all_headers(), data=close_all_body()),
@@ -247,4 +259,4 @@ async def test_keep_current_is_checked_in_the_first_step_and_kept_in_every_step(
     missing = app_headers(TOKEN, "few-not-open")
     resp = await client.post(CLOSE_ALL_PATH, headers=missing, data=close_all_body(keepCurrent=True))
     await info_of(resp, 404, "error")
-    assert await redis.xlen(keys.outbox) == 35
+    assert await redis.xlen(keys.outbox(bucket_of(USER))) == 35

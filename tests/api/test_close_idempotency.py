@@ -15,9 +15,10 @@ from aiohttp.pytest_plugin import AiohttpClient
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from outbox.stream import backlog
 from service.app import create_app
 from service.appkeys import AMQP
-from session_close.keys import Keys, token_digest
+from session_close.keys import Keys, bucket_of
 from session_close.scripts import CLOSE_SESSIONS
 from session_close.settings import Settings
 from session_close.topology import Topology
@@ -38,7 +39,7 @@ USER, SID, TOKEN = "user-1", "session-0001", "token-of-user-1"
 
 async def outbox_appended(redis: Redis, keys: Keys) -> int:
     """How many entries were ever added to the outbox (the relay deletes published ones)."""
-    info = await redis.xinfo_stream(keys.outbox)
+    info = await redis.xinfo_stream(keys.outbox(bucket_of(USER)))
     return int(info["entries-added"])
 
 
@@ -47,7 +48,7 @@ async def published(redis: Redis, keys: Keys, settings: Settings, expected: int)
     queue = Topology.from_settings(settings).queue("audit")
 
     async def drained() -> bool:
-        return await redis.xlen(keys.outbox) == 0 and (
+        return await backlog(redis, keys) == 0 and (
             await queue_depth(settings.amqp_url, queue) >= expected
         )
 
@@ -84,11 +85,20 @@ async def test_a_repeat_after_success_is_case_8_and_adds_no_event(
 
 
 def script_call(keys: Keys, *closes: tuple[str, str]) -> tuple[list[str], list[object]]:
-    """close_sessions.lua's call for a batch of (session id, event id) closes."""
-    args: list[object] = [keys.prefix, 600, "2026-01-01T00:00:00.000Z"]
+    """close_sessions.lua's call for a batch of (session id, event id) closes of USER."""
+    bucket = bucket_of(USER)
+    script_keys: list[str] = []
+    args: list[object] = [600, "2026-01-01T00:00:00.000Z"]
     for sid, event_id in closes:
-        args += [token_digest(TOKEN), sid, event_id, "Android", "1.0.10", "r1", ""]
-    return [keys.outbox, keys.expiry], args
+        script_keys += [
+            keys.outbox(bucket),
+            keys.expiry(bucket),
+            keys.session(USER, sid),
+            keys.tombstone(USER, sid),
+            keys.user_sessions(USER),
+        ]
+        args += [USER, sid, event_id, "Android", "1.0.10", "r1", ""]
+    return script_keys, args
 
 
 async def test_a_retried_script_call_with_the_same_event_id_succeeds_without_a_second_event(
@@ -99,11 +109,11 @@ async def test_a_retried_script_call_with_the_same_event_id_succeeds_without_a_s
     call = script_call(keys, (SID, str(uuid.uuid4())))
     assert await CLOSE_SESSIONS(redis, *call) == ["closed"]
     assert await CLOSE_SESSIONS(redis, *call) == ["closed"]
-    assert await redis.xlen(keys.outbox) == 1
+    assert await backlog(redis, keys) == 1
     # A different request (a new event id) is a repeat: case 8.
     again = script_call(keys, (SID, str(uuid.uuid4())))
     assert await CLOSE_SESSIONS(redis, *again) == ["already"]
-    assert await redis.xlen(keys.outbox) == 1
+    assert await backlog(redis, keys) == 1
 
 
 async def test_a_close_failing_inside_redis_fails_alone_and_leaves_its_batch_closed(
@@ -113,15 +123,15 @@ async def test_a_close_failing_inside_redis_fails_alone_and_leaves_its_batch_clo
     sids = ["session-a", SID, "session-c"]
     for sid in sids:
         await open_session(redis, keys, USER, sid, TOKEN)
-    await redis.set(keys.tombstone(SID), "not a hash")
+    await redis.set(keys.tombstone(USER, SID), "not a hash")
     replies = await CLOSE_SESSIONS(
         redis, *script_call(keys, *((s, str(uuid.uuid4())) for s in sids))
     )
     assert replies[0] == replies[2] == "closed"
     assert isinstance(replies[1], ResponseError)
     assert "WRONGTYPE" in str(replies[1])
-    assert await redis.xlen(keys.outbox) == 2
-    assert await redis.exists(keys.session(SID)) == 1
+    assert await backlog(redis, keys) == 2
+    assert await redis.exists(keys.session(USER, SID)) == 1
 
 
 async def test_closes_work_after_redis_lost_its_script_cache(
@@ -154,11 +164,22 @@ async def test_closes_work_after_redis_lost_its_script_cache(
             await redis.aclose()
 
 
+# Another user: in another bucket, and in USER's own bucket (layout 2 puts every key of a
+# user in the bucket of CRC32(user id) mod 256), where only the scripts' ownership checks
+# tell the sessions apart.
+OTHER_USERS = ["user-2", "neighbour-177"]
+
+
+def test_the_neighbour_shares_the_users_bucket() -> None:
+    assert bucket_of("neighbour-177") == bucket_of(USER) != bucket_of("user-2")
+
+
+@pytest.mark.parametrize("other", OTHER_USERS)
 async def test_a_session_owned_by_another_user_is_404_and_left_alone(
-    client: Client, redis: Redis, keys: Keys
+    client: Client, redis: Redis, keys: Keys, other: str
 ) -> None:
     await open_session(redis, keys, USER, SID, TOKEN)
-    await open_session(redis, keys, "user-2", "session-0002", "token-of-user-2")
+    await open_session(redis, keys, other, "session-0002", "token-of-user-2")
     before = await snapshot(redis, keys.prefix)
     resp = await client.post(CLOSE_PATH, headers=app_headers(TOKEN, "session-0002"), data=BODY)
     assert resp.status == 404
@@ -166,10 +187,11 @@ async def test_a_session_owned_by_another_user_is_404_and_left_alone(
     assert await snapshot(redis, keys.prefix) == before
 
 
+@pytest.mark.parametrize("other", OTHER_USERS)
 async def test_a_session_closed_by_another_user_is_404_not_case_8(
-    client: Client, redis: Redis, keys: Keys
+    client: Client, redis: Redis, keys: Keys, other: str
 ) -> None:
-    await open_session(redis, keys, "user-2", "session-0002", "token-of-user-2")
+    await open_session(redis, keys, other, "session-0002", "token-of-user-2")
     await open_session(redis, keys, USER, SID, TOKEN)
     closed = await client.post(
         CLOSE_PATH, headers=app_headers("token-of-user-2", "session-0002"), data=BODY
@@ -218,10 +240,10 @@ async def test_two_api_processes_closing_the_same_sessions_give_one_success_and_
 
 WRONG_TYPE_KEYS: dict[str, Callable[[Keys], str]] = {
     "token": lambda keys: keys.token(TOKEN),
-    "session": lambda keys: keys.session(SID),
+    "session": lambda keys: keys.session(USER, SID),
     "user sessions": lambda keys: keys.user_sessions(USER),
-    "tombstone": lambda keys: keys.tombstone(SID),
-    "outbox": lambda keys: keys.outbox,
+    "tombstone": lambda keys: keys.tombstone(USER, SID),
+    "outbox": lambda keys: keys.outbox(bucket_of(USER)),
 }
 
 

@@ -47,7 +47,7 @@ async def test_expired_token_is_401(client: Client, redis: Redis, keys: Keys, se
     async with state_unchanged(redis, keys):
         resp = await client.post(CLOSE_PATH, headers=app_headers(TOKEN, session), data=BODY)
         await info_of(resp, 401, "error")
-    assert await redis.exists(keys.session(session))
+    assert await redis.exists(keys.session(USER, session))
 
 
 async def test_token_without_user_id_is_401(
@@ -71,9 +71,9 @@ async def test_unknown_expired_and_foreign_sessions_are_indistinguishable_404s(
 ) -> None:
     await open_session(redis, keys, "user-2", "session-of-user-2", "token-of-user-2")
     await open_session(redis, keys, USER, "session-expiring", TOKEN)
-    await redis.pexpire(keys.session("session-expiring"), 1)
+    await redis.pexpire(keys.session(USER, "session-expiring"), 1)
     await wait_until(
-        lambda: _gone(redis, keys.session("session-expiring")), "expiry", within=5, step=0.005
+        lambda: _gone(redis, keys.session(USER, "session-expiring")), "expiry", within=5, step=0.005
     )
     replies = []
     async with state_unchanged(redis, keys):
@@ -94,7 +94,7 @@ async def test_closing_again_is_200_info(
 ) -> None:
     resp = await client.post(CLOSE_PATH, headers=app_headers(TOKEN, session), data=BODY)
     await info_of(resp, 200, "success")
-    ttl = await redis.ttl(keys.tombstone(session))
+    ttl = await redis.ttl(keys.tombstone(USER, session))
     assert settings.tombstone_ttl_seconds - 5 <= ttl <= settings.tombstone_ttl_seconds
     async with state_unchanged(redis, keys):
         resp = await client.post(CLOSE_PATH, headers=app_headers(TOKEN, session), data=BODY)
@@ -108,8 +108,10 @@ async def test_closing_again_after_the_tombstone_expired_is_404(
 ) -> None:
     resp = await client.post(CLOSE_PATH, headers=app_headers(TOKEN, session), data=BODY)
     await info_of(resp, 200, "success")
-    await redis.pexpire(keys.tombstone(session), 1)
-    await wait_until(lambda: _gone(redis, keys.tombstone(session)), "expiry", within=5, step=0.005)
+    await redis.pexpire(keys.tombstone(USER, session), 1)
+    await wait_until(
+        lambda: _gone(redis, keys.tombstone(USER, session)), "expiry", within=5, step=0.005
+    )
     resp = await client.post(CLOSE_PATH, headers=app_headers(TOKEN, session), data=BODY)
     await info_of(resp, 404, "error")
 
@@ -135,10 +137,10 @@ async def test_open_session_is_closed_with_success(
         "message": "The session has been closed successfully!",
         "sessionId": SID,
     }
-    assert not await redis.exists(keys.session(SID))
+    assert not await redis.exists(keys.session(USER, SID))
     assert await redis.smembers(keys.user_sessions(USER)) == {"session-other"}
-    assert await redis.hget(keys.tombstone(SID), "user_id") == USER
-    assert await redis.ttl(keys.tombstone(SID)) > 0
+    assert await redis.hget(keys.tombstone(USER, SID), "user_id") == USER
+    assert await redis.ttl(keys.tombstone(USER, SID)) > 0
     assert await redis.hgetall(keys.token(TOKEN)) == {"user_id": USER}  # the token lives on
 
 

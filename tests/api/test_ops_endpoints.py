@@ -182,7 +182,7 @@ async def test_readyz_stays_ready_with_a_large_outbox_backlog_and_reports_it(
     backlog = 20_000  # over the 10,000 that used to make the API unready
     async with redis.pipeline(transaction=False) as pipe:
         for n in range(backlog):
-            pipe.xadd(keys.outbox, {"n": str(n)})
+            pipe.xadd(keys.outbox(0), {"n": str(n)})
         await pipe.execute()
     resp = await client.get("/readyz")
     assert resp.status == 200

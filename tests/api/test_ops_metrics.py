@@ -52,8 +52,8 @@ async def test_oldest_outbox_entry_age_comes_from_the_first_entry_id(
 ) -> None:
     seconds, _ = await redis.time()
     two_minutes_ago = (seconds - 120) * 1000
-    await redis.xadd(keys.outbox, {"event": "{}"}, id=f"{two_minutes_ago}-0")
-    await redis.xadd(keys.outbox, {"event": "{}"}, id="*")
+    await redis.xadd(keys.outbox(0), {"event": "{}"}, id=f"{two_minutes_ago}-0")
+    await redis.xadd(keys.outbox(0), {"event": "{}"}, id="*")
     age = (await scrape(aiohttp_client, settings))["outbox_oldest_entry_age_seconds"]
     assert 120 <= age < 180, age
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from outbox.stream import backlog
 from session_close.cli import create_session, create_token
 from session_close.keys import Keys
 from session_close.settings import Settings
@@ -171,7 +172,7 @@ async def test_sigterm_finishes_the_request_in_flight_and_exits_0(
         assert json.loads(payload)["info"]["type"] == "success"
         assert proc.wait(15) == 0
 
-    assert await redis.xlen(keys.outbox) == 1  # its event waits for the next relay
+    assert await backlog(redis, keys) == 1  # its event waits for the next relay
     assert any(
         line.get("logger") == "service.access" and line.get("status") == 200
         for line in json_lines(log)

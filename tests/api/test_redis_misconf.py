@@ -13,6 +13,7 @@ from aiohttp.pytest_plugin import AiohttpClient
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from outbox.stream import backlog
 from service.app import create_app
 from session_close.keys import Keys
 from session_close.settings import Settings
@@ -86,7 +87,7 @@ async def test_closes_answer_503_while_redis_cannot_persist_and_succeed_once_it_
     ):
         assert (status, info_type) == (503, "error")
         assert headers["Retry-After"] == "1"
-    assert await redis.exists(keys.session("session-misconf-1")) == 1
+    assert await redis.exists(keys.session(USER, "session-misconf-1")) == 1
     ready = await own_client.get("/readyz")
     assert ready.status == 503
     body = await ready.json()
@@ -96,7 +97,7 @@ async def test_closes_answer_503_while_redis_cannot_persist_and_succeed_once_it_
     await persists_again(redis, tmp_path)
     assert (await close(own_client, "session-misconf-1"))[::2] == (200, "success")
     assert (await close_all(own_client))[::2] == (200, "success")
-    assert await redis.xlen(keys.outbox) == 2
+    assert await backlog(redis, keys) == 2
     ready = await own_client.get("/readyz")
     assert ready.status == 200
     assert (await ready.json())["redisWrites"] == "up"
@@ -114,7 +115,7 @@ async def test_a_full_redis_never_gives_500_and_readiness_follows_the_closes(
     await full(redis)
     assert (await close(own_client, "session-oom-1"))[::2] == (200, "success")
     assert (await close_all(own_client))[::2] == (200, "success")
-    assert await redis.xlen(keys.outbox) == 2
+    assert await backlog(redis, keys) == 2
     ready = await own_client.get("/readyz")
     assert ready.status == 200
     assert (await ready.json())["redisWrites"] == "up"
@@ -125,7 +126,7 @@ async def test_a_scrape_answers_200_when_redis_answers_errors(
 ) -> None:
     """The outbox key of the wrong type: every read of it is an error reply."""
     redis, _ = own_redis
-    await redis.set(keys.outbox, "not a stream")
+    await redis.set(keys.outbox(0), "not a stream")
     assert await redis_gauges(own_client) == {"redis_up": 0, "redis_writes_up": 1}
     ready = await own_client.get("/readyz")
     assert ready.status == 503

@@ -13,7 +13,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from session_close.keys import Keys
+from session_close.keys import Keys, bucket_of
 from session_close.settings import Settings
 from tests.support.closing import BODY, CLOSE_PATH, Client, app_headers, snapshot
 from tests.support.processes import settings_env
@@ -87,11 +87,13 @@ async def test_session_with_push_token_writes_the_session_its_user_set_and_push_
     )
     assert printed == {"userId": "u1", "sessionId": "sid-00000001"}
     state = await snapshot(redis, keys.prefix)
-    session = state.pop(f"{keys.prefix}session:sid-00000001")
+    # Layout 2 (docs/redis.md), spelled out: the tag of u1's bucket, CRC32("u1") mod 256.
+    tag = f"{keys.prefix}{{b118}}:"
+    session = state.pop(f"{tag}session:sid-00000001")
     assert state == {
-        f"{keys.prefix}user:u1:sessions": ("set", ["sid-00000001"]),
-        f"{keys.prefix}user:u1:push": ("hash", {"fcm-token-1": "sid-00000001"}),
-        f"{keys.prefix}sessions:expiry": ("zset", "zset"),
+        f"{tag}user:u1:sessions": ("set", ["sid-00000001"]),
+        f"{tag}user:u1:push": ("hash", {"fcm-token-1": "sid-00000001"}),
+        f"{tag}sessions:expiry": ("zset", "zset"),
     }
     kind, fields = session
     assert kind == "hash"
@@ -106,9 +108,9 @@ async def test_session_with_push_token_writes_the_session_its_user_set_and_push_
     }
     # The expiry index has the session at its logical end, and its data outlives that
     # end by the grace period, so that the sweeper can still read it.
-    assert await redis.zscore(keys.expiry, "sid-00000001") == expires_at
+    assert await redis.zscore(keys.expiry(bucket_of("u1")), "sid-00000001") == expires_at
     grace = settings.session_expiry_grace_seconds
-    assert 300 + grace - 5 < await redis.ttl(keys.session("sid-00000001")) <= 300 + grace
+    assert 300 + grace - 5 < await redis.ttl(keys.session("u1", "sid-00000001")) <= 300 + grace
 
 
 async def test_a_session_written_the_old_way_has_no_expiry_and_dies_with_its_ttl(
@@ -125,9 +127,9 @@ async def test_a_session_written_the_old_way_has_no_expiry_and_dies_with_its_ttl
         "300",
         "--no-expiry-index",
     )
-    assert "expires_at" not in await redis.hgetall(keys.session("sid-old-0001"))
-    assert not await redis.exists(keys.expiry)
-    assert 0 < await redis.ttl(keys.session("sid-old-0001")) <= 300
+    assert "expires_at" not in await redis.hgetall(keys.session("u1", "sid-old-0001"))
+    assert not await redis.exists(keys.expiry(bucket_of("u1")))
+    assert 0 < await redis.ttl(keys.session("u1", "sid-old-0001")) <= 300
 
 
 async def test_a_minimal_session_has_only_its_user_and_its_times(
@@ -135,7 +137,11 @@ async def test_a_minimal_session_has_only_its_user_and_its_times(
 ) -> None:
     printed = await run_json(settings, "session", "--user", "u2")
     sid = printed["sessionId"]
-    assert set(await redis.hgetall(keys.session(sid))) == {"user_id", "created_at", "expires_at"}
+    assert set(await redis.hgetall(keys.session("u2", sid))) == {
+        "user_id",
+        "created_at",
+        "expires_at",
+    }
     assert await redis.smembers(keys.user_sessions("u2")) == {sid}
     assert not await redis.exists(keys.user_push("u2"))
 

@@ -73,6 +73,9 @@ VALID = {
     "CLOSE_ALL_BATCH_SIZE": ("50", 50),
     "REDIS_SENTINELS": ("s1:26379,10.0.0.2:26380", "s1:26379,10.0.0.2:26380"),
     "REDIS_SENTINEL_MASTER": ("mymaster", "mymaster"),
+    # "true" goes with neither REDIS_SENTINELS nor REDIS_MIN_REPLICAS, set above: read
+    # here as false (its own tests below read true).
+    "REDIS_CLUSTER": ("0", False),
     "REDIS_MIN_REPLICAS": ("1", 1),
     "REDIS_REPLICA_TIMEOUT_SECONDS": ("0.25", 0.25),
 }
@@ -111,6 +114,8 @@ INVALID = [
     ("REDIS_SENTINELS", "s1"),
     ("REDIS_SENTINELS", "s1:26379,"),
     ("REDIS_SENTINEL_MASTER", ""),
+    ("REDIS_CLUSTER", "perhaps"),
+    ("REDIS_KEY_PREFIX", "app{1}:"),
     ("REDIS_MIN_REPLICAS", "-1"),
     ("REDIS_REPLICA_TIMEOUT_SECONDS", "0"),
 ]
@@ -128,6 +133,19 @@ def test_every_setting_is_read_from_its_variable() -> None:
     settings = Settings.from_env({name: raw for name, (raw, _) in VALID.items()})
     for name, (_, value) in VALID.items():
         assert getattr(settings, name.lower()) == value, name
+
+
+def test_redis_cluster_is_read_as_true() -> None:
+    assert Settings.from_env({"REDIS_CLUSTER": "true"}).redis_cluster is True
+
+
+@pytest.mark.parametrize(
+    "other", [{"REDIS_SENTINELS": "s1:26379"}, {"REDIS_MIN_REPLICAS": "1"}], ids=str
+)
+def test_redis_cluster_goes_with_neither_sentinels_nor_min_replicas(other: dict[str, str]) -> None:
+    [name] = other
+    with pytest.raises(SettingsError, match=f"REDIS_CLUSTER=true goes with neither.*{name}"):
+        Settings.from_env({"REDIS_CLUSTER": "true", **other})
 
 
 def test_unrelated_variables_are_ignored() -> None:

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
+from outbox.stream import backlog
 from session_close.cli import create_session, create_token
 from session_close.keys import OUTBOX_GROUP, Keys
 from session_close.settings import Settings
@@ -91,7 +92,10 @@ async def publishing(port: int, redis: Redis, keys: Keys, sids: list[str]) -> No
 
 async def held_by_relays(redis: Redis, keys: Keys) -> int:
     """Entries a relay read and has not had confirmed (they stay pending under its name)."""
-    return int((await redis.xpending(keys.outbox, OUTBOX_GROUP))["pending"])
+    pipe = redis.pipeline(transaction=False)
+    for outbox in keys.outboxes:
+        pipe.xpending(outbox, OUTBOX_GROUP)
+    return sum(int(found["pending"]) for found in await pipe.execute())
 
 
 async def wait_for_held(redis: Redis, keys: Keys) -> int:
@@ -138,7 +142,7 @@ async def test_broker_cut_during_closes_loses_no_event(
         amqp_proxy.cut(mode)
         replies = await close_all(port, sids)
         held_during_cut = await wait_for_held(redis, keys)
-        backlog_while_cut = await redis.xlen(keys.outbox)
+        backlog_while_cut = await backlog(redis, keys)
         amqp_proxy.restore()
         seen = await collect_event_ids(settings, "audit", WARM_UP + CLOSES, deadline=60)
         await wait_until(lambda: _empty(redis, keys), "the outbox to be empty", within=10)
@@ -182,7 +186,7 @@ async def test_api_sigkill_with_outbox_backlog_is_published_by_the_restart_withi
         api.send_signal(signal.SIGKILL)
         killed = time.monotonic()
         api.wait(10)
-    backlog_at_kill = await redis.xlen(keys.outbox)
+    backlog_at_kill = await backlog(redis, keys)
     amqp_proxy.restore()
     with running(["service"], api_env, tmp_path / "api2.log"):
         await wait_until(
@@ -210,4 +214,4 @@ async def test_api_sigkill_with_outbox_backlog_is_published_by_the_restart_withi
 
 
 async def _empty(redis: Redis, keys: Keys) -> bool:
-    return int(await redis.xlen(keys.outbox)) == 0
+    return int(await backlog(redis, keys)) == 0

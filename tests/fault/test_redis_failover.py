@@ -23,8 +23,9 @@ from aio_pika.abc import AbstractIncomingMessage
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from outbox.stream import backlog
 from session_close.cli import create_session, create_token
-from session_close.keys import OUTBOX_GROUP, Keys
+from session_close.keys import OUTBOX_GROUP, Keys, bucket_of
 from session_close.redis_client import connect_redis
 from session_close.settings import Settings
 from session_close.topology import Topology
@@ -214,7 +215,7 @@ async def started_api(settings: Settings, log: Path, api: subprocess.Popen[bytes
 
 async def drained(store: Redis, keys: Keys) -> bool:
     try:
-        return int(await store.xlen(keys.outbox)) == 0
+        return int(await backlog(store, keys)) == 0
     except (RedisError, OSError):
         return False  # a failover in progress
 
@@ -223,9 +224,9 @@ async def retried_by_relay(store: Redis, keys: Keys, n: int) -> bool:
     """The outbox still holds the `n` entries, and the relay read what it holds of them
     at least twice: it read them, did not publish them (it would have deleted them), and
     read them again."""
-    pending = await store.xpending_range(keys.outbox, OUTBOX_GROUP, "-", "+", n)
+    pending = await store.xpending_range(keys.outbox(bucket_of(USER)), OUTBOX_GROUP, "-", "+", n)
     held = [int(p["times_delivered"]) for p in pending]
-    return int(await store.xlen(keys.outbox)) == n and bool(held) and min(held) >= 2
+    return int(await backlog(store, keys)) == n and bool(held) and min(held) >= 2
 
 
 async def test_primary_sigkilled_under_closes_loses_no_acknowledged_close(
@@ -354,7 +355,7 @@ async def test_stalled_replicas_never_acknowledge_and_the_promoted_replica_holds
     succeeded_after = {a.session_id for a in after_kill if a.type == "success"}
     recovered = min(a.started + a.seconds for a in after_kill if a.type == "success")
     with cluster.client(promoted) as node:
-        missing = [sid for sid in sids if not node.exists(keys.tombstone(sid))]
+        missing = [sid for sid in sids if not node.exists(keys.tombstone(USER, sid))]
     ids = events.ids_by_session()
     doubled = [sid for sid, found in ids.items() if len(found) > 1]
     report_counts(
@@ -436,7 +437,7 @@ async def test_relay_and_push_cleanup_follow_a_failover_without_a_restart(
         closed_after=sum(a.type == "success" for a in second),
         failover_seconds=round(failover_seconds, 2),
         tokens_left=await tokens_of(sids),
-        outbox_left=int(await store.xlen(keys.outbox)),
+        outbox_left=int(await backlog(store, keys)),
         events_delivered=len(events.deliveries),
     )
     assert [a.type for a in first + second] == ["success"] * len(sids)

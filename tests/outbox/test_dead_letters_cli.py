@@ -17,7 +17,7 @@ from session_close.keys import Keys
 from session_close.settings import Settings
 from session_close.topology import Topology
 from tests.contract.test_cli import run_json, sessionctl
-from tests.support.delivered import closed_entry, take_messages, write_entries
+from tests.support.delivered import closed_entry, outbox_length, take_messages, write_entries
 from tests.support.waiting import wait_until
 
 
@@ -38,7 +38,9 @@ async def relay(
 
 async def dead_letters_are(redis: Redis, keys: Keys, count: int) -> None:
     async def set_aside() -> bool:
-        return await redis.xlen(keys.outbox) == 0 and await redis.xlen(keys.dead_letters) == count
+        return (
+            await outbox_length(redis, keys) == 0 and await redis.xlen(keys.dead_letters) == count
+        )
 
     await wait_until(set_aside, f"{count} dead letters and an empty outbox", within=15)
 
@@ -88,7 +90,7 @@ async def test_a_replay_of_an_unknown_id_replays_nothing_and_says_so(
 ) -> None:
     replayed = await run_json(settings, "outbox", "replay", "--id", "1-1")
     assert replayed == {"replayed": [], "missing": ["1-1"]}
-    assert await redis.xlen(keys.outbox) == 0
+    assert await outbox_length(redis, keys) == 0
 
 
 async def test_a_correction_needs_the_id_of_the_entry_it_corrects(settings: Settings) -> None:

@@ -17,7 +17,7 @@ from outbox.sweeper import Sweeper
 from service.app import create_app
 from session_close.cli import create_session, create_token
 from session_close.events import SessionEvent, _schema
-from session_close.keys import Keys
+from session_close.keys import Keys, bucket_of
 from session_close.settings import Settings
 from tests.support.closing import (
     BODY,
@@ -47,8 +47,8 @@ async def expiring_session(
     end `expires_in` seconds from now; returns that end."""
     await create_session(redis, keys, USER, sid, ttl=600, expiry_grace=3600, **fields)
     expires_at = time.time() + expires_in
-    await redis.hset(keys.session(sid), "expires_at", expires_at)
-    await redis.zadd(keys.expiry, {sid: expires_at})
+    await redis.hset(keys.session(USER, sid), "expires_at", expires_at)
+    await redis.zadd(keys.expiry(bucket_of(USER)), {sid: expires_at})
     return expires_at
 
 
@@ -128,7 +128,7 @@ async def test_a_close_of_a_session_past_its_expires_at_is_404_before_and_after_
     assert (await Sweeper(redis, quiet).sweep_once()).expired == 1
     resp = await client.post(CLOSE_PATH, headers=app_headers(TOKEN, "session-exp-2"), data=BODY)
     assert resp.status == 404
-    assert not await redis.exists(keys.tombstone("session-exp-2"))
+    assert not await redis.exists(keys.tombstone(USER, "session-exp-2"))
     assert [e["type"] for e in await outbox_entries(redis, keys)] == ["session.expired"]
 
 
@@ -179,7 +179,7 @@ async def test_closes_racing_the_sweeper_give_exactly_one_event_per_session(
 
         async def all_swept() -> bool:  # whatever expired unclosed after the last close
             await sweeper.sweep_once()
-            return await redis.zcard(keys.expiry) == 0
+            return await redis.zcard(keys.expiry(bucket_of(USER))) == 0
 
         await wait_until(all_swept, "every session left unclosed swept", within=10)
     finally:
@@ -193,4 +193,4 @@ async def test_closes_racing_the_sweeper_give_exactly_one_event_per_session(
     # The race was real: both outcomes happened.
     assert kinds["session.closed"] > 0
     assert kinds["session.expired"] > 0
-    assert await redis.zcard(keys.expiry) == 0
+    assert await redis.zcard(keys.expiry(bucket_of(USER))) == 0

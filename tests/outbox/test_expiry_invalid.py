@@ -18,7 +18,7 @@ from outbox.metrics import OutboxMetrics
 from outbox.sweeper import Sweeper
 from service.closer import CloseAllRequest, CloseOutcome, CloseRequest, SessionCloser
 from session_close.cli import create_token
-from session_close.keys import Keys
+from session_close.keys import Keys, bucket_of
 from session_close.settings import Settings
 from tests.support.closing import outbox_entries
 
@@ -32,9 +32,9 @@ INVALID = ["nan", "0x10", "-1e20", "-62135596801", "inf", "-inf", "1e400", "abc"
 async def write_session(redis: Redis, keys: Keys, sid: str, expires_at: str) -> None:
     """A session whose hash says `expires_at`, indexed as due five seconds ago."""
     pipe = redis.pipeline(transaction=True)
-    pipe.hset(keys.session(sid), mapping={"user_id": USER, "expires_at": expires_at})
-    pipe.expire(keys.session(sid), 3600)
-    pipe.zadd(keys.expiry, {sid: time.time() - 5})
+    pipe.hset(keys.session(USER, sid), mapping={"user_id": USER, "expires_at": expires_at})
+    pipe.expire(keys.session(USER, sid), 3600)
+    pipe.zadd(keys.expiry(bucket_of(USER)), {sid: time.time() - 5})
     pipe.sadd(keys.user_sessions(USER), sid)
     await pipe.execute()
 
@@ -65,8 +65,8 @@ async def test_the_sweeper_counts_an_invalid_expires_at_and_never_expires_the_se
     assert [r.__dict__["invalid"] for r in warned] == [1]
     # Dropped from the index like a session written the old way; the session itself,
     # and its place in the user's set, stay.
-    assert await redis.zscore(keys.expiry, "sid-bad-0001") is None
-    assert await redis.exists(keys.session("sid-bad-0001"))
+    assert await redis.zscore(keys.expiry(bucket_of(USER)), "sid-bad-0001") is None
+    assert await redis.exists(keys.session(USER, "sid-bad-0001"))
     assert await redis.sismember(keys.user_sessions(USER), "sid-bad-0001")
     assert await outbox_entries(redis, keys) == []
 

@@ -18,11 +18,12 @@ from redis.asyncio import Redis
 from outbox.relay import Relay
 from outbox.stream import ensure_group
 from outbox.sweeper import Sweeper
-from session_close.keys import Keys, token_digest
+from session_close.keys import Keys, bucket_of
 from session_close.scripts import CLOSE_SESSIONS
 from session_close.settings import Settings
 from session_close.topology import Topology
 from tests.support.closing import open_session
+from tests.support.delivered import outbox_length
 from tests.support.processes import redis_server
 from tests.support.redis_states import WRITABLE_DIR, cannot_persist, persists_again
 from tests.support.waiting import wait_until
@@ -58,9 +59,9 @@ async def test_the_sweeper_waits_out_a_redis_that_cannot_persist_and_sweeps_afte
     redis = own_redis
     expires_at = time.time() - 1
     await redis.hset(
-        keys.session("sid-misconf-1"), mapping={"user_id": "u1", "expires_at": expires_at}
+        keys.session("u1", "sid-misconf-1"), mapping={"user_id": "u1", "expires_at": expires_at}
     )
-    await redis.zadd(keys.expiry, {"sid-misconf-1": expires_at})
+    await redis.zadd(keys.expiry(bucket_of("u1")), {"sid-misconf-1": expires_at})
     await cannot_persist(redis, tmp_path)
     caplog.set_level(logging.WARNING, logger="outbox.sweeper")
     sweeper = Sweeper(redis, dataclasses.replace(settings, sweep_interval_seconds=0.1))
@@ -70,11 +71,11 @@ async def test_the_sweeper_waits_out_a_redis_that_cannot_persist_and_sweeps_afte
         await wait_until(
             lambda: lines(caplog, "outbox.sweeper", outage) >= OUTAGE_LINES, "outage lines"
         )
-        assert await redis.xlen(keys.outbox) == 0
+        assert await outbox_length(redis, keys) == 0
         await persists_again(redis, tmp_path)
 
         async def swept() -> bool:
-            return await redis.xlen(keys.outbox) == 1
+            return await outbox_length(redis, keys) == 1
 
         await wait_until(swept, "the session.expired entry once Redis persists", within=30)
     finally:
@@ -94,14 +95,17 @@ async def test_the_relay_waits_out_a_redis_that_cannot_persist_and_publishes_aft
     redis = own_redis
     await ensure_group(redis, keys)
     await open_session(redis, keys, "u1", "session-misconf-1", "token-misconf")
-    args = [keys.prefix, 600, "2026-01-01T00:00:00.000Z"]
-    args += [
-        token_digest("token-misconf"),
-        "session-misconf-1",
-        "7c8e6a3e-0d1f-4a61-9f0e-5b2d3c4a5e6f",
+    sid, bucket = "session-misconf-1", bucket_of("u1")
+    script_keys = [
+        keys.outbox(bucket),
+        keys.expiry(bucket),
+        keys.session("u1", sid),
+        keys.tombstone("u1", sid),
+        keys.user_sessions("u1"),
     ]
-    args += ["", "", "r", ""]
-    assert await CLOSE_SESSIONS(redis, [keys.outbox, keys.expiry], args) == ["closed"]
+    args = [600, "2026-01-01T00:00:00.000Z"]
+    args += ["u1", sid, "7c8e6a3e-0d1f-4a61-9f0e-5b2d3c4a5e6f", "", "", "r", ""]
+    assert await CLOSE_SESSIONS(redis, script_keys, args) == ["closed"]
     await cannot_persist(redis, tmp_path)
     caplog.set_level(logging.WARNING, logger="outbox.relay")
     connection = await aio_pika.connect_robust(settings.amqp_url)
@@ -120,7 +124,7 @@ async def test_the_relay_waits_out_a_redis_that_cannot_persist_and_publishes_aft
             await persists_again(redis, tmp_path)
 
             async def drained() -> bool:
-                return await redis.xlen(keys.outbox) == 0
+                return await outbox_length(redis, keys) == 0
 
             await wait_until(drained, "the entry published once Redis persists", within=30)
         finally:

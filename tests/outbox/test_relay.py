@@ -25,7 +25,7 @@ from outbox.relay import Relay
 from outbox.stream import ensure_group
 from service.app import create_app
 from service.appkeys import AMQP
-from session_close.keys import OUTBOX_GROUP, Keys, token_digest
+from session_close.keys import OUTBOX_GROUP, Keys, bucket_of
 from session_close.scripts import CLOSE_SESSIONS
 from session_close.settings import Settings
 from session_close.topology import Topology
@@ -39,6 +39,7 @@ from tests.support.closing import (
     outbox_entries,
     queue_depth,
 )
+from tests.support.delivered import outbox_length, pending_by_consumer
 from tests.support.processes import settings_env
 from tests.support.proxy import Mode, TcpProxy
 from tests.support.waiting import wait_until
@@ -72,16 +73,31 @@ async def message_bodies(amqp_url: str, queue: str) -> list[dict[str, object]]:
     return bodies
 
 
+def users_outbox(keys: Keys) -> str:
+    """The outbox of USER's bucket, where every close of these tests writes."""
+    return keys.outbox(bucket_of(USER))
+
+
 async def write_outbox(redis: Redis, keys: Keys, count: int, first: int = 0) -> list[str]:
-    """Close `count` sessions the way the API closes a batch (one script run, atomic), so
-    that a waiting relay reads them together; their event ids."""
+    """Close `count` sessions of USER the way the API closes a batch (one script run,
+    atomic, in the outbox of USER's bucket), so that a waiting relay reads them together;
+    their event ids."""
     sids = [f"session-{n:04d}" for n in range(first, first + count)]
     event_ids = [str(uuid.uuid4()) for _ in sids]
-    args: list[object] = [keys.prefix, 600, "2026-01-01T00:00:00.000Z"]
+    bucket = bucket_of(USER)
+    script_keys: list[str] = []
+    args: list[object] = [600, "2026-01-01T00:00:00.000Z"]
     for sid, event_id in zip(sids, event_ids, strict=True):
         await open_session(redis, keys, USER, sid, TOKEN)
-        args += [token_digest(TOKEN), sid, event_id, "", "", "r", ""]
-    assert await CLOSE_SESSIONS(redis, [keys.outbox, keys.expiry], args) == ["closed"] * count
+        script_keys += [
+            keys.outbox(bucket),
+            keys.expiry(bucket),
+            keys.session(USER, sid),
+            keys.tombstone(USER, sid),
+            keys.user_sessions(USER),
+        ]
+        args += [USER, sid, event_id, "", "", "r", ""]
+    assert await CLOSE_SESSIONS(redis, script_keys, args) == ["closed"] * count
     return event_ids
 
 
@@ -127,13 +143,13 @@ async def test_closes_succeed_while_rabbitmq_is_down_and_the_backlog_drains_afte
         assert resp.status == 200
         assert (await resp.json())["info"]["type"] == "success"
         assert time.monotonic() - started < 0.5
-    assert await redis.xlen(keys.outbox) == 20
+    assert await outbox_length(redis, keys) == 20
     assert await queue_depth(settings.amqp_url, queue) == 1
 
     amqp_proxy.restore()
 
     async def drained() -> bool:
-        return await redis.xlen(keys.outbox) == 0
+        return await outbox_length(redis, keys) == 0
 
     await wait_until(drained, "the backlog to drain after RabbitMQ returned", within=30)
     ids = await message_ids(settings.amqp_url, queue)
@@ -175,7 +191,7 @@ async def test_publish_gives_up_on_a_silent_broker_within_the_publish_timeout(
         assert settings.publish_timeout_seconds <= gave_up_after
         assert gave_up_after < settings.publish_timeout_seconds + 1
         assert failures[0][1] == 5
-        assert await redis.xlen(keys.outbox) == 5  # kept for a later attempt
+        assert await outbox_length(redis, keys) == 5  # kept for a later attempt
     finally:
         stopping = time.monotonic()
         await relay.stop(task)
@@ -184,11 +200,6 @@ async def test_publish_gives_up_on_a_silent_broker_within_the_publish_timeout(
     assert await message_ids(settings.amqp_url, queue) == []
     # Nothing was confirmed, so nothing was deleted: the very entries wait for a retry.
     assert sorted(e["event_id"] for e in await outbox_entries(redis, keys)) == sorted(event_ids)
-
-
-async def pending_by_consumer(redis: Redis, keys: Keys) -> dict[str, int]:
-    summary = await redis.xpending(keys.outbox, OUTBOX_GROUP)
-    return {c["name"]: int(c["pending"]) for c in summary["consumers"]}
 
 
 async def test_entries_of_a_killed_relay_are_published_by_another_within_10_s(
@@ -208,7 +219,7 @@ async def test_entries_of_a_killed_relay_are_published_by_another_within_10_s(
 
         async def relay_reading() -> bool:
             with contextlib.suppress(Exception):
-                return bool(await redis.xinfo_consumers(keys.outbox, OUTBOX_GROUP))
+                return bool(await redis.xinfo_consumers(users_outbox(keys), OUTBOX_GROUP))
             return False
 
         await wait_until(relay_reading, "the relay process to start reading", within=20)
@@ -229,7 +240,7 @@ async def test_entries_of_a_killed_relay_are_published_by_another_within_10_s(
             process.kill()
             await process.wait()
     amqp_proxy.restore()
-    assert await redis.xlen(keys.outbox) == 10
+    assert await outbox_length(redis, keys) == 10
 
     connection = await aio_pika.connect_robust(settings.amqp_url)
     async with connection:
@@ -240,7 +251,7 @@ async def test_entries_of_a_killed_relay_are_published_by_another_within_10_s(
         try:
 
             async def drained() -> bool:
-                return await redis.xlen(keys.outbox) == 0
+                return await outbox_length(redis, keys) == 0
 
             await wait_until(
                 drained, "another relay to publish the dead relay's entries", within=30
@@ -301,7 +312,7 @@ async def test_the_relay_starts_even_when_the_broker_drops_right_after_the_topol
     amqp_proxy.restore()
 
     async def drained() -> bool:
-        return await redis.xlen(keys.outbox) == 0
+        return await outbox_length(redis, keys) == 0
 
     await wait_until(drained, "the backlog to drain after RabbitMQ returned", within=30)
     queue = Topology.from_settings(settings).queue("audit")
@@ -325,7 +336,7 @@ async def test_the_api_keeps_declaring_the_topology_until_it_succeeds(
         test_client = await aiohttp_client(create_app(settings))
 
         async def serving() -> bool:
-            return await redis.exists(keys.outbox) == 1  # the app is up and serving
+            return await redis.exists(users_outbox(keys)) == 1  # the app is serving
 
         await wait_until(serving, "the app to start", within=10)
         await open_session(redis, keys, USER, "session-0001", TOKEN)
@@ -340,7 +351,7 @@ async def test_the_api_keeps_declaring_the_topology_until_it_succeeds(
     await asyncio.wait_for(asyncio.shield(test_client.app[AMQP]), 15)
 
     async def drained() -> bool:
-        return await redis.xlen(keys.outbox) == 0
+        return await outbox_length(redis, keys) == 0
 
     await wait_until(drained, "the event once the topology could be declared", within=15)
     assert len(await message_ids(settings.amqp_url, topology.queue("audit"))) == 1
@@ -370,7 +381,7 @@ async def test_an_event_no_queue_takes_stays_in_the_outbox(
             await wait_until(tried, "the relay to try the entries", within=10)
         finally:
             await relay.stop(task)
-    assert await redis.xlen(keys.outbox) == 3
+    assert await outbox_length(redis, keys) == 3
 
 
 async def test_a_dead_relays_name_leaves_the_group_only_once_all_its_entries_are_taken_over(
@@ -381,7 +392,7 @@ async def test_a_dead_relays_name_leaves_the_group_only_once_all_its_entries_are
     await ensure_group(redis, keys)
     event_ids = await write_outbox(redis, keys, 5)
     # A relay that read the entries, then died: its name holds them, pending.
-    await redis.xreadgroup(OUTBOX_GROUP, "dead-relay", {keys.outbox: ">"}, count=10)
+    await redis.xreadgroup(OUTBOX_GROUP, "dead-relay", {users_outbox(keys): ">"}, count=10)
     connection = await aio_pika.connect_robust(settings.amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -391,12 +402,12 @@ async def test_a_dead_relays_name_leaves_the_group_only_once_all_its_entries_are
         try:
 
             async def drained() -> bool:
-                return await redis.xlen(keys.outbox) == 0
+                return await outbox_length(redis, keys) == 0
 
             await wait_until(drained, "the dead relay's entries to be published", within=15)
         finally:
             await relay.stop(task)
-    names = [c["name"] for c in await redis.xinfo_consumers(keys.outbox, OUTBOX_GROUP)]
+    names = [c["name"] for c in await redis.xinfo_consumers(users_outbox(keys), OUTBOX_GROUP)]
     assert len(names) == 1
     assert names[0] != "dead-relay"
     queue = Topology.from_settings(settings).queue("audit")
@@ -410,7 +421,7 @@ async def test_a_live_relays_entries_are_left_to_it(
     taking them would only publish them twice."""
     await ensure_group(redis, keys)
     await write_outbox(redis, keys, 2)
-    await redis.xreadgroup(OUTBOX_GROUP, "live-relay", {keys.outbox: ">"}, count=10)
+    await redis.xreadgroup(OUTBOX_GROUP, "live-relay", {users_outbox(keys): ">"}, count=10)
     await redis.set(keys.relay_heartbeat("live-relay"), "1", ex=60)
     connection = await aio_pika.connect_robust(settings.amqp_url)
     async with connection:
@@ -424,7 +435,7 @@ async def test_a_live_relays_entries_are_left_to_it(
             await write_outbox(redis, keys, 1, first=2)
 
             async def later_entry_published() -> bool:
-                return await redis.xlen(keys.outbox) == 2
+                return await outbox_length(redis, keys) == 2
 
             await wait_until(later_entry_published, "the later entry to be published", within=15)
         finally:

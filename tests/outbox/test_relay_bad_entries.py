@@ -22,7 +22,14 @@ from session_close.redis_client import connect_redis
 from session_close.settings import Settings
 from session_close.topology import Topology
 from tests.support.closing import BODY, CLOSE_PATH, Client, app_headers, open_session
-from tests.support.delivered import closed_entry, stream_entries, take_messages, write_entries
+from tests.support.delivered import (
+    closed_entry,
+    entry_bucket,
+    outbox_length,
+    stream_entries,
+    take_messages,
+    write_entries,
+)
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.fault
@@ -109,7 +116,7 @@ async def test_bad_entries_among_600_closes_are_set_aside_and_every_close_is_del
     statuses = [r.status for r in await asyncio.gather(*replies)]
 
     async def drained() -> bool:
-        return await redis.xlen(keys.outbox) == 0
+        return await outbox_length(redis, keys) == 0
 
     try:
         await wait_until(drained, "the outbox to drain past the bad entries", within=30)
@@ -146,7 +153,8 @@ async def test_metrics_answer_while_the_oldest_entry_holds_bytes_that_are_not_ut
     settings: Settings, redis: Redis, keys: Keys, amqp_cleanup: None, aiohttp_client: AiohttpClient
 ) -> None:
     await ensure_group(redis, keys)
-    await write_entries(redis, keys, [closed_entry(0, os=NOT_UTF8)])
+    odd = closed_entry(0, os=NOT_UTF8)
+    await write_entries(redis, keys, [odd])
     # No relay: the entry stays the oldest.
     app = create_app(dataclasses.replace(settings, relay_enabled=False, sweeper_enabled=False))
     client: Client = await aiohttp_client(app)
@@ -157,7 +165,7 @@ async def test_metrics_answer_while_the_oldest_entry_holds_bytes_that_are_not_ut
     try:
         try:
             assert await oldest_entry_age(api_redis, keys) >= 0
-            ((_, fields),) = await stream_entries(api_redis, keys.outbox)
+            ((_, fields),) = await stream_entries(api_redis, keys.outbox(entry_bucket(odd)))
         except UnicodeDecodeError as exc:
             pytest.fail(f"a read of the outbox failed on the entry's bytes: {exc}")
         assert fields["os"] == "Andr\ufffdoid\ufffd"

@@ -18,13 +18,18 @@ from outbox.relay import Relay
 from outbox.stream import ensure_group
 from service.app import create_app
 from service.appkeys import AMQP
-from session_close.keys import OUTBOX_GROUP, Keys, token_digest
+from session_close.keys import OUTBOX_GROUP, Keys, bucket_of
 from session_close.scripts import CLOSE_SESSIONS
 from session_close.settings import Settings
 from session_close.topology import Topology
 from tests.conftest import through
 from tests.support.closing import BODY, CLOSE_PATH, Client, app_headers, open_session
-from tests.support.delivered import closed_entry, take_messages
+from tests.support.delivered import (
+    closed_entry,
+    outbox_length,
+    pending_by_consumer,
+    take_messages,
+)
 from tests.support.proxy import TcpProxy
 from tests.support.waiting import wait_until
 
@@ -57,7 +62,8 @@ async def close_at_rate(client: Client, sids: list[str]) -> None:
 
 
 async def pending(redis: Redis, keys: Keys) -> int:
-    return int((await redis.xpending(keys.outbox, OUTBOX_GROUP))["pending"])
+    """The relays' pending entries, in every bucket's outbox."""
+    return sum((await pending_by_consumer(redis, keys)).values())
 
 
 async def test_entries_whose_read_reply_a_redis_stall_lost_are_published_within_10_s(
@@ -82,7 +88,7 @@ async def test_entries_whose_read_reply_a_redis_stall_lost_are_published_within_
     await close_at_rate(client, sids[: THROUGH_API // 2])
 
     async def idle() -> bool:
-        return await redis.xlen(keys.outbox) == 0 and await pending(redis, keys) == 0
+        return await outbox_length(redis, keys) == 0 and await pending(redis, keys) == 0
 
     await wait_until(idle, "the relay to publish the first closes", within=15)
 
@@ -92,10 +98,19 @@ async def test_entries_whose_read_reply_a_redis_stall_lost_are_published_within_
     redis_proxy.cut("silent")
     stalled = time.monotonic()
     stranded = sids[THROUGH_API:]
-    args: list[object] = [keys.prefix, 600, "2026-01-01T00:00:00.000Z"]
+    bucket = bucket_of(USER)
+    script_keys: list[str] = []
+    args: list[object] = [600, "2026-01-01T00:00:00.000Z"]
     for sid in stranded:
+        script_keys += [
+            keys.outbox(bucket),
+            keys.expiry(bucket),
+            keys.session(USER, sid),
+            keys.tombstone(USER, sid),
+            keys.user_sessions(USER),
+        ]
         args += [
-            token_digest(TOKEN),
+            USER,
             sid,
             f"00000000-0000-4000-8000-{sid[-4:]:0>12}",
             "",
@@ -103,9 +118,7 @@ async def test_entries_whose_read_reply_a_redis_stall_lost_are_published_within_
             "",
             "",
         ]
-    assert await CLOSE_SESSIONS(redis, [keys.outbox, keys.expiry], args) == ["closed"] * len(
-        stranded
-    )
+    assert await CLOSE_SESSIONS(redis, script_keys, args) == ["closed"] * len(stranded)
 
     async def read_and_lost() -> bool:
         return await pending(redis, keys) == len(stranded)
@@ -118,7 +131,7 @@ async def test_entries_whose_read_reply_a_redis_stall_lost_are_published_within_
     await more
 
     async def all_published() -> bool:
-        return await redis.xlen(keys.outbox) == 0 and await pending(redis, keys) == 0
+        return await outbox_length(redis, keys) == 0 and await pending(redis, keys) == 0
 
     await wait_until(all_published, "every event published, none pending", within=10)
     published_after = time.monotonic() - restored
@@ -142,6 +155,8 @@ async def test_an_entry_left_in_a_live_relays_own_pending_list_is_published_at_i
     """A read whose reply never came back and that the relay never saw fail (what a
     client-level retry did): the entry is the relay's, and only it can publish it."""
     await ensure_group(redis, keys)
+    entry = closed_entry(1)
+    outbox = keys.outbox(bucket_of(str(entry["user_id"])))
     connection = await aio_pika.connect_robust(settings.amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -151,22 +166,21 @@ async def test_an_entry_left_in_a_live_relays_own_pending_list_is_published_at_i
         try:
 
             async def reading() -> bool:
-                return len(await redis.xinfo_consumers(keys.outbox, OUTBOX_GROUP)) == 1
+                return len(await redis.xinfo_consumers(outbox, OUTBOX_GROUP)) == 1
 
             await wait_until(reading, "the relay to read", within=10)
-            (consumer,) = await redis.xinfo_consumers(keys.outbox, OUTBOX_GROUP)
-            entry = closed_entry(1)
+            (consumer,) = await redis.xinfo_consumers(outbox, OUTBOX_GROUP)
             # Appended and read under the relay's name in one step: its own blocking
             # read never gets the entry, which sits in its pending list.
             pipe = redis.pipeline(transaction=True)
-            pipe.xadd(keys.outbox, entry)  # type: ignore[arg-type]
-            pipe.xreadgroup(OUTBOX_GROUP, consumer["name"], {keys.outbox: ">"}, count=1)
+            pipe.xadd(outbox, entry)  # type: ignore[arg-type]
+            pipe.xreadgroup(OUTBOX_GROUP, consumer["name"], {outbox: ">"}, count=1)
             await pipe.execute()
             assert await pending(redis, keys) == 1
             left = time.monotonic()
 
             async def published() -> bool:
-                return await redis.xlen(keys.outbox) == 0
+                return await outbox_length(redis, keys) == 0
 
             await wait_until(published, "the relay to publish its own pending entry", within=10)
             waited = time.monotonic() - left

@@ -12,7 +12,7 @@ import math
 from redis.asyncio import Redis
 
 from outbox.sweeper import Sweeper
-from session_close.keys import Keys
+from session_close.keys import Keys, bucket_of
 from session_close.settings import Settings
 from tests.support.closing import outbox_entries
 from tests.support.waiting import wait_until
@@ -31,9 +31,10 @@ async def test_a_session_is_swept_after_its_expires_at_never_before(
     expires_at = await redis_now(redis) + 0.5
     checked_from = expires_at - 0.2
     pipe = redis.pipeline(transaction=True)
-    pipe.hset(keys.session(SID), mapping={"user_id": USER, "expires_at": f"{expires_at:.6f}"})
-    pipe.expire(keys.session(SID), 3600)
-    pipe.zadd(keys.expiry, {SID: expires_at})
+    session, outbox = keys.session(USER, SID), keys.outbox(bucket_of(USER))
+    pipe.hset(session, mapping={"user_id": USER, "expires_at": f"{expires_at:.6f}"})
+    pipe.expire(session, 3600)
+    pipe.zadd(keys.expiry(bucket_of(USER)), {SID: expires_at})
     pipe.sadd(keys.user_sessions(USER), SID)
     await pipe.execute()
     sweeper = Sweeper(redis, dataclasses.replace(settings, sweep_interval_seconds=0.05))
@@ -44,10 +45,10 @@ async def test_a_session_is_swept_after_its_expires_at_never_before(
         async def seen_open_at_0_3_s() -> bool:
             began = await redis_now(redis)
             state = (
-                await redis.exists(keys.session(SID)),
+                await redis.exists(session),
                 await redis.sismember(keys.user_sessions(USER), SID),
-                await redis.zscore(keys.expiry, SID) is not None,
-                await redis.xlen(keys.outbox),
+                await redis.zscore(keys.expiry(bucket_of(USER)), SID) is not None,
+                await redis.xlen(outbox),
             )
             ended = await redis_now(redis)
             if ended < expires_at:
@@ -57,16 +58,16 @@ async def test_a_session_is_swept_after_its_expires_at_never_before(
         await wait_until(seen_open_at_0_3_s, "a look at the session 0.3 s in", within=0.5)
 
         async def swept() -> bool:
-            return await redis.xlen(keys.outbox) == 1
+            return await redis.xlen(outbox) == 1
 
         await wait_until(swept, "the session.expired entry", within=10)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
-    entry_id: str = (await redis.xinfo_stream(keys.outbox))["last-generated-id"]
+    entry_id: str = (await redis.xinfo_stream(outbox))["last-generated-id"]
     assert int(entry_id.split("-")[0]) >= math.floor(expires_at * 1000)
     [fields] = await outbox_entries(redis, keys)
     assert fields["type"] == "session.expired"
     assert float(fields["expired_at"]) == float(f"{expires_at:.6f}")
-    assert not await redis.exists(keys.session(SID))
+    assert not await redis.exists(session)

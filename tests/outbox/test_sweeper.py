@@ -15,12 +15,16 @@ from redis.asyncio import Redis
 
 from outbox.sweeper import EVENT_NAMESPACE, Sweeper, SweepResult
 from session_close.cli import create_session
-from session_close.keys import Keys
+from session_close.keys import Keys, bucket_of
 from session_close.settings import Settings
 from tests.support.closing import outbox_entries
+from tests.support.delivered import outbox_length, user_in_bucket
 from tests.support.waiting import wait_until
 
 USER = "user-7"
+# A user whose sessions fail to sweep, in USER's bucket: one sweep run (and its batch)
+# covers both users' sessions.
+BAD_USER = user_in_bucket(bucket_of(USER), stem="user-bad")
 
 
 async def write_session(
@@ -30,9 +34,10 @@ async def write_session(
     (negative: already past), its data kept an hour longer."""
     expires_at = time.time() + expires_in
     pipe = redis.pipeline(transaction=True)
-    pipe.hset(keys.session(sid), mapping={"user_id": user, "expires_at": expires_at, "os": "iOS"})
-    pipe.expire(keys.session(sid), 3600)
-    pipe.zadd(keys.expiry, {sid: expires_at})
+    session = keys.session(user, sid)
+    pipe.hset(session, mapping={"user_id": user, "expires_at": expires_at, "os": "iOS"})
+    pipe.expire(session, 3600)
+    pipe.zadd(keys.expiry(bucket_of(user)), {sid: expires_at})
     pipe.sadd(keys.user_sessions(user), sid)
     await pipe.execute()
 
@@ -45,7 +50,7 @@ async def test_an_expired_session_gets_one_event_and_leaves_no_trace(
     redis: Redis, keys: Keys, settings: Settings
 ) -> None:
     await write_session(redis, keys, "sid-expired-1", expires_in=-5)
-    expires_at = str(await redis.hget(keys.session("sid-expired-1"), "expires_at"))
+    expires_at = str(await redis.hget(keys.session(USER, "sid-expired-1"), "expires_at"))
 
     result = await sweeper(redis, settings).sweep_once()
 
@@ -58,11 +63,11 @@ async def test_an_expired_session_gets_one_event_and_leaves_no_trace(
     assert entry["request_id"] == ""
     # The script's version-5 UUID is Python's: stable for this session and moment.
     assert entry["event_id"] == str(uuid.uuid5(EVENT_NAMESPACE, f"sid-expired-1@{expires_at}"))
-    assert not await redis.exists(keys.session("sid-expired-1"))
+    assert not await redis.exists(keys.session(USER, "sid-expired-1"))
     assert not await redis.sismember(keys.user_sessions(USER), "sid-expired-1")
-    assert await redis.zscore(keys.expiry, "sid-expired-1") is None
+    assert await redis.zscore(keys.expiry(bucket_of(USER)), "sid-expired-1") is None
     # No tombstone: a close answers "not found" before and after the sweep alike.
-    assert not await redis.exists(keys.tombstone("sid-expired-1"))
+    assert not await redis.exists(keys.tombstone(USER, "sid-expired-1"))
 
 
 async def test_a_session_not_yet_expired_is_left_alone(
@@ -73,8 +78,8 @@ async def test_a_session_not_yet_expired_is_left_alone(
     result = await sweeper(redis, settings).sweep_once()
 
     assert (result.expired, result.rescored, result.dropped) == (0, 0, 0)
-    assert await redis.exists(keys.session("sid-alive-01"))
-    assert await redis.zscore(keys.expiry, "sid-alive-01") is not None
+    assert await redis.exists(keys.session(USER, "sid-alive-01"))
+    assert await redis.zscore(keys.expiry(bucket_of(USER)), "sid-alive-01") is not None
     assert await outbox_entries(redis, keys) == []
 
 
@@ -84,28 +89,28 @@ async def test_a_sliding_expiry_is_rescored_not_expired(
     await write_session(redis, keys, "sid-slid-001", expires_in=-5)
     # The login side extended the session but its index entry still has the old score.
     later = time.time() + 600
-    await redis.hset(keys.session("sid-slid-001"), "expires_at", later)
+    await redis.hset(keys.session(USER, "sid-slid-001"), "expires_at", later)
 
     result = await sweeper(redis, settings).sweep_once()
 
     assert (result.expired, result.rescored) == (0, 1)
-    assert await redis.zscore(keys.expiry, "sid-slid-001") == later
-    assert await redis.exists(keys.session("sid-slid-001"))
+    assert await redis.zscore(keys.expiry(bucket_of(USER)), "sid-slid-001") == later
+    assert await redis.exists(keys.session(USER, "sid-slid-001"))
     assert await outbox_entries(redis, keys) == []
 
 
 async def test_a_gone_or_old_style_session_is_dropped_from_the_index_without_event(
     redis: Redis, keys: Keys, settings: Settings
 ) -> None:
-    await redis.zadd(keys.expiry, {"sid-gone-001": time.time() - 5})
+    await redis.zadd(keys.expiry(bucket_of(USER)), {"sid-gone-001": time.time() - 5})
     await create_session(redis, keys, USER, "sid-old-0001", ttl=600)  # no expires_at
-    await redis.zadd(keys.expiry, {"sid-old-0001": time.time() - 5})
+    await redis.zadd(keys.expiry(bucket_of(USER)), {"sid-old-0001": time.time() - 5})
 
     result = await sweeper(redis, settings).sweep_once()
 
     assert (result.expired, result.dropped) == (0, 2)
-    assert await redis.zcard(keys.expiry) == 0
-    assert await redis.exists(keys.session("sid-old-0001"))
+    assert await redis.zcard(keys.expiry(bucket_of(USER))) == 0
+    assert await redis.exists(keys.session(USER, "sid-old-0001"))
     assert await outbox_entries(redis, keys) == []
 
 
@@ -135,7 +140,7 @@ async def test_racing_sweepers_give_each_expired_session_exactly_one_event(
     assert sum(counts) == len(sids)
     assert sorted(e["session_id"] for e in entries) == sids
     assert len({e["event_id"] for e in entries}) == len(sids)
-    assert await redis.zcard(keys.expiry) == 0
+    assert await redis.zcard(keys.expiry(bucket_of(USER))) == 0
 
 
 async def test_a_backlog_is_worked_off_in_batches_of_at_most_the_batch_size(
@@ -145,8 +150,8 @@ async def test_a_backlog_is_worked_off_in_batches_of_at_most_the_batch_size(
     now = time.time()
     for i in range(1200):
         sid = f"sid-back-{i:05d}"
-        pipe.hset(keys.session(sid), mapping={"user_id": USER, "expires_at": now - 60})
-        pipe.zadd(keys.expiry, {sid: now - 60})
+        pipe.hset(keys.session(USER, sid), mapping={"user_id": USER, "expires_at": now - 60})
+        pipe.zadd(keys.expiry(bucket_of(USER)), {sid: now - 60})
     await pipe.execute()
     s = sweeper(redis, settings, sweep_batch_size=500)
 
@@ -158,15 +163,15 @@ async def test_a_backlog_is_worked_off_in_batches_of_at_most_the_batch_size(
     # While a backlog is left, the run reports how far behind the sweeper is.
     assert runs[0].lag >= 59
     assert runs[-1].lag == 0
-    assert await redis.xlen(keys.outbox) == 1200
+    assert await outbox_length(redis, keys) == 1200
 
 
 async def test_a_session_failing_inside_redis_is_set_aside_and_writes_nothing(
     redis: Redis, keys: Keys, settings: Settings
 ) -> None:
-    await write_session(redis, keys, "sid-bad-0001", expires_in=-5, user="user-bad")
-    await redis.delete(keys.user_sessions("user-bad"))
-    await redis.set(keys.user_sessions("user-bad"), "not a set")
+    await write_session(redis, keys, "sid-bad-0001", expires_in=-5, user=BAD_USER)
+    await redis.delete(keys.user_sessions(BAD_USER))
+    await redis.set(keys.user_sessions(BAD_USER), "not a set")
     await write_session(redis, keys, "sid-good-001", expires_in=-5)
 
     result = await sweeper(redis, settings).sweep_once()
@@ -174,9 +179,9 @@ async def test_a_session_failing_inside_redis_is_set_aside_and_writes_nothing(
     assert (result.expired, result.failed) == (1, 1)
     [entry] = await outbox_entries(redis, keys)
     assert entry["session_id"] == "sid-good-001"
-    assert await redis.exists(keys.session("sid-bad-0001"))
+    assert await redis.exists(keys.session(BAD_USER, "sid-bad-0001"))
     # Set aside, not dropped: tried again later, after the sessions due now.
-    score = await redis.zscore(keys.expiry, "sid-bad-0001")
+    score = await redis.zscore(keys.expiry(bucket_of(BAD_USER)), "sid-bad-0001")
     assert score is not None
     assert score > time.time() + 30
 
@@ -188,9 +193,9 @@ async def test_sessions_failing_inside_redis_never_hold_back_the_sessions_due_af
     # the first run fails both bad ones and sweeps its good neighbour; the bad ones set
     # aside, the second run reaches the three good ones left.
     for n in range(2):
-        await write_session(redis, keys, f"sid-bad-{n:04d}", expires_in=-10 + n, user="user-bad")
-    await redis.delete(keys.user_sessions("user-bad"))
-    await redis.set(keys.user_sessions("user-bad"), "not a set")
+        await write_session(redis, keys, f"sid-bad-{n:04d}", expires_in=-10 + n, user=BAD_USER)
+    await redis.delete(keys.user_sessions(BAD_USER))
+    await redis.set(keys.user_sessions(BAD_USER), "not a set")
     good = [f"sid-good-{n:03d}" for n in range(4)]
     for n, sid in enumerate(good):
         await write_session(redis, keys, sid, expires_in=-5 + n / 10)
@@ -216,7 +221,7 @@ async def test_the_sweeper_loop_sweeps_sessions_as_they_expire(
         await write_session(redis, keys, "sid-loop-001", expires_in=0.5)
 
         async def swept() -> bool:
-            return await redis.xlen(keys.outbox) == 1
+            return await outbox_length(redis, keys) == 1
 
         await wait_until(swept, "the session's session.expired entry", within=10)
         assert sum(r.expired for r in seen) == 1

@@ -12,17 +12,26 @@ import pytest
 from redis.asyncio import Redis
 
 from session_close.events import rfc3339_now
-from session_close.keys import Keys, token_digest
+from session_close.keys import Keys, bucket_of
 from session_close.replication import NotReplicatedError, hold_replicated, run_replicated
 from session_close.scripts import CLOSE_SESSIONS
 from session_close.settings import Settings
 from tests.support.processes import redis_server
 
 
-def script_args(keys: Keys) -> list[object]:
-    """One close by a token nobody holds: the script answers "token" and writes nothing."""
-    request = [token_digest("no-such-token"), "session-0001", str(uuid.uuid4()), "", "", "req", ""]
-    return [keys.prefix, 60, rfc3339_now(), *request]
+def script_call(keys: Keys) -> tuple[list[str], list[object]]:
+    """One close of a session nobody opened: the script answers "missing" and writes
+    nothing."""
+    bucket, user, sid = bucket_of("nobody"), "nobody", "session-0001"
+    script_keys = [
+        keys.outbox(bucket),
+        keys.expiry(bucket),
+        keys.session(user, sid),
+        keys.tombstone(user, sid),
+        keys.user_sessions(user),
+    ]
+    request = [user, sid, str(uuid.uuid4()), "", "", "req", ""]
+    return script_keys, [60, rfc3339_now(), *request]
 
 
 async def test_the_script_runs_again_after_redis_lost_its_script_cache(
@@ -33,10 +42,8 @@ async def test_the_script_runs_again_after_redis_lost_its_script_cache(
         redis = Redis.from_url(url, decode_responses=True)
         try:
             await redis.script_flush()
-            reply = await run_replicated(
-                CLOSE_SESSIONS, redis, [keys.outbox, keys.expiry], script_args(keys), settings
-            )
-            assert reply == ["token"]
+            reply = await run_replicated(CLOSE_SESSIONS, redis, *script_call(keys), settings)
+            assert reply == ["missing"]
             assert await redis.script_exists(CLOSE_SESSIONS.sha) == [True]
         finally:
             await redis.aclose()
@@ -50,9 +57,7 @@ async def test_a_step_no_replica_confirmed_is_not_replicated(
         redis = Redis.from_url(url, decode_responses=True)
         try:
             with pytest.raises(NotReplicatedError):
-                await run_replicated(
-                    CLOSE_SESSIONS, redis, [keys.outbox, keys.expiry], script_args(keys), one
-                )
+                await run_replicated(CLOSE_SESSIONS, redis, *script_call(keys), one)
             with pytest.raises(NotReplicatedError):
                 await hold_replicated(redis, one, keys.relay_heartbeat("relay-1"))
         finally:

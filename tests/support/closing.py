@@ -76,8 +76,15 @@ async def snapshot(redis: Redis, prefix: str) -> dict[str, Any]:
 
 
 async def outbox_entries(redis: Redis, keys: Keys) -> list[dict[str, str]]:
-    """The fields of every entry still in the outbox, oldest first."""
-    entries: list[tuple[str, dict[str, str]]] = await redis.xrange(keys.outbox)  # type: ignore[assignment]
+    """The fields of every entry still in the outboxes (every bucket's), oldest first by
+    entry id (Redis's clock at the write; a user's entries are all in one bucket, so
+    theirs keep their order)."""
+    pipe = redis.pipeline(transaction=False)
+    for outbox in keys.outboxes:
+        pipe.xrange(outbox)
+    streams: list[list[tuple[str, dict[str, str]]]] = await pipe.execute()
+    entries = [entry for stream in streams for entry in stream]
+    entries.sort(key=lambda entry: tuple(int(part) for part in entry[0].split("-")))
     return [fields for _, fields in entries]
 
 

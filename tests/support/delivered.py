@@ -1,11 +1,13 @@
 """What the relay delivered: every message of a worker queue, taken off it with a
-consumer (thousands of messages, where a basic.get each would take long), and outbox
-entries written straight into the stream the way the scripts write them."""
+consumer (thousands of messages, where a basic.get each would take long); outbox entries
+written straight into the outbox of their user's bucket the way the scripts write them;
+and what the outboxes hold, summed over every bucket."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+import zlib
 from typing import cast
 
 import aio_pika
@@ -13,7 +15,7 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from redis.asyncio import Redis
 
-from session_close.keys import Keys
+from session_close.keys import BUCKETS, OUTBOX_GROUP, Keys, bucket_of
 
 
 async def take_messages(
@@ -60,13 +62,54 @@ def closed_entry(n: int, **fields: str | bytes) -> dict[str, str | bytes]:
     return entry
 
 
+def user_in_bucket(bucket: int, stem: str = "user") -> str:
+    """A user id (`<stem>-<n>`, the first such n) whose bucket is `bucket`."""
+    n = 0
+    while bucket_of(f"{stem}-{n}") != bucket:
+        n += 1
+    return f"{stem}-{n}"
+
+
+def entry_bucket(entry: dict[str, str | bytes]) -> int:
+    """The bucket whose outbox an entry goes to: its user_id's (an entry without one goes
+    where `sessionctl outbox replay` puts it, the bucket of the empty id)."""
+    user_id = entry.get("user_id", "")
+    if isinstance(user_id, bytes):
+        return zlib.crc32(user_id) % BUCKETS
+    return bucket_of(user_id)
+
+
 async def write_entries(redis: Redis, keys: Keys, entries: list[dict[str, str | bytes]]) -> None:
-    """XADD each entry to the outbox, in pipelines of a thousand."""
+    """XADD each entry to the outbox of its user's bucket, in pipelines of a thousand."""
     for start in range(0, len(entries), 1000):
         pipe = redis.pipeline(transaction=False)
         for entry in entries[start : start + 1000]:
-            pipe.xadd(keys.outbox, entry)  # type: ignore[arg-type]
+            pipe.xadd(keys.outbox(entry_bucket(entry)), entry)  # type: ignore[arg-type]
         await pipe.execute()
+
+
+async def outbox_length(redis: Redis, keys: Keys) -> int:
+    """Entries in every bucket's outbox together (XLEN of each, one pipeline)."""
+    pipe = redis.pipeline(transaction=False)
+    for outbox in keys.outboxes:
+        pipe.xlen(outbox)
+    return sum(int(length) for length in await pipe.execute())
+
+
+async def pending_by_consumer(redis: Redis, keys: Keys) -> dict[str, int]:
+    """The relays' pending entries in every bucket's outbox, summed per consumer name (a
+    bucket whose stream or group does not exist yet holds none)."""
+    pipe = redis.pipeline(transaction=False)
+    for outbox in keys.outboxes:
+        pipe.xpending(outbox, OUTBOX_GROUP)
+    held: dict[str, int] = {}
+    for summary in await pipe.execute(raise_on_error=False):
+        if isinstance(summary, Exception):
+            assert "NOGROUP" in str(summary), summary
+            continue
+        for consumer in summary["consumers"]:
+            held[consumer["name"]] = held.get(consumer["name"], 0) + int(consumer["pending"])
+    return held
 
 
 async def stream_entries(redis: Redis, key: str) -> list[tuple[str, dict[str, str]]]:

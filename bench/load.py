@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench import clustered, replicated
+from bench import clustered, replicated, traced
 from bench.client import close_one
 from bench.cpu import CpuMeter
 from bench.report import table, verdict
@@ -52,6 +52,10 @@ class LoadResult:
     replica_wait: WrkResult
     # The same close run on a Redis Cluster of three primaries of the run's own.
     cluster: WrkResult
+    # The close run with tracing on (OTLP/HTTP to a receiver of the run's own).
+    traced: WrkResult
+    trace_exports: int
+    trace_bytes: int
 
     @property
     def ratio(self) -> float:
@@ -231,6 +235,9 @@ async def run(
         stack, api, seconds, connections, None, seeded, relay=False
     )
     stack.stop(api)
+    await stack.queue_depths(purge=True)
+    traced_close, seeded, receiver = await traced.measure(stack, seconds, connections, seeded)
+    await stack.queue_depths(purge=True)
     replica_no_wait, replica_wait = await replicated.measure(stack, seconds, connections)
     cluster = await clustered.measure(stack, seconds, connections)
     return LoadResult(
@@ -249,6 +256,9 @@ async def run(
         replica_no_wait=replica_no_wait,
         replica_wait=replica_wait,
         cluster=cluster,
+        traced=traced_close,
+        trace_exports=receiver.exports,
+        trace_bytes=receiver.bytes,
     )
 
 
@@ -258,6 +268,7 @@ def render(r: LoadResult, connections: int) -> str:
         ("bare aiohttp (ceiling)", r.bare),
         ("close + relay", r.close),
         ("close, relay off", r.no_relay),
+        ("close + relay, tracing on", r.traced),
         ("close, own primary + replica", r.replica_no_wait),
         ("close, REDIS_MIN_REPLICAS=1", r.replica_wait),
         ("close + relay, Redis Cluster", r.cluster),
@@ -292,6 +303,7 @@ def render(r: LoadResult, connections: int) -> str:
             "0",
             verdict(r.events_lost == 0),
         ],
+        ["tracing on / off (close + relay req/s)", f"{r.traced.rate / r.close.rate:.2f}", "", ""],
     ]
     second = table(["measure", "value", "target", ""], checks)
     us_per_close = r.api_cpu_share / r.close.rate * 1e6
@@ -307,6 +319,9 @@ def render(r: LoadResult, connections: int) -> str:
             "The last two rows run on a primary with one replica of the run's own (AOF on): "
             "REDIS_MIN_REPLICAS=0, then 1 (one WAIT per close batch). The cluster row: three "
             "primaries of the run's own (no persistence), REDIS_CLUSTER=true, relay in the API.",
+            "Tracing is off in every row but 'tracing on', where the API (and its relay) "
+            "exported spans by OTLP/HTTP to a receiver of the run's own: "
+            f"{r.trace_exports:,} exports, {r.trace_bytes / 1024**2:.1f} MiB.",
         ]
     )
     return f"{first}\n\n{second}\n\n{notes}"

@@ -80,7 +80,7 @@ class Process:
             try:
                 self.popen.wait(STOP_TIMEOUT_SECONDS)
             except subprocess.TimeoutExpired:
-                log.warning("process ignored SIGTERM; killing it", extra={"process": self.name})
+                log.warning("process ignored SIGTERM; killing it", extra={"child": self.name})
                 self.popen.kill()
                 self.popen.wait()
 

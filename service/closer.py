@@ -22,7 +22,13 @@ from session_close.events import rfc3339_now
 from session_close.keys import Keys, bucket_of
 from session_close.redis_client import unavailable
 from session_close.replication import run_replicated
-from session_close.scripts import CLOSE_ALL_SESSIONS, CLOSE_SESSIONS, LuaScript, run_each
+from session_close.scripts import (
+    CLOSE_ALL_SESSIONS,
+    CLOSE_SESSIONS,
+    USERS_OF_TOKENS,
+    LuaScript,
+    run_each,
+)
 from session_close.settings import Settings
 
 MAX_BATCH = 256
@@ -223,12 +229,17 @@ class SessionCloser:
 
     async def _users_of(self, requests: list[CloseRequest]) -> list[str | Exception | None]:
         """The user of each request's token (None for an unknown token, the error reply
-        for a token key Redis cannot read as a hash), in one round trip: each token's key
-        is in a slot of its own. An unreachable Redis raises."""
-        pipe = self._redis.pipeline(transaction=False)
-        for r in requests:
-            pipe.hget(self._keys.token(r.token), "user_id")
-        users = await pipe.execute(raise_on_error=False)
+        for a token key Redis cannot read as a hash), in one round trip: one script run on
+        a single node, one HGET per token on a cluster (each token's key is in a slot of
+        its own). An unreachable Redis raises."""
+        tokens = [self._keys.token(r.token) for r in requests]
+        if self._cluster:
+            pipe = self._redis.pipeline(transaction=False)
+            for key in tokens:
+                pipe.hget(key, "user_id")
+            users = await pipe.execute(raise_on_error=False)
+        else:
+            users = await USERS_OF_TOKENS(self._redis, tokens, [])
         for user in users:
             if isinstance(user, Exception) and unavailable(user):
                 raise user

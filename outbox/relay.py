@@ -56,7 +56,7 @@ from session_close.keys import (
 )
 from session_close.redis_client import unavailable
 from session_close.replication import hold_replicated
-from session_close.retry import Backoff, Policy, retry
+from session_close.retry import Backoff, Policy, pause, retry
 from session_close.scripts import READ_OUTBOX, SETTLE_ENTRIES, TAKE_OVER_RELAYS, run_each
 from session_close.settings import Settings
 
@@ -181,7 +181,7 @@ class Relay:
         """Refreshed from the event loop, apart from the publishing: a relay whose loop
         stalls stops beating, and another publishes its entries (a repeat at worst)."""
         while True:
-            await asyncio.sleep(self._settings.relay_heartbeat_seconds / 3)
+            await pause(self._settings.relay_heartbeat_seconds / 3)
             # A lost reply the relay never saw as an error leaves entries in its pending
             # list: the next read looks there first, so they wait a tick, not forever.
             self._retry_own = True

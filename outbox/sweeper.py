@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from session_close.events import rfc3339_now
 from session_close.keys import BUCKETS, Keys
 from session_close.redis_client import unavailable
-from session_close.retry import Backoff, Policy
+from session_close.retry import Backoff, Policy, pause
 from session_close.scripts import SWEEP_EXPIRED, run_each
 from session_close.settings import Settings
 
@@ -131,10 +131,10 @@ class Sweeper:
             if result.backlogged:
                 # A backlog: the next batch of those buckets at once, after other work.
                 buckets = result.backlogged
-                await asyncio.sleep(0)
+                await pause(0)
                 continue
             buckets = range(BUCKETS)
-            await asyncio.sleep(self._interval)
+            await pause(self._interval)
 
 
 async def stop(task: asyncio.Task[None]) -> None:

@@ -44,7 +44,19 @@ class Backoff:
         self._next = self.policy.first
 
     async def sleep(self) -> None:
-        await asyncio.sleep(self.next_delay())
+        await pause(self.next_delay())
+
+
+async def pause(seconds: float) -> None:
+    """asyncio.sleep for a loop that runs until its task is cancelled. On Python 3.11 a
+    cancel that meets a timeout inside a step (asyncio.timeout's, redis-py's) can come out
+    as a TimeoutError the loop takes for an outage, or not at all: the task stays
+    "cancelling" with nothing left to deliver it, the loop goes on, and whoever awaits
+    the task (a shutdown) waits forever. Such a cancel is raised here instead."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+    await asyncio.sleep(seconds)
 
 
 async def retry(
@@ -68,4 +80,4 @@ async def retry(
                 "failed; retrying",
                 extra={"operation": what, "attempt": attempts, "error": repr(exc), "delay": delay},
             )
-        await asyncio.sleep(delay)
+        await pause(delay)

@@ -220,11 +220,14 @@ async def test_the_sweeper_loop_sweeps_sessions_as_they_expire(
     try:
         await write_session(redis, keys, "sid-loop-001", expires_in=0.5)
 
+        # The test may read the entry before the sweeper has handled its own reply (two
+        # connections), so wait for both: the entry, and the sweep that reports it.
         async def swept() -> bool:
-            return await outbox_length(redis, keys) == 1
+            return await outbox_length(redis, keys) == 1 and any(r.expired for r in seen)
 
-        await wait_until(swept, "the session's session.expired entry", within=10)
+        await wait_until(swept, "the session's session.expired entry, reported", within=10)
         assert sum(r.expired for r in seen) == 1
+        assert await outbox_length(redis, keys) == 1
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -178,9 +178,9 @@ async def test_sessions_of_many_users_spread_over_every_primary_and_each_close_g
 async def test_an_expired_session_gets_exactly_one_session_expired_event(
     stack: Stack, cluster: Cluster, redis: Redis, events: Events
 ) -> None:
-    keys, run = stack.keys, uuid.uuid4().hex[:6]
-    # Enough users that their buckets' indexes sit on every node.
-    users = [f"expiring-{run}-{n:02d}" for n in range(12)]
+    keys = stack.keys
+    # Users whose buckets' indexes sit on every node.
+    users = cluster.users_on_every_node(keys, "expiring", 12)
     sessions = {user: f"{user}-session" for user in users}
     for user in users:
         await create_session(redis, keys, user, sessions[user], ttl=1, expiry_grace=60)
@@ -204,8 +204,8 @@ async def test_both_workers_act_on_the_events_of_closes_on_the_cluster(
 ) -> None:
     """The audit worker writes one row per event; the push-cleanup worker removes the
     closed sessions' push tokens from their users' push hashes, on every node."""
-    keys, run = stack.keys, uuid.uuid4().hex[:6]
-    users = [f"worked-{run}-{n:02d}" for n in range(12)]
+    keys = stack.keys
+    users = cluster.users_on_every_node(keys, "worked", 12)
     sessions = {user: f"{user}-session" for user in users}
     for user in users:
         await open_session(

@@ -172,7 +172,7 @@ async def test_a_bad_entry_is_set_aside_and_the_rest_of_every_bucket_published(
     cluster: Cluster, settings: Settings, redis: Redis, tmp_path: Path
 ) -> None:
     keys = Keys(settings.redis_key_prefix)
-    users = [f"batch-{uuid.uuid4().hex[:6]}-{n:02d}" for n in range(12)]
+    users = cluster.users_on_every_node(keys, "batch", 12)
     entries = [closed_entry(n, user_id=user) for n, user in enumerate(users)]
     assert {cluster.node_of(keys.outbox(bucket_of(u))) for u in users} == set(cluster.ports)
     del entries[5]["session_id"]

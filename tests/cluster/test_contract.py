@@ -259,13 +259,9 @@ async def test_sessions_written_by_sessionctl_close_with_one_event_each(
     """`sessionctl session`, a process with a client of its own whose first command is
     the session's MULTI, on every node: the one REDIS_URL names (where the client starts
     out) included."""
-    keys, run = stack.keys, uuid.uuid4().hex[:6]
-    sessions: dict[int, tuple[str, str]] = {}
-    for n in range(100):
-        user, sid = f"ctl-{run}-{n:02d}", f"ctl-{run}-{n:02d}-session"
-        sessions.setdefault(cluster.node_of(keys.session(user, sid)), (user, sid))
-        if len(sessions) == len(cluster.ports):
-            break
+    keys = stack.keys
+    users = cluster.users_on_every_node(keys, "ctl", len(cluster.ports))
+    sessions = {user: (user, f"{user}-session") for user in users}
     env = settings_env(stack.settings)
     for user, sid in sessions.values():
         ctl = await asyncio.create_subprocess_exec(

@@ -6,14 +6,24 @@ hung its teardown for good on a sweeper that had gone back to sleep that way."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from session_close.retry import Backoff, Policy, pause
 
 
-async def test_a_loop_whose_step_swallowed_the_cancel_stops_at_its_next_pause() -> None:
+async def stops_on_cancel(loop: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> bool:
+    """Start the loop, cancel it while its step runs: did it end, cancelled, within 2 s?"""
     stepping = asyncio.Event()
+    task = asyncio.create_task(loop(stepping))
+    await stepping.wait()
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=2)
+    return task in done and task.cancelled()
 
-    async def loop() -> None:
+
+async def test_a_loop_whose_step_swallowed_the_cancel_stops_at_its_next_pause() -> None:
+    async def loop(stepping: asyncio.Event) -> None:
         while True:
             try:
                 stepping.set()
@@ -22,41 +32,27 @@ async def test_a_loop_whose_step_swallowed_the_cancel_stops_at_its_next_pause() 
                 pass  # what a step may do with a cancel that met its own timeout
             await pause(10)
 
-    task = asyncio.create_task(loop())
-    await stepping.wait()
-    task.cancel()
-    done, _ = await asyncio.wait({task}, timeout=2)
-    assert task in done
-    assert task.cancelled()
+    assert await stops_on_cancel(loop)
 
 
 async def test_a_backoff_after_a_cancel_turned_into_a_timeout_error_stops_its_loop() -> None:
-    stepping = asyncio.Event()
+    async def step() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise TimeoutError from None  # what a timeout meeting the cancel may raise
 
-    async def loop() -> None:
+    async def loop(stepping: asyncio.Event) -> None:
         backoff = Backoff(Policy(first=10, cap=10))
         while True:
             try:
                 stepping.set()
-                await asyncio.sleep(10)
-            except asyncio.CancelledError:
-                raise TimeoutError from None  # taken for an outage, as the loops take it
+                await step()
             except TimeoutError:
-                pass
+                pass  # taken for an outage, as the loops take it
             await backoff.sleep()
 
-    async def outer() -> None:
-        try:
-            await loop()
-        except TimeoutError:
-            await Backoff(Policy(first=10, cap=10)).sleep()
-
-    task = asyncio.create_task(outer())
-    await stepping.wait()
-    task.cancel()
-    done, _ = await asyncio.wait({task}, timeout=2)
-    assert task in done
-    assert task.cancelled()
+    assert await stops_on_cancel(loop)
 
 
 async def test_pause_sleeps_when_no_cancel_is_pending() -> None:

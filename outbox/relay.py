@@ -4,10 +4,11 @@ confirms and deletes an entry only after the broker confirmed it.
 close_sessions.lua appends one entry per close to its bucket's stream (256 of them, the
 key layout of docs/redis.md). Relays share the consumer group `relay` of every stream,
 and each covers every bucket: it reads new entries, publishes windows of them
-concurrently, then XACKs and XDELs the confirmed ones (settle_entries.lua, per bucket).
-On a single node (or behind Sentinel) one blocking XREADGROUP reads all 256 streams; on
-Redis Cluster, where one command's keys must share a slot, each read is one XREADGROUP
-per bucket (read_outbox.lua), in one pipeline (a round trip to each primary), every
+concurrently, then XACKs and XDELs the confirmed ones (settle_entries.lua, atomic per
+bucket). On a single node (or behind Sentinel) one blocking XREADGROUP reads all 256
+streams and one script run settles a window; on Redis Cluster, where one command's keys
+must share a slot, each read is one XREADGROUP per bucket (read_outbox.lua) and each
+settle one run per bucket, in one pipeline (a round trip to each primary), every
 CLUSTER_POLL while the outboxes are empty. An entry whose publish failed stays
 pending and is retried by the same relay, which re-reads its own pending entries after
 any error it sees and on every heartbeat tick: a reply lost on the way (a timeout)
@@ -54,10 +55,16 @@ from session_close.keys import (
     OUTBOX_GROUP,
     Keys,
 )
-from session_close.redis_client import unavailable
+from session_close.redis_client import PackedCommand, unavailable
 from session_close.replication import hold_replicated
 from session_close.retry import Backoff, Policy, pause, retry
-from session_close.scripts import READ_OUTBOX, SETTLE_ENTRIES, TAKE_OVER_RELAYS, run_each
+from session_close.scripts import (
+    READ_OUTBOX,
+    SETTLE_ENTRIES,
+    TAKE_OVER_RELAYS,
+    LuaScript,
+    run_each,
+)
 from session_close.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -112,9 +119,26 @@ class Relay:
         # Block well inside the client's socket timeout, which applies to blocking reads
         # too: blocking as long as the timeout made an idle relay time out every second.
         self._block_ms = max(1, int(settings.redis_timeout_seconds * 500))
-        # The buckets one XREADGROUP reads: all of them, except on a cluster.
-        buckets = list(range(BUCKETS))
-        self._reads = [[b] for b in buckets] if settings.redis_cluster else [buckets]
+        self._cluster = settings.redis_cluster
+        # On a single node one XREADGROUP reads every bucket: a command of 521 arguments,
+        # encoded once for new entries (blocking) and once for those this relay holds.
+        self._buckets = {self._keys.outbox(b): b for b in range(BUCKETS)}
+        blocking: dict[str, list[str | int]] = {">": ["BLOCK", self._block_ms], "0": []}
+        self._read_all = {
+            start: PackedCommand(
+                "XREADGROUP",
+                "GROUP",
+                OUTBOX_GROUP,
+                self._consumer,
+                "COUNT",
+                settings.relay_batch_size,
+                *blocking[start],
+                "STREAMS",
+                *self._buckets,
+                *[start] * len(self._buckets),
+            )
+            for start in blocking
+        }
 
     async def run(self, exchange: AbstractExchange) -> None:
         self._exchange = exchange
@@ -131,7 +155,7 @@ class Relay:
             try:
                 entries = await self._next_entries()
                 if not entries:
-                    if len(self._reads) > 1:  # a cluster's reads do not block
+                    if self._cluster:  # a cluster's reads do not block
                         await idle.sleep()
                     continue
                 idle.reset()
@@ -218,37 +242,29 @@ class Relay:
     async def _read(self, start: str) -> list[Entry]:
         """Up to RELAY_BATCH_SIZE entries of each outbox: new ones (start ">"), or those
         this relay read before and still holds ("0")."""
-        count = self._settings.relay_batch_size
-        if len(self._reads) == 1:
+        if not self._cluster:
             # Blocks until any bucket has new entries; reads of its own never block.
-            outboxes = {self._keys.outbox(b): b for b in self._reads[0]}
-            reply: Any = await self._redis.xreadgroup(
-                OUTBOX_GROUP,
-                self._consumer,
-                dict.fromkeys(outboxes, start),
-                count=count,
-                block=None if start == "0" else self._block_ms,
-            )
-            found: list[tuple[int, Any]] = [(outboxes[stream], raw) for stream, raw in reply or []]
+            reply = await self._read_all[start](self._redis)
+            # A map under RESP3 (redis-py 8 asks for it), a list of pairs under RESP2.
+            streams = reply.items() if isinstance(reply, dict) else reply or []
+            found = [(self._buckets[stream], raw) for stream, raw in streams]
         else:
+            count = self._settings.relay_batch_size
             calls = [
                 (READ_OUTBOX, [self._keys.outbox(b)], [OUTBOX_GROUP, self._consumer, count, start])
-                for [b] in self._reads
+                for b in range(BUCKETS)
             ]
             replies = await run_each(self._redis, calls)
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply  # a missing group: the caller recreates it
-            found = [
-                (b, [(entry_id, _pairs(flat) if flat else None) for entry_id, flat in reply])
-                for [b], reply in zip(self._reads, replies, strict=True)
-            ]
+            found = list(enumerate(replies))
         # XREADGROUP '0' gives a None body for entries deleted meanwhile.
         return [
-            (bucket, entry_id, fields)
+            (bucket, entry_id, _pairs(flat))
             for bucket, raw in found
-            for entry_id, fields in raw
-            if fields
+            for entry_id, flat in raw
+            if flat
         ]
 
     async def _take_over(self) -> list[Entry]:
@@ -402,14 +418,22 @@ class Relay:
         )
 
     async def _settle(self, done: list[tuple[int, str]]) -> None:
-        """XACK and XDEL the confirmed entries, atomically per bucket, in one pipeline."""
+        """XACK and XDEL the confirmed entries, atomically per bucket: in one script run
+        on a single node, in one run per bucket (one pipeline) on a cluster."""
         by_bucket: dict[int, list[str]] = {}
         for bucket, entry_id in done:
             by_bucket.setdefault(bucket, []).append(entry_id)
-        calls = [
-            (SETTLE_ENTRIES, [self._keys.outbox(bucket)], [OUTBOX_GROUP, *ids])
-            for bucket, ids in by_bucket.items()
-        ]
+        runs = [[b] for b in by_bucket] if self._cluster else [list(by_bucket)]
+        calls: list[tuple[LuaScript, list[str], list[Any]]] = []
+        for buckets in runs:
+            args: list[Any] = [OUTBOX_GROUP]
+            for b in buckets:
+                args += [len(by_bucket[b]), *by_bucket[b]]
+            calls.append((SETTLE_ENTRIES, [self._keys.outbox(b) for b in buckets], args))
+        if len(calls) == 1:
+            _, keys, args = calls[0]
+            await SETTLE_ENTRIES(self._redis, keys, args)
+            return
         for result in await run_each(self._redis, calls):
             if isinstance(result, Exception):
                 raise result

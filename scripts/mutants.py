@@ -180,10 +180,18 @@ MUTANTS: tuple[Mutant, ...] = (
         RELAY,
         edits=(
             Edit(
-                "        buckets = list(range(BUCKETS))\n",
-                "        buckets = list(range(BUCKETS - 1))\n",
+                "        self._buckets = {self._keys.outbox(b): b for b in range(BUCKETS)}\n",
+                "        self._buckets = {self._keys.outbox(b): b for b in range(BUCKETS - 1)}\n",
             ),
         ),
+        tests=(
+            f"{BUCKETS_TESTS}one_relay_publishes_the_entries_of_every_bucket_once_and_removes_them",
+        ),
+    ),
+    Mutant(
+        "a settle removes the entries of its first bucket only (the others go out again)",
+        "session_close/lua/settle_entries.lua",
+        edits=(Edit("for _, stream in ipairs(KEYS) do", "for _, stream in ipairs({KEYS[1]}) do"),),
         tests=(
             f"{BUCKETS_TESTS}one_relay_publishes_the_entries_of_every_bucket_once_and_removes_them",
         ),

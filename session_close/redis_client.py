@@ -137,6 +137,32 @@ def connect_redis(settings: Settings, *, resend: bool = True, decode: bool = Tru
     return Redis.from_pool(pool)
 
 
+class PackedCommand:
+    """A command whose arguments never change, encoded (RESP) once and then sent as it is
+    on a connection of the client's pool. redis-py encodes every argument on every call,
+    about 1.5 µs each: the outbox relay's read of all 256 buckets (521 arguments) cost
+    about 0.8 ms a read that way. Not for Redis Cluster, whose client routes by key."""
+
+    def __init__(self, *args: str | int) -> None:
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            data = str(arg).encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        self._packed = b"".join(parts)
+
+    async def __call__(self, redis: Redis) -> Any:
+        """The reply as Redis sent it (decoded as the client decodes, without redis-py's
+        reshaping); an error reply raises. Bounded by the client's timeouts, like any
+        command; a connection that failed or was cancelled mid-command is closed."""
+        pool = redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.send_packed_command(self._packed)
+            return await connection.read_response()
+        finally:
+            await pool.release(connection)
+
+
 def _cluster(settings: Settings, options: dict[str, Any]) -> Redis:
     """A Redis Cluster client, starting from the node REDIS_URL names. It sends each
     command to the primary of its key's slot and follows MOVED and ASK. Typed as Redis:

@@ -55,7 +55,7 @@ from session_close.keys import (
     OUTBOX_GROUP,
     Keys,
 )
-from session_close.redis_client import PackedCommand, unavailable
+from session_close.redis_client import unavailable
 from session_close.replication import hold_replicated
 from session_close.retry import Backoff, Policy, pause, retry
 from session_close.scripts import (
@@ -120,25 +120,10 @@ class Relay:
         # too: blocking as long as the timeout made an idle relay time out every second.
         self._block_ms = max(1, int(settings.redis_timeout_seconds * 500))
         self._cluster = settings.redis_cluster
-        # On a single node one XREADGROUP reads every bucket: a command of 521 arguments,
-        # encoded once for new entries (blocking) and once for those this relay holds.
+        # On a single node one XREADGROUP reads every bucket (521 arguments, the stream
+        # names built once).
         self._buckets = {self._keys.outbox(b): b for b in range(BUCKETS)}
-        blocking: dict[str, list[str | int]] = {">": ["BLOCK", self._block_ms], "0": []}
-        self._read_all = {
-            start: PackedCommand(
-                "XREADGROUP",
-                "GROUP",
-                OUTBOX_GROUP,
-                self._consumer,
-                "COUNT",
-                settings.relay_batch_size,
-                *blocking[start],
-                "STREAMS",
-                *self._buckets,
-                *[start] * len(self._buckets),
-            )
-            for start in blocking
-        }
+        self._streams = {start: dict.fromkeys(self._buckets, start) for start in (">", "0")}
 
     async def run(self, exchange: AbstractExchange) -> None:
         self._exchange = exchange
@@ -242,14 +227,20 @@ class Relay:
     async def _read(self, start: str) -> list[Entry]:
         """Up to RELAY_BATCH_SIZE entries of each outbox: new ones (start ">"), or those
         this relay read before and still holds ("0")."""
+        count = self._settings.relay_batch_size
         if not self._cluster:
             # Blocks until any bucket has new entries; reads of its own never block.
-            reply = await self._read_all[start](self._redis)
-            # A map under RESP3 (redis-py 8 asks for it), a list of pairs under RESP2.
-            streams = reply.items() if isinstance(reply, dict) else reply or []
-            found = [(self._buckets[stream], raw) for stream, raw in streams]
+            reply: Any = await self._redis.xreadgroup(
+                OUTBOX_GROUP,
+                self._consumer,
+                self._streams[start],  # type: ignore[arg-type]
+                count=count,
+                block=None if start == "0" else self._block_ms,
+            )
+            found: list[tuple[int, Any]] = [
+                (self._buckets[stream], raw) for stream, raw in reply or []
+            ]
         else:
-            count = self._settings.relay_batch_size
             calls = [
                 (READ_OUTBOX, [self._keys.outbox(b)], [OUTBOX_GROUP, self._consumer, count, start])
                 for b in range(BUCKETS)
@@ -258,13 +249,16 @@ class Relay:
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply  # a missing group: the caller recreates it
-            found = list(enumerate(replies))
+            found = [
+                (b, [(entry_id, _pairs(flat) if flat else None) for entry_id, flat in reply])
+                for b, reply in enumerate(replies)
+            ]
         # XREADGROUP '0' gives a None body for entries deleted meanwhile.
         return [
-            (bucket, entry_id, _pairs(flat))
+            (bucket, entry_id, fields)
             for bucket, raw in found
-            for entry_id, flat in raw
-            if flat
+            for entry_id, fields in raw
+            if fields
         ]
 
     async def _take_over(self) -> list[Entry]:

@@ -28,7 +28,7 @@ async def test_sentinel_client_keeps_the_urls_credentials_and_database_and_its_b
         pool = client.connection_pool
         assert isinstance(pool, BlockingSentinelPool)
         assert pool.service_name == "mymaster"
-        assert pool.connection_class is SentinelManagedConnection
+        assert issubclass(pool.connection_class, SentinelManagedConnection)
         kwargs = pool.connection_kwargs
         assert (kwargs["db"], kwargs["username"], kwargs["password"]) == (3, "someone", "secret")
         assert "host" not in kwargs

@@ -72,6 +72,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Bounds one pytest run, so a mutant that hangs past pytest's own per-test timeout (or
 # hangs a process the tests started) cannot hold up CI; such a run is an ERROR.
 RUN_TIMEOUT_SECONDS = 180.0
+# The baseline runs every mutant's tests in one pytest run: 68 tests took 175 s on a quiet
+# 2-core machine, so it has a bound of its own.
+BASELINE_TIMEOUT_SECONDS = 900.0
 # Mutants judged at once. Most of a mutant's time is its tests waiting (for a takeover, a
 # timeout, a broker's return), so two jobs on a 2-core machine take about half as long.
 JOBS = 2
@@ -1028,7 +1031,7 @@ def mutate(source: str, mutant: Mutant) -> str:
     return source
 
 
-def run_tests(copy: Path, tests: Sequence[str]) -> Run:
+def run_tests(copy: Path, tests: Sequence[str], timeout: float = RUN_TIMEOUT_SECONDS) -> Run:
     """pytest on `tests` with the copy's code: cwd and PYTHONPATH are the copy, so it and
     the processes the tests start import the copy before the editable install; the
     copy's scripts/ is there too, for `-p mutants`."""
@@ -1059,11 +1062,11 @@ def run_tests(copy: Path, tests: Sequence[str]) -> Run:
     ) as proc:
         RUNNING.add(proc.pid)
         try:
-            output, _ = proc.communicate(timeout=RUN_TIMEOUT_SECONDS)
+            output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            why = f"timeout: the pytest run took over {RUN_TIMEOUT_SECONDS:.0f}s"
+            why = f"timeout: the pytest run took over {timeout:.0f}s"
             return Run(seconds=time.monotonic() - started, error=why)
         finally:
             RUNNING.discard(proc.pid)
@@ -1148,7 +1151,7 @@ def check(mutants: Sequence[Mutant], jobs: int) -> dict[Mutant, Status | Literal
         if baseline:
             print(f"baseline: {len(baseline)} tests on the unmutated copy", flush=True)
             copy = copies.get()
-            run = run_tests(copy, baseline)
+            run = run_tests(copy, baseline, BASELINE_TIMEOUT_SECONDS)
             copies.put(copy)
             if not run.passed:
                 why = run.error or f"{run.killer} failed"

@@ -424,10 +424,6 @@ class Relay:
             for b in buckets:
                 args += [len(by_bucket[b]), *by_bucket[b]]
             calls.append((SETTLE_ENTRIES, [self._keys.outbox(b) for b in buckets], args))
-        if len(calls) == 1:
-            _, keys, args = calls[0]
-            await SETTLE_ENTRIES(self._redis, keys, args)
-            return
         for result in await run_each(self._redis, calls):
             if isinstance(result, Exception):
                 raise result

@@ -137,6 +137,8 @@ RULES = "deploy/prometheus/rules.yaml"
 ALERTS = "tests/deploy/test_alerts.py::test_"
 HARDENING = "tests/deploy/test_k8s_hardening.py::test_"
 SUPPLY_CHAIN = "tests/deploy/test_supply_chain.py::test_"
+SIGNALS = "tests/signals/test_webhooks.py::test_"
+SSF = "tests/signals/test_ssf.py::test_"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -955,6 +957,97 @@ MUTANTS: tuple[Mutant, ...] = (
         "service/accesslog.py",
         edits=(Edit("            line |= request.get(TRACE_IDS, {})\n", "            pass\n"),),
         tests=(f"{TRACES}the_access_line_and_a_worker_line_carry_the_trace_and_span_ids",),
+    ),
+    # The transmitter (signals/): nothing acked before it is recorded, no refused delivery
+    # retried, nothing signed so that a receiver cannot verify it.
+    Mutant(
+        "the transmitter acks an event its deliveries were not recorded for",
+        "signals/intake.py",
+        edits=(
+            Edit(
+                "        return await self._store.record(\n",
+                '        with __import__("contextlib").suppress(Exception):\n'
+                "            return await self._store.record(\n",
+            ),
+            Edit(
+                "for e in events]\n        )\n",
+                "for e in events]\n        )\n        return [0] * len(events)\n",
+            ),
+        ),
+        tests=(f"{SIGNALS}postgres_cut_then_the_transmitter_killed_loses_no_event",),
+    ),
+    Mutant(
+        "a webhook answering 400 is retried",
+        "signals/delivery.py",
+        edits=(
+            Edit(
+                "        if status == 429 or status >= 500:",
+                "        if status == 429 or status >= 400:",
+            ),
+        ),
+        tests=(f"{SIGNALS}a_400_is_not_retried_and_leaves_the_other_receivers_alone",),
+    ),
+    Mutant(
+        "a webhook signature that does not cover the timestamp",
+        "signals/webhooks.py",
+        edits=(
+            Edit(
+                'signed = f"{message_id}.{timestamp}.".encode() + body',
+                'signed = f"{message_id}.".encode() + body',
+            ),
+        ),
+        tests=(
+            f"{SIGNALS}every_session_event_reaches_a_webhook_as_its_cloudevent_signed_to_verify",
+        ),
+    ),
+    Mutant(
+        "a SET whose jti changes on a retry",
+        "signals/delivery.py",
+        edits=(
+            Edit("            jti=due.jti,\n", '            jti=__import__("uuid").uuid4().hex,\n'),
+        ),
+        tests=(f"{SSF}a_push_transmitter_killed_mid_delivery_resends_the_same_jti",),
+    ),
+    Mutant(
+        "a paused stream drops its events",
+        "signals/store.py",
+        edits=(
+            Edit('            if status == "disabled":', '            if status != "enabled":'),
+        ),
+        tests=(f"{SSF}verification_poll_with_ack_and_a_paused_stream_keeping_its_events",),
+    ),
+    Mutant(
+        "SETs signed with a key other than the one their kid advertises",
+        "signals/sets.py",
+        edits=(
+            Edit(
+                "        self._kid = keys[0].thumbprint()",
+                "        self._kid = keys[-1].thumbprint()",
+            ),
+        ),
+        tests=(f"{SSF}a_push_stream_gets_every_session_end_as_a_session_revoked_set",),
+    ),
+    Mutant(
+        "a receiver reads another receiver's stream",
+        "signals/store.py",
+        edits=(
+            Edit(
+                "                WHERE s.receiver_id = $1 AND s.id = $2",
+                "                WHERE $1::uuid IS NOT NULL AND s.id = $2",
+            ),
+        ),
+        tests=(f"{SSF}a_receiver_manages_only_its_own_streams",),
+    ),
+    Mutant(
+        "a delivery taken by two replicas at once (no SKIP LOCKED, no lease)",
+        "signals/store.py",
+        edits=(
+            Edit(
+                "                       next_attempt_at = now() + make_interval(secs => $3),\n", ""
+            ),
+            Edit("                       FOR UPDATE SKIP LOCKED)", "                       )"),
+        ),
+        tests=(f"{SIGNALS}two_replicas_make_each_delivery_once",),
     ),
 )
 

@@ -1,7 +1,8 @@
 """sessionctl: write tokens, sessions and push tokens in the Redis form of docs/redis.md,
 as the login side does (for demos, tests, and the login side to copy); list or replay
-the outbox entries the relay set aside as dead letters (docs/operations.md); and move a
-store of key layout 1 to layout 2 (migrate-keys, session_close/migrate.py)."""
+the outbox entries the relay set aside as dead letters (docs/operations.md); move a
+store of key layout 1 to layout 2 (migrate-keys, session_close/migrate.py); and register
+the transmitter's webhooks and SSF receivers (signals/admin.py)."""
 
 from __future__ import annotations
 
@@ -277,6 +278,52 @@ def main(argv: list[str] | None = None) -> None:
     migrating.add_argument(
         "--batch-size", type=int, default=1000, help="keys or entries per SCAN and pipeline"
     )
+    webhook = sub.add_parser(
+        "webhook",
+        help="the transmitter's Standard Webhooks receivers (docs/signals.md)",
+        description="Register, list, re-key or remove the plain HTTP receivers the "
+        "transmitter (python -m signals) posts every session event to, signed by Standard "
+        "Webhooks. Stored in PostgreSQL (DATABASE_URL, schema SIGNALS_DB_SCHEMA).",
+    )
+    webhook_sub = webhook.add_subparsers(dest="webhook_command", required=True)
+    adding = webhook_sub.add_parser(
+        "add", help="register an endpoint; prints its webhookId and secret (shown once)"
+    )
+    adding.add_argument(
+        "--url",
+        required=True,
+        help="https URL of a public address (http or a local one only with "
+        "SIGNALS_ALLOW_HTTP=true)",
+    )
+    adding.add_argument(
+        "--events",
+        help="comma-separated event types (default: session.closed,session.expired)",
+    )
+    for name, text in (
+        ("remove", "remove an endpoint and its pending deliveries"),
+        (
+            "rotate-secret",
+            "give an endpoint a new secret (printed once); the previous one also signs "
+            "for 24 hours, so the receiver can switch meanwhile",
+        ),
+    ):
+        webhook_sub.add_parser(name, help=text).add_argument("--id", required=True)
+    webhook_sub.add_parser("list", help="the endpoints registered (no secrets)")
+    receiver = sub.add_parser(
+        "receiver",
+        help="the transmitter's Shared Signals receivers (docs/signals.md)",
+        description="Issue or revoke the bearer token an SSF receiver uses on the "
+        "transmitter's endpoints (it then creates its streams itself). Stored in "
+        "PostgreSQL (DATABASE_URL, schema SIGNALS_DB_SCHEMA); only the token's SHA-256 is "
+        "kept.",
+    )
+    receiver_sub = receiver.add_subparsers(dest="receiver_command", required=True)
+    receiver_sub.add_parser(
+        "add", help="a new receiver; prints its receiverId and token (shown once)"
+    ).add_argument("--name", required=True, help="unique; its SETs' audience (aud)")
+    receiver_sub.add_parser(
+        "revoke", help="its token stops working and its streams are disabled"
+    ).add_argument("--id", required=True)
     args = parser.parse_args(argv)
     if args.command == "outbox" and args.outbox_command == "replay" and args.set and not args.id:
         parser.error("--set needs --id: a correction is made entry by entry")
@@ -288,6 +335,32 @@ def main(argv: list[str] | None = None) -> None:
             "sessionctl migrate-keys: REDIS_CLUSTER=true, but a store of layout 1 is on a "
             "single node or a Sentinel primary: point REDIS_URL (or REDIS_SENTINELS) there"
         )
+    if args.command in ("webhook", "receiver"):
+        # The transmitter's own tables: imported only here, so that the Redis commands
+        # need nothing of it.
+        from signals.admin import AdminError, receiver_command, webhook_command
+
+        try:
+            if args.command == "webhook":
+                printed = webhook_command(
+                    settings,
+                    args.webhook_command,
+                    url=getattr(args, "url", None),
+                    events=getattr(args, "events", None),
+                    webhook_id=getattr(args, "id", None),
+                )
+            else:
+                printed = receiver_command(
+                    settings,
+                    args.receiver_command,
+                    name=getattr(args, "name", None),
+                    receiver_id=getattr(args, "id", None),
+                )
+            print(json.dumps(asyncio.run(printed)))
+        except AdminError as exc:
+            sub_command = getattr(args, f"{args.command}_command")
+            sys.exit(f"sessionctl {args.command} {sub_command}: {exc}")
+        return
     try:
         print(json.dumps(asyncio.run(_run(args, settings))))
     except RelayAlive as exc:

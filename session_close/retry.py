@@ -1,7 +1,9 @@
 """The one retry mechanism: capped exponential backoff with jitter.
 
-`Backoff` is the state of one retry loop (the relay's read loop, a worker holding a
-message); `retry()` runs one step until it succeeds (connecting to a backend at start).
+`Policy.delay` is the delay after n failed attempts (a delivery whose attempts are
+counted in a database); `Backoff` is the state of one retry loop (the relay's read loop,
+a worker holding a message); `retry()` runs one step until it succeeds (connecting to a
+backend at start).
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ class Policy:
     # Spread the retries of many processes that failed together (+-20%).
     jitter: float = 0.2
 
+    def delay(self, attempts: int) -> float:
+        """The delay after `attempts` failed attempts (1: the first delay), doubling each
+        time up to the cap, jittered."""
+        base = min(self.first * 2.0 ** min(attempts - 1, 62), self.cap)
+        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+
 
 DEFAULT = Policy()
 
@@ -32,16 +40,15 @@ DEFAULT = Policy()
 class Backoff:
     def __init__(self, policy: Policy = DEFAULT) -> None:
         self.policy = policy
-        self._next = policy.first
+        self._failed = 0
 
     def next_delay(self) -> float:
         """The delay before the next attempt; each call doubles the following one."""
-        delay = self._next
-        self._next = min(self._next * 2, self.policy.cap)
-        return delay * random.uniform(1 - self.policy.jitter, 1 + self.policy.jitter)
+        self._failed += 1
+        return self.policy.delay(self._failed)
 
     def reset(self) -> None:
-        self._next = self.policy.first
+        self._failed = 0
 
     async def sleep(self) -> None:
         await pause(self.next_delay())

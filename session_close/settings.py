@@ -28,6 +28,9 @@ _positive = validate.Range(min=0, min_inclusive=False)
 
 
 _HOST_PORT = r"[^,:\s]+:[0-9]{1,5}"
+_identifier = validate.Regexp(
+    r"^[a-z_][a-z0-9_]{0,62}$", error="must be a lower-case SQL identifier"
+)
 
 
 def _url(*schemes: str) -> validate.Regexp:
@@ -78,14 +81,7 @@ class Settings:
         "postgresql://postgres@localhost:5432/postgres",
         mf.String(validate=_url("postgresql", "postgres")),
     )
-    audit_table: str = setting(
-        "session_audit",
-        mf.String(
-            validate=validate.Regexp(
-                r"^[a-z_][a-z0-9_]{0,62}$", error="must be a lower-case SQL identifier"
-            )
-        ),
-    )
+    audit_table: str = setting("session_audit", mf.String(validate=_identifier))
     tombstone_ttl_seconds: int = setting(86400, mf.Integer(validate=validate.Range(min=1)))
     event_source: str = setting(
         "/eliab/session-service", mf.String(validate=validate.Length(min=1))
@@ -112,6 +108,20 @@ class Settings:
     sweep_interval_seconds: float = setting(1.0, mf.Float(validate=_positive))
     sweep_batch_size: int = setting(500, mf.Integer(validate=validate.Range(min=1, max=10000)))
     close_all_batch_size: int = setting(500, mf.Integer(validate=validate.Range(min=1, max=10000)))
+    # The transmitter (`python -m signals`, docs/signals.md).
+    signals_http_host: str = setting("0.0.0.0", mf.String(validate=validate.Length(min=1)))
+    signals_http_port: int = setting(8090, mf.Integer(validate=validate.Range(min=0, max=65535)))
+    # The SETs' iss and the base of every SSF endpoint's URL.
+    signals_issuer: str = setting(
+        "http://localhost:8090", mf.String(validate=_url("https", "http"))
+    )
+    # Comma-separated PEM files of RSA keys (2048 bits or more): the first signs, all are
+    # served in the JWKS (a rotation keeps the previous one listed).
+    signals_signing_key_files: str = setting("", mf.String())
+    # Receivers' URLs (and the issuer) must be https and public unless true (local use).
+    signals_allow_http: bool = setting(False, mf.Boolean())
+    signals_retention_seconds: int = setting(7 * 86400, mf.Integer(validate=validate.Range(min=60)))
+    signals_db_schema: str = setting("signals", mf.String(validate=_identifier))
 
     @property
     def sentinel_addresses(self) -> list[tuple[str, int]]:

@@ -8,6 +8,7 @@ differ, which is why this is the only place that names them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aio_pika
@@ -48,15 +49,17 @@ class Topology:
             "x-dead-letter-routing-key": self.queue(worker),
         }
 
-    async def declare(self, channel: AbstractChannel) -> AbstractExchange:
-        """Declare the exchange, every worker's queue and its dead-letter queue."""
+    async def declare(
+        self, channel: AbstractChannel, workers: Sequence[str] = WORKERS
+    ) -> AbstractExchange:
+        """Declare the exchange, and each worker's queue and its dead-letter queue."""
         exchange = await channel.declare_exchange(
             self.exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
         dlx = await channel.declare_exchange(
             self.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
         )
-        for worker in WORKERS:
+        for worker in workers:
             queue = await channel.declare_queue(
                 self.queue(worker), durable=True, arguments=self.queue_arguments(worker)
             )

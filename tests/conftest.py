@@ -81,7 +81,7 @@ async def amqp_cleanup(settings: Settings) -> AsyncIterator[None]:
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         channel = await connection.channel()
-        for worker in ("audit", "push-cleanup"):
+        for worker in ("audit", "push-cleanup", "signals"):
             for name in (topology.queue(worker), topology.dead_letter_queue(worker)):
                 await channel.queue_delete(name)
         await channel.exchange_delete(topology.exchange)

@@ -46,7 +46,7 @@ from session_close.events import MalformedEvent, SessionEvent
 from session_close.retry import Backoff, Policy
 from session_close.runtime import tune_gc
 from session_close.settings import Settings
-from session_close.topology import Topology
+from session_close.topology import WORKERS, Topology
 from workers.delivery import Consumer, DeliveredMessage, channel_closed, message_id
 from workers.effect import Effect, EffectFactory, event_ids
 from workers.metrics import HEARTBEAT_SECONDS, WorkerMetrics
@@ -149,7 +149,9 @@ class Worker:
         # the Consumer registers itself again).
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=self._settings.worker_prefetch)
-        await self._topology.declare(channel)
+        # The workers' queues, and this one's (the transmitter's is declared by it alone:
+        # a queue nobody consumes would only grow).
+        await self._topology.declare(channel, tuple(dict.fromkeys((*WORKERS, self.name))))
         assert isinstance(channel, AbstractRobustChannel)
         return channel
 

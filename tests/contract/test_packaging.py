@@ -26,7 +26,7 @@ DISTRIBUTIONS = {
     "opentelemetry": "opentelemetry-api",
 }
 # The shared package and a package per process.
-OURS = {"session_close", "service", "outbox", "workers"}
+OURS = {"session_close", "service", "outbox", "workers", "signals"}
 
 
 def pins(lock: str) -> dict[str, str]:

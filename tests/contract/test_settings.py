@@ -34,6 +34,13 @@ SPEC_DEFAULTS = {
     "REDIS_SENTINEL_MASTER": "sessions",
     "REDIS_MIN_REPLICAS": 0,
     "REDIS_REPLICA_TIMEOUT_SECONDS": 0.5,
+    # the transmitter (docs/signals.md)
+    "SIGNALS_HTTP_HOST": "0.0.0.0",
+    "SIGNALS_HTTP_PORT": 8090,
+    "SIGNALS_ISSUER": "http://localhost:8090",
+    "SIGNALS_ALLOW_HTTP": False,
+    "SIGNALS_RETENTION_SECONDS": 7 * 86400,
+    "SIGNALS_DB_SCHEMA": "signals",
 }
 
 # One valid, non-default value for every variable, and what it must become.
@@ -78,6 +85,13 @@ VALID = {
     "REDIS_CLUSTER": ("0", False),
     "REDIS_MIN_REPLICAS": ("1", 1),
     "REDIS_REPLICA_TIMEOUT_SECONDS": ("0.25", 0.25),
+    "SIGNALS_HTTP_HOST": ("127.0.0.1", "127.0.0.1"),
+    "SIGNALS_HTTP_PORT": ("9095", 9095),
+    "SIGNALS_ISSUER": ("https://signals.example.com", "https://signals.example.com"),
+    "SIGNALS_SIGNING_KEY_FILES": ("/keys/new.pem,/keys/old.pem", "/keys/new.pem,/keys/old.pem"),
+    "SIGNALS_ALLOW_HTTP": ("true", True),
+    "SIGNALS_RETENTION_SECONDS": ("3600", 3600),
+    "SIGNALS_DB_SCHEMA": ("signals_eu", "signals_eu"),
 }
 
 INVALID = [
@@ -118,6 +132,11 @@ INVALID = [
     ("REDIS_KEY_PREFIX", "app{1}:"),
     ("REDIS_MIN_REPLICAS", "-1"),
     ("REDIS_REPLICA_TIMEOUT_SECONDS", "0"),
+    ("SIGNALS_HTTP_PORT", "70000"),
+    ("SIGNALS_ISSUER", "signals.example.com"),
+    ("SIGNALS_ALLOW_HTTP", "perhaps"),
+    ("SIGNALS_RETENTION_SECONDS", "59"),
+    ("SIGNALS_DB_SCHEMA", "Signals; drop schema public"),
 ]
 
 

@@ -68,6 +68,7 @@ mutants: setup services
 bench: setup services
 	$(BIN)/python -m bench load
 	$(BIN)/python -m bench consumers
+	$(BIN)/python -m bench signals
 
 bench-sustained: setup services
 	$(BIN)/python -m bench sustained
@@ -89,6 +90,7 @@ docs: setup
 	$(BIN)/python -m service.openapi > docs/openapi.json
 	$(BIN)/python -m session_close.asyncapi > docs/asyncapi.json
 	$(BIN)/python -m session_close.asyncapi --schema > docs/session-event.schema.json
+	$(BIN)/python -m signals.openapi > docs/signals-openapi.json
 
 deploy-generated: setup
 	$(BIN)/python deploy/grafana/dashboard.py > deploy/grafana/session-close.json

@@ -28,14 +28,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "soak: many closes in rounds, RSS and outbox length per round. expiry: the sweeper "
         "working off a 100,000-session backlog while closes run, and the delay from "
         "expires_at to the session.expired event in RabbitMQ. consumers: CPU per event of a bare "
-        "aio-pika consumer (the anchor) and of both workers draining the same events.",
+        "aio-pika consumer (the anchor) and of both workers draining the same events. signals: "
+        "the transmitter's deliveries/s and CPU per delivery to a local webhook, and "
+        "close-to-receipt latency at a steady rate of closes.",
         epilog=env_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "mode",
-        choices=["load", "consumers", "sustained", "soak", "expiry"],
+        choices=["load", "consumers", "sustained", "soak", "expiry", "signals"],
         nargs="?",
         default="load",
     )
@@ -43,10 +45,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
     parser.add_argument("--relay-entries", type=int, default=50_000, help="load: outbox fill")
     parser.add_argument(
-        "--rate", type=float, default=1000.0, help="sustained, expiry: closes/s (1000)"
+        "--rate", type=float, help="sustained, expiry: closes/s (1000); signals (200)"
     )
     parser.add_argument(
-        "--events", type=int, default=20_000, help="consumers: events per round (20000)"
+        "--events", type=int, help="consumers: events per round (20000); signals: drained (5000)"
     )
     parser.add_argument("--rounds", type=int, help="consumers: rounds (3); sustained: runs (3)")
     parser.add_argument("--closes", type=int, default=200_000, help="soak: total closes")
@@ -79,8 +81,19 @@ async def main_async(args: argparse.Namespace, settings: Settings, workdir: Path
         if args.mode == "consumers":
             from bench import consumer
 
-            drains = await consumer.run(stack, events=args.events, rounds=args.rounds or 3)
-            return consumer.render(drains, args.events)
+            events = args.events or 20_000
+            drains = await consumer.run(stack, events=events, rounds=args.rounds or 3)
+            return consumer.render(drains, events)
+        if args.mode == "signals":
+            from bench import signals
+
+            sresult = await signals.run(
+                stack,
+                events=args.events or 5_000,
+                rate=args.rate or 200.0,
+                seconds=args.seconds or 10.0,
+            )
+            return signals.render(sresult)
         if args.mode == "sustained":
             from bench import sustained
 
@@ -92,7 +105,7 @@ async def main_async(args: argparse.Namespace, settings: Settings, workdir: Path
                 results.append(
                     await sustained.run(
                         stack,
-                        rate=args.rate,
+                        rate=args.rate or 1000.0,
                         seconds=args.seconds or 30.0,
                         connections=args.connections,
                     )
@@ -103,7 +116,10 @@ async def main_async(args: argparse.Namespace, settings: Settings, workdir: Path
             from bench import expiry
 
             eresult = await expiry.run(
-                stack, rate=args.rate, seconds=args.seconds or 10.0, connections=args.connections
+                stack,
+                rate=args.rate or 1000.0,
+                seconds=args.seconds or 10.0,
+                connections=args.connections,
             )
             return expiry.render(eresult)
         from bench import soak

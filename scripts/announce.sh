@@ -12,10 +12,12 @@ for _ in $(seq 1 120); do
     printf '  metrics      %s/metrics\n' "$base"
     printf '  OpenAPI      %s/openapi.json\n' "$base"
     printf '  readiness    %s/readyz\n' "$base"
+    printf '  signals      http://127.0.0.1:%s/.well-known/ssf-configuration\n' \
+      "${SIGNALS_HTTP_PORT:-8090}"
     if [ -n "${WORKER_METRICS_PORT:-}" ]; then
       printf '  workers      http://127.0.0.1:%s/metrics\n' "$WORKER_METRICS_PORT"
     fi
-    printf '  Ctrl-C stops the API and the workers.\n\n'
+    printf '  Ctrl-C stops the API, the workers and the transmitter.\n\n'
     exit 0
   fi
   sleep 0.5

@@ -21,6 +21,8 @@ from session_close.settings import Settings
 # Each event type is its own routing key; every worker's queue takes them all.
 ROUTING_KEYS = EVENT_TYPES
 WORKERS = ("audit", "push-cleanup")
+# The transmitter's queue (signals/), declared by the transmitter alone.
+TRANSMITTER = "signals"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,6 @@
 """`python -m signals` runs the transmitter until SIGTERM; `python -m signals migrate`
-creates or updates its tables in SIGNALS_DB_SCHEMA and exits."""
+creates or updates its tables in SIGNALS_DB_SCHEMA and exits; `python -m signals keygen
+FILE` writes a new RSA signing key to FILE unless it exists (local runs, demos)."""
 
 from __future__ import annotations
 
@@ -26,16 +27,27 @@ def parse_args(argv: list[str] | None, prog: str = PROG) -> argparse.Namespace:
     parser.add_argument(
         "command",
         nargs="?",
-        choices=["run", "migrate"],
+        choices=["run", "migrate", "keygen"],
         default="run",
-        help="run (the default) or migrate: apply the schema migrations SIGNALS_DB_SCHEMA "
-        "lacks, print them, and exit",
+        help="run (the default); migrate: apply the schema migrations SIGNALS_DB_SCHEMA "
+        "lacks, print them, and exit; keygen FILE: write a new 3072-bit RSA signing key "
+        "(PEM, mode 600) to FILE unless it exists",
     )
-    return parser.parse_args(argv)
+    parser.add_argument("file", nargs="?", help="keygen's key file")
+    args = parser.parse_args(argv)
+    if (args.command == "keygen") != (args.file is not None):
+        parser.error("a FILE goes with keygen, and only with it")
+    return args
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> None:
     args = parse_args(argv, prog)
+    if args.command == "keygen":
+        from signals.sets import write_new_key
+
+        made = write_new_key(args.file)
+        print(f"{'wrote a new signing key to' if made else 'kept the signing key in'} {args.file}")
+        return
     settings = settings_or_exit(prog)
     configure_logging(settings.log_level)
     import uvloop
@@ -53,6 +65,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> None:
         )
         return
 
+    from session_close import tracing
     from signals.app import run_transmitter
     from signals.sets import Signer, SigningKeyError
 
@@ -62,6 +75,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> None:
         signer = Signer.from_files(settings.signals_signing_key_files)
     except SigningKeyError as exc:
         sys.exit(f"{prog}: SIGNALS_SIGNING_KEY_FILES: {exc}")
+    tracing.configure("session-close-signals")
     uvloop.run(run_transmitter(settings, signer))
 
 

@@ -23,6 +23,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from session_close.retry import pause, retry
 from session_close.runtime import tune_gc
 from session_close.settings import Settings
+from session_close.topology import TRANSMITTER
 from signals.delivery import Deliverer
 from signals.intake import open_intake
 from signals.metrics import SignalsMetrics
@@ -36,7 +37,6 @@ from workers.runner import Worker
 log = logging.getLogger(__name__)
 
 PURGE_EVERY_SECONDS = 60.0
-NAME = "signals"  # the worker's name: its queue is AMQP_QUEUE_PREFIX + this
 
 
 def _dumps(value: object) -> str:
@@ -102,7 +102,7 @@ async def run_transmitter(settings: Settings, signer: Signer) -> None:
     async with contextlib.AsyncExitStack() as stack:
         pool = await stack.enter_async_context(open_pool(settings))
         store = Store(pool)
-        worker = Worker(settings, NAME, open_intake(store))
+        worker = Worker(settings, TRANSMITTER, open_intake(store))
         metrics = SignalsMetrics(worker.metrics.registry)
         session = await stack.enter_async_context(
             aiohttp.ClientSession(

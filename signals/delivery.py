@@ -26,7 +26,9 @@ import logging
 import time
 
 import aiohttp
+import orjson
 
+from session_close import tracing
 from session_close.retry import Backoff, Policy, pause
 from signals import sets, webhooks
 from signals.metrics import SignalsMetrics
@@ -155,6 +157,28 @@ class Deliverer:
         return self._signer.sign(claims).encode(), headers
 
     async def _attempt(self, due: Due) -> Outcome:
+        if not tracing.ENABLED:
+            return await self._send(due)
+        # With tracing on: a client span per attempt in the event's trace (its parent the
+        # close's span, from the event's traceparent); the lines logged carry its ids.
+        traceparent = orjson.loads(due.body).get("traceparent")
+        span = tracing.tracer(__name__).start_span(
+            "signals deliver",
+            context=tracing.parent_context(traceparent),
+            kind=tracing.SpanKind.CLIENT,
+            attributes={
+                "signals.receiver": due.receiver,
+                "signals.attempt": due.attempts,
+                "messaging.message.id": str(due.event_id),
+            },
+        )
+        with tracing.trace.use_span(span, end_on_exit=True):
+            outcome = await self._send(due)
+            if not outcome.delivered:
+                span.set_status(tracing.StatusCode.ERROR, outcome.error or str(outcome.status))
+        return outcome
+
+    async def _send(self, due: Due) -> Outcome:
         body, headers = self._request(due)
         ids: dict[str, object] = {
             "receiver": due.receiver,

@@ -15,12 +15,15 @@ delivery sends the same bytes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from joserfc import jwt
 from joserfc.jwk import RSAKey
@@ -83,6 +86,24 @@ class Signer:
     def sign(self, claims: Mapping[str, Any]) -> str:
         header = {"typ": "secevent+jwt", "alg": "RS256", "kid": self._kid}
         return jwt.encode(header, dict(claims), self._signing)
+
+
+def write_new_key(path: str, bits: int = 3072) -> bool:
+    """A new RSA private key in PEM at `path`, readable by its owner only; False (and
+    nothing written) when the file exists."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as out:
+        out.write(pem)
+    return True
 
 
 def _unix(rfc3339: str) -> int:

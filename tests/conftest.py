@@ -31,8 +31,9 @@ from tests.support.proxy import TcpProxy
 CLEANUP_SECONDS = 30.0
 
 # The workers' fixtures (broker, audit_table, worker_processes), for every test module;
+# the OTLP trace receiver (receiver);
 # the needs_tool marker (skipped where a tool is missing, failed under CI=true).
-pytest_plugins = ["tests.support.workers", "tests.support.tools"]
+pytest_plugins = ["tests.support.workers", "tests.support.tools", "tests.support.otlp"]
 
 
 @pytest.fixture

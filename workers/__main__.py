@@ -1,6 +1,6 @@
 """`python -m workers audit|push-cleanup` runs one worker until SIGTERM;
-`python -m workers replay-dlq audit|push-cleanup [--limit N]` moves dead-lettered
-messages back to the worker's queue."""
+`python -m workers replay-dlq audit|push-cleanup|signals [--limit N]` moves dead-lettered
+messages back to the worker's (or the transmitter's) queue."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import dataclasses
 from session_close import __version__, tracing
 from session_close.logs import configure_logging
 from session_close.settings import env_help, settings_or_exit
-from session_close.topology import WORKERS
+from session_close.topology import TRANSMITTER, WORKERS
 
 
 def _positive(text: str) -> int:
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None, prog: str = PROG) -> argparse.Namespace:
         "unchanged, publishing with confirms before removing each from the dead-letter queue.",
         **common,  # type: ignore[arg-type]
     )
-    replay.add_argument("worker", choices=WORKERS)
+    replay.add_argument("worker", choices=(*WORKERS, TRANSMITTER))
     replay.add_argument("--limit", type=_positive, help="move at most N messages")
     return parser.parse_args(argv)
 

@@ -28,13 +28,13 @@ UID = "eliab-session-close"
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "$__rate_interval"
 # Every component's job, as deploy/prometheus/rules.yaml selects them.
-JOBS = "session-close-(api|relay|audit|push-cleanup)"
+JOBS = "session-close-(api|relay|audit|push-cleanup|signals)"
 # This service's series in the chosen namespace and jobs.
 OURS = 'namespace="$namespace", job=~"$job"'
 CLOSE_ROUTE = f'{OURS}, route="/v1.0/session/close"'
 # The SLOs of rules.yaml: the share of closes allowed to fail, and to take over 250 ms.
 SLOS = (("Availability", "close_errors", 0.001), ("Latency", "close_slow", 0.01))
-DLQ = 'queue=~"sessions\\\\.(audit|push-cleanup)\\\\.dlq"'
+DLQ = 'queue=~"sessions\\\\.(audit|push-cleanup|signals)\\\\.dlq"'
 
 
 def query(expr: str, legend: str) -> prometheus.Dataquery:

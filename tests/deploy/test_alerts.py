@@ -7,6 +7,7 @@ import importlib.util
 import subprocess
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.support.paths import ROOT
@@ -44,6 +45,7 @@ def test_rules_file_is_valid_for_prometheus() -> None:
 
 
 @needs_promtool
+@pytest.mark.timeout(180)  # promtool replays days of series for the burn-rate windows
 def test_every_alert_passes_its_promtool_unit_tests() -> None:
     done = promtool("test", "rules", str(ALERT_TESTS))
     assert done.returncode == 0, done.stdout + done.stderr

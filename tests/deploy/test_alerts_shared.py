@@ -11,14 +11,17 @@ from typing import Any
 
 import yaml
 
+from session_close.settings import Settings
+from session_close.topology import TRANSMITTER as SIGNALS_WORKER
+from session_close.topology import WORKERS, Topology
 from tests.contract.test_docs import anchors
 from tests.support.paths import ROOT
 from tests.support.prometheus import RULES
 from tests.support.promql import metric_names
 
 # The jobs the PodMonitor (deploy/k8s/podmonitor.yaml) gives: session-close-<component>.
-JOBS = 'job=~"session-close-(api|relay|audit|push-cleanup)"'
-JOB_PATTERN = re.compile(r"session-close-(api|relay|audit|push-cleanup)")
+JOBS = 'job=~"session-close-(api|relay|audit|push-cleanup|signals)"'
+JOB_PATTERN = re.compile(r"session-close-(api|relay|audit|push-cleanup|signals)")
 # Series of RabbitMQ's own job (its rabbitmq_prometheus plugin): selected by queue name.
 BROKER_PREFIX = "rabbitmq_"
 SESSION_ROUTES = ("/v1.0/session/close", "/v1.0/session/close-all")
@@ -123,13 +126,32 @@ def test_every_component_that_vanishes_alerts() -> None:
         for doc in yaml.safe_load_all(path.read_text())
         if doc and doc["kind"] == "Deployment"
     }
-    assert components == {"api", "audit", "push-cleanup"}
+    assert components == {"api", "audit", "push-cleanup", "signals"}
     for component in components:
         assert f'absent(up{{job="session-close-{component}"}})' in absent, component
         assert JOB_PATTERN.fullmatch(f"session-close-{component}"), component
     assert JOB_PATTERN.fullmatch("session-close-relay")
     assert JOBS in down
     assert down.endswith("== 0")
+
+
+def test_the_queue_rules_select_every_consumers_queue() -> None:
+    """The broker's series are selected by queue name (AMQP_QUEUE_PREFIX's default): each
+    rule on the worker queues selects every worker's and the transmitter's, and each rule
+    on the dead-letter queues every one of theirs."""
+    topology = Topology.from_settings(Settings())
+    consumers = (*WORKERS, SIGNALS_WORKER)
+    queues = {topology.queue(name) for name in consumers}
+    dead_letters = {topology.dead_letter_queue(name) for name in consumers}
+    seen = 0
+    for name, rule in alerts().items():
+        for pattern in re.findall(r'queue=~"([^"]+)"', rule["expr"]):
+            # PromQL's double-quoted strings escape the regex's backslash
+            regex = re.compile(pattern.replace("\\\\", "\\"))
+            selected = {q for q in queues | dead_letters if regex.fullmatch(q)}
+            assert selected in (queues, dead_letters), f"{name}: {pattern} selects {selected}"
+            seen += 1
+    assert seen >= 4
 
 
 def test_every_alert_has_a_runbook_url_to_a_heading_of_the_operations_guide() -> None:

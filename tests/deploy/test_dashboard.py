@@ -70,7 +70,7 @@ def dashboard_json() -> dict[str, Any]:
 
 def test_namespace_and_job_variables_pick_one_install_and_its_components() -> None:
     variables = {v["name"]: v for v in dashboard_json()["templating"]["list"]}
-    jobs = 'job=~"session-close-(api|relay|audit|push-cleanup)"'
+    jobs = 'job=~"session-close-(api|relay|audit|push-cleanup|signals)"'
     namespace, job = variables["namespace"], variables["job"]
     assert namespace["type"] == job["type"] == "query"
     assert namespace["query"] == f"label_values(up{{{jobs}}}, namespace)"

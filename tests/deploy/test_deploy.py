@@ -1,33 +1,43 @@
 """deploy/ cannot be run here (no Docker engine, no cluster), so this reads every file in
 it and checks that it agrees with the code: variable names and values the settings
-accept, commands that are real entry points, ports and probe paths the app serves, and
-KEDA queue names the topology declares."""
+accept, commands that are real entry points, ports and probe paths the API and the
+transmitter (`python -m signals`) serve, and KEDA queue names the topology declares."""
 
 from __future__ import annotations
 
 import functools
+import re
 import shlex
 import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from aiohttp import web
 
 from service.app import create_app
 from session_close.redis_client import DURABLE
 from session_close.settings import Settings, SettingsSchema
+from session_close.topology import TRANSMITTER as SIGNALS_WORKER
 from session_close.topology import WORKERS, Topology
+from signals.app import transmitter_app
+from signals.ssf import SsfApi
 from tests.support.paths import ROOT
 from workers.metrics import STALE_AFTER_SECONDS
+from workers.runner import Worker
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 SETTING_NAMES = frozenset(SettingsSchema.fields)
 IMAGE = "eliab-session-close"
+# The project's packages (pyproject.toml's packages.find), every one in the image.
+PACKAGES = ("session_close", "service", "outbox", "workers", "signals")
+# The transmitter's entry point.
+SIGNALS = ["python", "-m", "signals"]
 
 Manifest = dict[str, Any]
 
@@ -80,22 +90,59 @@ def accepts(argv: tuple[str, ...]) -> bool:
 def assert_entry_point(argv: list[str]) -> None:
     assert argv[:2] == ["python", "-m"] or argv[0] in console_scripts(), argv
     if argv[0] == "python":
-        assert argv[2] in ("service", "outbox", "workers"), argv
+        assert argv[2] in PACKAGES, argv
+        assert argv[2] != "session_close", argv
     assert accepts(tuple(argv)), f"not an entry point: {shlex.join(argv)}"
+
+
+def chained(command: list[str]) -> list[list[str]]:
+    """The commands a compose `command` runs: itself, or those of its `sh -c` script (only
+    `a && b && exec c`, each an argv), the last one exec'd so that it takes SIGTERM."""
+    if command[:2] != ["sh", "-c"]:
+        return [command]
+    (script,) = command[2:]
+    steps = [shlex.split(step) for step in script.split("&&")]
+    assert all(steps), script
+    assert steps[-1][0] == "exec", f"{script}: the process must take SIGTERM itself (exec)"
+    assert not any(step[0] == "exec" for step in steps[:-1]), script
+    steps[-1] = steps[-1][1:]
+    for step in steps:
+        assert not set(step) & {"|", ";", "||", "&", ">", "<"}, f"{script}: only &&"
+    return steps
+
+
+def main_command(command: list[str]) -> list[str]:
+    """The process a compose `command` leaves running: the last (exec'd) of its chain."""
+    return chained(command)[-1]
 
 
 def worker_of(argv: list[str]) -> str | None:
     return argv[3] if argv[:3] == ["python", "-m", "workers"] and len(argv) > 3 else None
 
 
-@functools.cache
-def get_routes() -> frozenset[str]:
-    app = create_app(Settings())
+def get_paths(app: web.Application) -> frozenset[str]:
     return frozenset(
         resource.canonical
         for resource in app.router.resources()
         if any(route.method == "GET" for route in resource)
     )
+
+
+@functools.cache
+def get_routes() -> frozenset[str]:
+    """What the API serves (GET)."""
+    return get_paths(create_app(Settings()))
+
+
+@functools.cache
+def get_signals_routes() -> frozenset[str]:
+    """What the transmitter serves (GET): signals/app.py's app as run_transmitter builds
+    it, over backends it never reaches here."""
+    settings = Settings()
+    unused = cast(Any, None)
+    worker = Worker(settings, SIGNALS_WORKER, unused)
+    ssf = SsfApi(unused, unused, unused, issuer=settings.signals_issuer, allow_http=True)
+    return get_paths(transmitter_app(unused, unused, worker, unused, [], ssf))
 
 
 def assert_valid_settings(env: Mapping[str, str]) -> Settings:
@@ -108,9 +155,17 @@ def test_the_checks_themselves_reject_what_is_wrong() -> None:
     assert not accepts(("python", "-m", "workers", "no-such-worker"))
     assert not accepts(("python", "-m", "outbox", "no-such-command"))
     assert not accepts(("python", "-m", "no_such_module"))
+    assert not accepts(("python", "-m", "signals", "no-such-command"))
     assert accepts(("session-workers", "push-cleanup"))
+    assert accepts(("session-signals",))
     assert "/readyz" in get_routes()
     assert "/nope" not in get_routes()
+    assert {"/healthz", "/readyz", "/metrics", "/jwks.json"} <= get_signals_routes()
+    assert "/v1.0/session/close" not in get_signals_routes()
+    assert chained(["sh", "-c", "a b && exec c"]) == [["a", "b"], ["c"]]
+    for script in ("a && c", "exec a && exec c", "a; exec c", "a && exec c > f"):
+        with pytest.raises(AssertionError):
+            chained(["sh", "-c", script])
 
 
 # --- Dockerfile ---------------------------------------------------------------------
@@ -157,7 +212,26 @@ def test_dockerfile_command_port_and_env_match_the_code() -> None:
                 assert (ROOT / source).exists(), source
                 copied.add(source)
     # every package of the project is in the image (the API imports outbox)
-    assert {"session_close", "service", "outbox", "workers"} <= copied
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    found = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert sorted(PACKAGES) == sorted(name.removesuffix("*") for name in found)
+    assert set(PACKAGES) <= copied
+
+
+def test_the_build_context_holds_what_the_dockerfile_copies() -> None:
+    """Dockerfile.dockerignore excludes everything, then lets in what the build copies:
+    a COPY of a path it keeps out fails the build ("not found")."""
+    lines = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    patterns = [line for line in lines if line and not line.startswith("#")]
+    assert patterns[0] == "**"
+    allowed = {p[1:].removesuffix("/**") for p in patterns if p.startswith("!")}
+    sources = {
+        source
+        for op, args in dockerfile()
+        if op == "COPY" and not args.startswith("--from=")
+        for source in args.split()[:-1]
+    }
+    assert sources == allowed
 
 
 # --- compose ------------------------------------------------------------------------
@@ -180,9 +254,9 @@ def test_compose_has_the_whole_stack() -> None:
     services = compose()["services"]
     assert {"redis", "rabbitmq", "postgres"} <= services.keys()
     assert "management" in services["rabbitmq"]["image"]
-    commands = {name: s["command"] for name, s in our_services().items()}
+    commands = {name: main_command(s["command"]) for name, s in our_services().items()}
     assert sorted(commands.values()) == sorted(
-        [["python", "-m", "service"]] + [["python", "-m", "workers", w] for w in WORKERS]
+        [["python", "-m", "service"], SIGNALS] + [["python", "-m", "workers", w] for w in WORKERS]
     )
     for name, service in our_services().items():
         assert service["build"]["dockerfile"] == "deploy/Dockerfile"
@@ -259,7 +333,8 @@ def test_compose_enables_rabbitmqs_prometheus_plugin() -> None:
 def test_compose_commands_env_ports_and_healthcheck_match_the_code() -> None:
     services = compose()["services"]
     for name, service in our_services().items():
-        assert_entry_point(service["command"])
+        for argv in chained(service["command"]):
+            assert_entry_point(argv)
         settings = assert_valid_settings(service["environment"])
         for url in (settings.redis_url, settings.amqp_url, settings.database_url):
             assert urlsplit(url).hostname in services, f"{name}: {url}"
@@ -270,8 +345,47 @@ def test_compose_commands_env_ports_and_healthcheck_match_the_code() -> None:
             check = service["healthcheck"]["test"][-1]
             assert f"127.0.0.1:{settings.http_port}/readyz" in check
             assert "/readyz" in get_routes()
+        elif main_command(service["command"]) == SIGNALS:
+            published = [p.split(":") for p in service["ports"]]
+            assert [int(container) for _, container in published] == [settings.signals_http_port]
+            check = service["healthcheck"]["test"]
+            assert check[0] == "CMD", name
+            paths = re.findall(rf"127\.0\.0\.1:{settings.signals_http_port}(/\w+)", check[-1])
+            assert paths == ["/healthz"], name
+            assert "/healthz" in get_signals_routes()
         else:
             assert settings.worker_metrics_port is not None, name
+
+
+def compose_signals() -> dict[str, Any]:
+    (service,) = (s for s in our_services().values() if main_command(s["command"]) == SIGNALS)
+    return service
+
+
+def test_compose_runs_the_transmitter_with_a_kept_key_for_local_use() -> None:
+    """It makes its signing key once, where SIGNALS_SIGNING_KEY_FILES reads it, in a named
+    volume (kept across restarts); its issuer is the address compose publishes, http, as
+    SIGNALS_ALLOW_HTTP lets a local stack be; it waits for its backends (not Redis)."""
+    service = compose_signals()
+    settings = assert_valid_settings(service["environment"])
+    steps = chained(service["command"])
+    assert steps == [
+        ["python", "-m", "signals", "keygen", settings.signals_signing_key_files],
+        SIGNALS,
+    ]
+    volumes = {target: source for source, target in (v.split(":")[:2] for v in service["volumes"])}
+    key_dir = settings.signals_signing_key_files.rsplit("/", 1)[0]
+    assert volumes[key_dir] in compose()["volumes"], "not a named volume: the key would go"
+    (published,) = service["ports"]
+    host_port, container_port = (int(p) for p in published.split(":"))
+    assert container_port == settings.signals_http_port
+    assert settings.signals_issuer == f"http://localhost:{host_port}"
+    assert settings.signals_allow_http is True
+    assert {"rabbitmq", "postgres"} <= service["depends_on"].keys()
+    assert "redis" not in service["depends_on"]
+    assert all(d["condition"] == "service_healthy" for d in service["depends_on"].values())
+    # SIGTERM: the deliveries in flight have SHUTDOWN_TIMEOUT_SECONDS
+    assert int(service["stop_grace_period"].removesuffix("s")) > settings.shutdown_timeout_seconds
 
 
 # --- Kubernetes ---------------------------------------------------------------------
@@ -304,6 +418,9 @@ def containers() -> Iterator[tuple[Manifest, dict[str, Any]]]:
 # The Secret is created outside `kubectl apply -k` (so an apply never overwrites the real
 # one), from the keys of this example.
 SECRET = "session-close-secrets"
+# The transmitter's signing keys: a Secret of PEM files, also created outside (the
+# example's comments say how), mounted read-only.
+SIGNALS_KEYS = "session-close-signals-keys"
 
 
 def secret_env() -> dict[str, str]:
@@ -334,11 +451,18 @@ def test_configmap_and_secret_hold_valid_settings_only() -> None:
     # credentials live in the Secret only
     assert {"REDIS_URL", "AMQP_URL", "DATABASE_URL"} == secret_names
     assert not secret_names & set(next(iter(configs.values()))["data"])
-    assert_valid_settings(cluster_env())
+    settings = assert_valid_settings(cluster_env())
+    # the transmitter is public: an https issuer, and receivers at public addresses only
+    assert urlsplit(settings.signals_issuer).scheme == "https"
+    assert settings.signals_allow_http is False
+    # its keys' Secret: created as the example says, never among the resources
+    example = (K8S / "secret.env.example").read_text()
+    assert f"kubectl create secret generic {SIGNALS_KEYS} --from-file=" in example
 
 
 def test_deployments_run_entry_points_with_probes_resources_and_env() -> None:
     workers_seen = set()
+    commands = []
     for deployment, container in containers():
         name = deployment["metadata"]["name"]
         pod = deployment["spec"]["template"]
@@ -360,7 +484,10 @@ def test_deployments_run_entry_points_with_probes_resources_and_env() -> None:
         assert {"livenessProbe", "readinessProbe"} <= container.keys(), name
         if (worker := worker_of(container["command"])) is not None:
             workers_seen.add(worker)
+        commands.append(container["command"])
     assert workers_seen == set(WORKERS)
+    assert commands.count(["python", "-m", "service"]) == 1
+    assert commands.count(SIGNALS) == 1
 
 
 def probe_port(container: dict[str, Any], probe: dict[str, Any]) -> int:
@@ -397,6 +524,70 @@ def test_api_ports_and_probe_paths_match_the_app() -> None:
     assert not exposed & {"metrics", str(settings.metrics_port)}
 
 
+def signals_deployment() -> tuple[Manifest, dict[str, Any]]:
+    (found,) = [(d, c) for d, c in containers() if c["command"] == SIGNALS]
+    return found
+
+
+def test_signals_ports_probe_paths_and_service_match_the_app() -> None:
+    deployment, container = signals_deployment()
+    env = cluster_env() | {var["name"]: var["value"] for var in container.get("env", [])}
+    settings = assert_valid_settings(env)
+    # one port, named as the API's public one: the SSF endpoints, probes and /metrics
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": settings.signals_http_port}
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(settings.signals_http_port)
+    assert annotations["prometheus.io/path"] in get_signals_routes()
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] in get_signals_routes()
+        assert probe_port(container, container[probe]) == settings.signals_http_port
+        assert container[probe]["timeoutSeconds"] < container[probe]["periodSeconds"]
+    # The loop's heartbeat goes stale, then the probe fails failureThreshold times.
+    liveness = container["livenessProbe"]
+    assert STALE_AFTER_SECONDS + liveness["periodSeconds"] * liveness["failureThreshold"] <= 60
+    # SIGTERM: out of the Service first, then the deliveries in flight
+    pod = deployment["spec"]["template"]["spec"]
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    assert (
+        pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + settings.shutdown_timeout_seconds
+    )
+    # a rollout never takes a copy away before its successor is ready
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    service = of_kind("Service")[deployment["metadata"]["name"]]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+
+
+def test_signals_reads_its_signing_keys_from_their_own_secret_read_only() -> None:
+    deployment, container = signals_deployment()
+    pod = deployment["spec"]["template"]["spec"]
+    env = {var["name"]: var["value"] for var in container["env"]}
+    settings = assert_valid_settings(cluster_env() | env)
+    # the path goes with the mount, in the Deployment; not in the ConfigMap
+    assert "SIGNALS_SIGNING_KEY_FILES" not in cluster_env()
+    files = [f.strip() for f in settings.signals_signing_key_files.split(",") if f.strip()]
+    assert files
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (mount,) = container["volumeMounts"]
+    assert mount["readOnly"] is True
+    secret = volumes[mount["name"]]["secret"]
+    assert secret["secretName"] == SIGNALS_KEYS
+    for name in files:
+        directory, _, key = name.rpartition("/")
+        assert directory == mount["mountPath"], name
+        assert key, name
+    # readable by the process's group only (the files' group is fsGroup), never by others
+    context = pod["securityContext"]
+    assert context["fsGroup"] == context["runAsGroup"]
+    assert secret["defaultMode"] & 0o007 == 0
+    assert secret["defaultMode"] & 0o040
+    assert not of_kind("Secret")
+
+
 def test_worker_probes_use_their_metrics_port() -> None:
     settings = assert_valid_settings(cluster_env())
     for _, container in containers():
@@ -427,13 +618,15 @@ def test_pod_disruption_budgets_cover_every_deployment() -> None:
     assert covered == set(of_kind("Deployment"))
 
 
-def test_hpa_scales_the_api_on_cpu() -> None:
-    (hpa,) = of_kind("HorizontalPodAutoscaler").values()
-    target = of_kind("Deployment")[hpa["spec"]["scaleTargetRef"]["name"]]
-    command = target["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert command == ["python", "-m", "service"]
-    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
-    assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+def test_hpas_scale_the_api_and_the_transmitter_on_cpu() -> None:
+    scaled = []
+    for hpa in of_kind("HorizontalPodAutoscaler").values():
+        target = of_kind("Deployment")[hpa["spec"]["scaleTargetRef"]["name"]]
+        scaled.append(target["spec"]["template"]["spec"]["containers"][0]["command"])
+        assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+        # two copies at least: the PDB lets one go, and the other still serves
+        assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    assert sorted(scaled) == sorted([["python", "-m", "service"], SIGNALS])
 
 
 def test_keda_scales_each_worker_on_its_own_queue() -> None:

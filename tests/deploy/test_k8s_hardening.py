@@ -1,7 +1,7 @@
 """deploy/k8s keeps each pod to what it needs: a NetworkPolicy per component (ingress only
-on the ports it serves, egress only to its backends and DNS), no ServiceAccount token
-mounted, copies spread over zones and nodes, and no Secret among the resources (an apply
-would overwrite the real one)."""
+on the ports it serves, egress only to its backends and DNS, and the transmitter's to
+receivers over https), no ServiceAccount token mounted, copies spread over zones and
+nodes, and no Secret among the resources (an apply would overwrite the real one)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ BACKENDS = {
     "relay": {"REDIS_URL", "AMQP_URL"},
     "audit": {"AMQP_URL", "DATABASE_URL"},
     "push-cleanup": {"AMQP_URL", "REDIS_URL"},
+    "signals": {"AMQP_URL", "DATABASE_URL"},
 }
+# Where the transmitter delivers: receivers' https endpoints, anywhere on the internet.
+RECEIVERS = {"ports": [{"port": 443, "protocol": "TCP"}]}
 MONITORING = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
 DNS = [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
 
@@ -57,6 +60,11 @@ def test_every_component_has_its_own_network_policy() -> None:
             anywhere: list[dict[str, Any]] = [{"namespaceSelector": {}}]
             apps = {"from": anywhere, "ports": [{"port": "http", "protocol": "TCP"}]}
             assert ingress == [apps, prometheus]
+        elif component == "signals":
+            # receivers are outside the cluster: its one port from anywhere (Prometheus's
+            # scrape included, /metrics being there too)
+            assert served == {"http"}
+            assert ingress == [{"ports": [{"port": "http", "protocol": "TCP"}]}]
         elif served:
             # workers, the standalone relay: Prometheus only, on the metrics port (probes
             # come from the node)
@@ -71,7 +79,8 @@ def test_every_component_has_its_own_network_policy() -> None:
         backends = {urlsplit(secret_env()[name]).port for name in BACKENDS[component]}
         assert {port["port"] for port in egress[0]["ports"]} == backends, component
         assert all(port["protocol"] == "TCP" for port in egress[0]["ports"]), component
-        assert egress[1:] == [{"ports": DNS}], component
+        beyond = [RECEIVERS] if component == "signals" else []
+        assert egress[1:] == [*beyond, {"ports": DNS}], component
         seen.add(component)
     assert seen == set(BACKENDS)
 

@@ -1,14 +1,15 @@
 """Kubernetes by the book, without a cluster: every object in deploy/k8s (its components
 included) validates strictly against its schema (kubernetes-validate for built-in kinds,
 tests/deploy/schemas/crds.yaml for KEDA's and the Prometheus operator's), every pod passes Pod
-Security "restricted", no Deployment sets the replicas an HPA or KEDA owns, a PodMonitor
-scrapes every pod's metrics port, and the standalone-relay component turns the API's
-relay off and runs `python -m outbox relay` instead."""
+Security "restricted", no Deployment sets the replicas an HPA or KEDA owns, the PodMonitor
+scrapes every pod once, on the port that serves its /metrics, and the standalone-relay
+component turns the API's relay off and runs `python -m outbox relay` instead."""
 
 from __future__ import annotations
 
 import copy
 import functools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from tests.deploy.test_deploy import (
     assert_entry_point,
     assert_valid_settings,
     cluster_env,
-    get_routes,
+    get_signals_routes,
     probe_port,
 )
 
@@ -208,30 +209,95 @@ def test_no_replicas_where_an_hpa_or_keda_owns_them() -> None:
         for doc in objects
         if doc["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")
     }
-    assert owned >= {"session-close-api", "session-close-audit", "session-close-push-cleanup"}
+    assert owned >= {
+        "session-close-api",
+        "session-close-signals",
+        "session-close-audit",
+        "session-close-push-cleanup",
+    }
     for where, doc in deployments():
         if doc["metadata"]["name"] in owned:
             assert "replicas" not in doc["spec"], f"{where}: {doc['metadata']['name']}"
 
 
-def test_podmonitor_scrapes_every_pod_that_serves_metrics() -> None:
+def relabel(labels: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, str] | None:
+    """Prometheus's relabelling, for the actions used here (replace, keep, drop): the
+    target's labels after `rules`, or None when they drop it."""
+    labels = dict(labels)
+    for rule in rules:
+        action = rule.get("action", "replace").lower()
+        value = rule.get("separator", ";").join(labels.get(n, "") for n in rule["sourceLabels"])
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        if (action == "keep" and not match) or (action == "drop" and match):
+            return None
+        if action == "replace":
+            if match:
+                template = re.sub(r"\$\{?(\w+)\}?", r"\\g<\1>", rule.get("replacement", "$1"))
+                labels[rule["targetLabel"]] = match.expand(template)
+        elif action not in ("keep", "drop"):
+            raise AssertionError(f"relabel action {action} is not simulated here")
+    return labels
+
+
+def scrape_targets(monitor: Manifest, doc: Manifest) -> list[tuple[int, str, str]]:
+    """(port, path, job) of each target the Prometheus operator makes of a Deployment's
+    pod: each endpoint whose port the pod names, kept by its relabelings."""
+    template = doc["spec"]["template"]
+    labels = template["metadata"]["labels"]
+    if not labels.items() >= monitor["spec"]["selector"]["matchLabels"].items():
+        return []
+    ports = {
+        p["name"]: p["containerPort"]
+        for c in template["spec"]["containers"]
+        for p in c.get("ports", [])
+    }
+    meta = {
+        "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", name): value
+        for name, value in labels.items()
+    }
+    targets = []
+    for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+        if endpoint["port"] not in ports:
+            continue
+        default = {**meta, "job": f"default/{monitor['metadata']['name']}"}
+        kept = relabel(default, endpoint.get("relabelings", []))
+        if kept is not None:
+            targets.append((ports[endpoint["port"]], endpoint["path"], kept["job"]))
+    return targets
+
+
+def test_relabel_simulation_keeps_drops_and_replaces() -> None:
+    source = {"sourceLabels": ["c"]}
+    job = {**source, "targetLabel": "job", "replacement": "x-$1"}
+    assert relabel({"c": "a"}, [job]) == {"c": "a", "job": "x-a"}
+    assert relabel({"c": "a"}, [{**source, "regex": "b", "action": "keep"}, job]) is None
+    assert relabel({"c": "ab"}, [{**source, "regex": "a", "action": "keep"}]) is None
+    assert relabel({"c": "a"}, [{**source, "regex": "a", "action": "drop"}]) is None
+
+
+def test_podmonitor_scrapes_every_pod_once_where_it_serves_metrics() -> None:
+    """Each pod of every Deployment (the standalone relay's included) is one target, on
+    the port that serves its /metrics (the API's, a worker's or the relay's metrics port;
+    the transmitter's one port), as job session-close-<component>: what the alert rules
+    select (tests/deploy/test_alerts_shared.py)."""
     (monitor,) = (doc for doc in base() if doc["kind"] == "PodMonitor")
-    selector = monitor["spec"]["selector"]["matchLabels"]
-    endpoints = {e["port"]: e["path"] for e in monitor["spec"]["podMetricsEndpoints"]}
-    for path in endpoints.values():
-        assert path in get_routes() or path == "/metrics"
-    served = 0
+    settings = assert_valid_settings(cluster_env())
+    metrics_port = {
+        "api": settings.metrics_port,
+        "audit": settings.worker_metrics_port,
+        "push-cleanup": settings.worker_metrics_port,
+        "relay": settings.outbox_metrics_port,
+        "signals": settings.signals_http_port,
+    }
+    scraped = set()
     for where, doc in deployments():
-        labels = doc["spec"]["template"]["metadata"]["labels"]
-        ports = {
-            p["name"]
-            for c in doc["spec"]["template"]["spec"]["containers"]
-            for p in c.get("ports", [])
-        }
-        if ports & endpoints.keys():
-            served += 1
-            assert labels.items() >= selector.items(), f"{where}: {doc['metadata']['name']}"
-    assert served >= 3  # the API and both workers
+        component = doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+        job = f"session-close-{component}"
+        targets = scrape_targets(monitor, doc)
+        assert targets == [(metrics_port[component], "/metrics", job)], f"{where}: {targets}"
+        scraped.add(component)
+    assert scraped == metrics_port.keys()
+    assert "/metrics" in get_signals_routes()
 
 
 def test_standalone_relay_is_probed_on_its_own_healthz_and_scraped() -> None:

@@ -1,8 +1,8 @@
 """A real Prometheus (Debian's package), on loopback with a generated config, scrapes a
-running API (`python -m service`) and a running worker (`python -m workers audit`) and
-loads deploy/prometheus/rules.yaml; `promtool check metrics` passes on each /metrics; and
-every metric name that an alert or a dashboard panel reads is one that the API or a
-worker exports (or is on the commented allowlist below)."""
+running API (`python -m service`), a running worker (`python -m workers audit`) and the
+transmitter (`python -m signals`) and loads deploy/prometheus/rules.yaml; `promtool check
+metrics` passes on each /metrics; and every metric name that an alert or a dashboard
+panel reads is one that they export (or is on the commented allowlist below)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
+import asyncpg
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from session_close.settings import Settings
+from signals.sets import write_new_key
 from tests.support.processes import (
     free_port,
     listening_port,
@@ -56,14 +58,23 @@ NOT_EXPORTED_HERE = {
     "up": "Prometheus, per scrape target",
 }
 # The jobs the PodMonitor gives (deploy/k8s/podmonitor.yaml), which the rules select.
-API_JOB, AUDIT_JOB = "session-close-api", "session-close-audit"
+API_JOB, AUDIT_JOB, SIGNALS_JOB = (
+    "session-close-api",
+    "session-close-audit",
+    "session-close-signals",
+)
 
 
 @dataclass
 class Stack:
     api_port: int
     worker_port: int
+    signals_port: int
     logs: dict[str, Path]
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.api_port, self.worker_port, self.signals_port)
 
     def tails(self) -> str:
         return "\n".join(f"--- {name}\n{log_tail(path)}" for name, path in self.logs.items())
@@ -77,18 +88,40 @@ async def stack(
     audit_table: AuditTable,
     tmp_path: Path,
 ) -> AsyncIterator[Stack]:
-    """The API (relay included) and the audit worker, as processes, on free ports."""
+    """The API (relay included), the audit worker and the transmitter, as processes, on
+    free ports."""
+    key = tmp_path / "signing.pem"
+    write_new_key(str(key), bits=2048)
+    schema = f"signals_{settings.audit_table}"
     # Port 0: each process binds a free port and logs it, so there is no port to race for.
     env = settings_env(
-        settings, HTTP_HOST="127.0.0.1", HTTP_PORT="0", WORKER_METRICS_PORT="0", LOG_LEVEL="INFO"
+        settings,
+        HTTP_HOST="127.0.0.1",
+        HTTP_PORT="0",
+        WORKER_METRICS_PORT="0",
+        LOG_LEVEL="INFO",
+        SIGNALS_HTTP_HOST="127.0.0.1",
+        SIGNALS_HTTP_PORT="0",
+        SIGNALS_SIGNING_KEY_FILES=str(key),
+        SIGNALS_ISSUER="https://signals.example",
+        SIGNALS_DB_SCHEMA=schema,
     )
-    logs = {"api": tmp_path / "api.log", "audit": tmp_path / "audit.log"}
-    with ExitStack() as processes:
-        api = processes.enter_context(running(["service"], env, logs["api"]))
-        worker = processes.enter_context(running(["workers", "audit"], env, logs["audit"]))
-        api_port = listening_port(logs["api"], api)
-        worker_port = listening_port(logs["audit"], worker, message="serving metrics")
-        yield Stack(api_port, worker_port, logs)
+    logs = {name: tmp_path / f"{name}.log" for name in ("api", "audit", "signals")}
+    try:
+        with ExitStack() as processes:
+            api = processes.enter_context(running(["service"], env, logs["api"]))
+            worker = processes.enter_context(running(["workers", "audit"], env, logs["audit"]))
+            signals = processes.enter_context(running(["signals"], env, logs["signals"]))
+            api_port = listening_port(logs["api"], api)
+            worker_port = listening_port(logs["audit"], worker, message="serving metrics")
+            signals_port = listening_port(logs["signals"], signals, message="signals listening")
+            yield Stack(api_port, worker_port, signals_port, logs)
+    finally:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
 
 
 async def get_text(url: str) -> str:
@@ -145,9 +178,9 @@ def used_names() -> dict[str, set[str]]:
 async def test_alerts_and_dashboard_read_only_metrics_the_processes_export(
     stack: Stack,
 ) -> None:
-    api = exported_names(await get_text(f"http://127.0.0.1:{stack.api_port}/metrics"))
-    worker = exported_names(await get_text(f"http://127.0.0.1:{stack.worker_port}/metrics"))
-    live = api | worker
+    live: set[str] = set()
+    for port in stack.ports:
+        live |= exported_names(await get_text(f"http://127.0.0.1:{port}/metrics"))
     used = used_names()
     missing = {
         name: sorted(where)
@@ -155,7 +188,7 @@ async def test_alerts_and_dashboard_read_only_metrics_the_processes_export(
         if name not in live and name not in NOT_EXPORTED_HERE
     }
     assert not missing, (
-        "metrics read by alerts/panels but exported by neither the API nor the worker:\n"
+        "metrics read by alerts/panels but exported by no process:\n"
         + "\n".join(f"  {name}: used by {', '.join(where)}" for name, where in missing.items())
         + f"\nexported: {sorted(live)}"
     )
@@ -166,7 +199,7 @@ async def test_alerts_and_dashboard_read_only_metrics_the_processes_export(
 @needs_promtool
 async def test_promtool_check_metrics_passes_on_each_metrics_endpoint(stack: Stack) -> None:
     assert PROMTOOL is not None
-    for port in (stack.api_port, stack.worker_port):
+    for port in stack.ports:
         text = await get_text(f"http://127.0.0.1:{port}/metrics")
         done = await asyncio.to_thread(
             subprocess.run,
@@ -201,6 +234,15 @@ def prometheus(stack: Stack, tmp_path: Path) -> Iterator[int]:
                 "static_configs": [
                     {
                         "targets": [f"127.0.0.1:{stack.worker_port}"],
+                        "labels": {"namespace": "test"},
+                    }
+                ],
+            },
+            {
+                "job_name": SIGNALS_JOB,
+                "static_configs": [
+                    {
+                        "targets": [f"127.0.0.1:{stack.signals_port}"],
                         "labels": {"namespace": "test"},
                     }
                 ],
@@ -249,11 +291,12 @@ async def test_prometheus_scrapes_the_api_and_a_worker_and_loads_the_rules(
         ):
             return resp.status == 200
 
-    async def both_up() -> bool:
+    async def all_up() -> bool:
         targets = (await get_json(f"{base}/targets"))["data"]["activeTargets"]
         return sorted((t["labels"]["job"], t["health"]) for t in targets) == [
             (API_JOB, "up"),
             (AUDIT_JOB, "up"),
+            (SIGNALS_JOB, "up"),
         ]
 
     async def scraped(query: str) -> bool:
@@ -262,12 +305,17 @@ async def test_prometheus_scrapes_the_api_and_a_worker_and_loads_the_rules(
 
     try:
         await wait_until(ready, "Prometheus ready", within=30)
-        await wait_until(both_up, "both targets up in Prometheus", within=45)
+        await wait_until(all_up, "every target up in Prometheus", within=45)
         # a sample of each process's own series, stored and queryable
         await wait_until(lambda: scraped("outbox_backlog"), "outbox_backlog scraped", within=30)
         await wait_until(
             lambda: scraped(f'worker_messages_total{{job="{AUDIT_JOB}"}}'),
             "worker series scraped",
+            within=30,
+        )
+        await wait_until(
+            lambda: scraped(f'worker_messages_total{{job="{SIGNALS_JOB}"}}'),
+            "transmitter series scraped",
             within=30,
         )
     except AssertionError as exc:

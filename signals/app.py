@@ -32,6 +32,7 @@ from signals.sets import Signer
 from signals.ssf import MAX_BODY_BYTES, SsfApi, ssf_errors
 from signals.store import DB_TIMEOUT_SECONDS, TRANSIENT, Store, open_pool
 from signals.urls import PublicResolver
+from workers.metrics import WorkerMetrics
 from workers.runner import Worker
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,9 @@ async def run_transmitter(settings: Settings, signer: Signer) -> None:
     async with contextlib.AsyncExitStack() as stack:
         pool = await stack.enter_async_context(open_pool(settings))
         store = Store(pool)
-        worker = Worker(settings, TRANSMITTER, open_intake(store))
-        metrics = SignalsMetrics(worker.metrics.registry)
+        # The intake's worker series and the deliveries' share one registry (/metrics).
+        worker_metrics = WorkerMetrics(TRANSMITTER)
+        metrics = SignalsMetrics(worker_metrics.registry)
         session = await stack.enter_async_context(
             aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
@@ -114,6 +116,9 @@ async def run_transmitter(settings: Settings, signer: Signer) -> None:
             )
         )
         deliverer = Deliverer(store, metrics, session, signer, settings.signals_issuer)
+        worker = Worker(
+            settings, TRANSMITTER, open_intake(store, deliverer.wake), metrics=worker_metrics
+        )
         ssf = SsfApi(
             store,
             signer,

@@ -43,8 +43,8 @@ ATTEMPT_TIMEOUT_SECONDS = 5.0
 # of its outcome, short enough that a dead replica's work resumes within 10 s.
 LEASE_SECONDS = ATTEMPT_TIMEOUT_SECONDS + 3.0
 TAKE_LIMIT = 16  # deliveries of one receiver sent at once
-# How often the loop looks for receivers with deliveries due (a new event's first
-# attempt follows within about this long).
+# How often the loop looks for receivers with deliveries due. The replica that records
+# an event wakes it at once (`wake`); the others find the event within this long.
 POLL_SECONDS = 0.5
 DELIVERY_RETRY = Policy(first=1.0, cap=60.0)
 RETRY_AFTER_CAP_SECONDS = 3600.0
@@ -79,13 +79,20 @@ class Deliverer:
         self._issuer = issuer
         self._targets: dict[Target, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        """New deliveries were recorded: look for them now, not at the next poll."""
+        self._woken.set()
 
     def stop(self) -> None:
         """Take nothing more; `run` returns once the attempts in flight are settled."""
         self._stopping.set()
+        self._woken.set()
 
     async def run(self, shutdown_timeout: float) -> None:
-        """Until stop(): start a task for each webhook and stream with deliveries due. Stopping, the
+        """Until stop(): start a task for each webhook and stream with deliveries due.
+        Stopping, the
         attempts in flight get `shutdown_timeout` seconds to finish and be written (one
         cut short is sent again after its lease)."""
         backoff = Backoff(OUTAGE)
@@ -109,7 +116,8 @@ class Deliverer:
                         task.add_done_callback(functools.partial(self._done, target))
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(POLL_SECONDS):
-                        await self._stopping.wait()
+                        await self._woken.wait()
+                self._woken.clear()
             if self._targets:
                 await asyncio.wait(self._targets.values(), timeout=shutdown_timeout)
         finally:

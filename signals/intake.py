@@ -2,12 +2,13 @@
 events from its own queue. One transaction records the events and a pending delivery
 for every receiver that takes their type; the runner (workers/runner.py) acks the
 messages only after it commits, so an event is never acked before its deliveries exist.
-A redelivered message finds its event recorded and adds nothing."""
+A redelivered message finds its event recorded and adds nothing. Once deliveries are
+recorded, `on_recorded` wakes this process's delivery loop."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 from session_close.batching import split_on_content_failure
@@ -21,8 +22,9 @@ log = logging.getLogger(__name__)
 
 
 class Intake:
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, on_recorded: Callable[[], None]) -> None:
         self._store = store
+        self._on_recorded = on_recorded
         self._source = settings.event_source
         self._record_or_split = split_on_content_failure(self._record, self.transient)
 
@@ -31,6 +33,8 @@ class Intake:
 
     async def apply(self, events: list[SessionEvent]) -> list[BaseException | None]:
         results = await self._record_or_split(events)
+        if any(isinstance(added, int) and added for added in results):
+            self._on_recorded()
         log_each(
             log,
             logging.INFO,
@@ -49,11 +53,11 @@ class Intake:
         )
 
 
-def open_intake(store: Store) -> EffectFactory:
+def open_intake(store: Store, on_recorded: Callable[[], None]) -> EffectFactory:
     """The runner's effect factory, over the transmitter's own store."""
 
     @asynccontextmanager
     async def opened(settings: Settings) -> AsyncIterator[Effect]:
-        yield Intake(store, settings)
+        yield Intake(store, settings, on_recorded)
 
     return opened

@@ -318,6 +318,7 @@ async def test_a_push_receiver_down_for_30_s_gets_every_event_with_a_jti_each(
     signals_queue: Broker,
     set_receivers: StartSetReceiver,
     http: aiohttp.ClientSession,
+    report_counts: Callable[..., None],
 ) -> None:
     down_until = time.monotonic() + 30
 
@@ -340,6 +341,12 @@ async def test_a_push_receiver_down_for_30_s_gets_every_event_with_a_jti_each(
         await asyncio.to_thread(verified, p.token, transmitter, "gateway")
         for p in endpoint.accepted()
     ]
+    report_counts(
+        events=len(events),
+        attempts=len(endpoint.pushed),
+        accepted=len(claims),
+        distinct_jtis=len({c["jti"] for c in claims}),
+    )
     assert len({c["jti"] for c in claims}) == 20  # distinct jtis equal the events
     assert {c["sub_id"]["session"]["id"] for c in claims} == {e.session_id for e in events}
     # Every retry of one event carried its jti: the SETs refused are those accepted later.

@@ -73,6 +73,7 @@ async def test_a_receiver_down_for_a_while_gets_every_event_once_it_is_back(
     receivers: StartReceiver,
     transmitters: list[Transmitter],
     signals_queue: Broker,
+    report_counts: Callable[..., None],
 ) -> None:
     down_until = time.monotonic() + 10
 
@@ -96,6 +97,12 @@ async def test_a_receiver_down_for_a_while_gets_every_event_once_it_is_back(
 
     await wait_until(all_delivered, "every delivery recorded as made")
     rows = await deliveries(settings, webhook_id)
+    report_counts(
+        events=len(events),
+        attempts=len(receiver.ids()),
+        accepted=len(receiver.accepted()),
+        distinct_ids=len(set(receiver.accepted())),
+    )
     assert min(row["attempts"] for row in rows) >= 2  # each was refused while down
 
 
@@ -104,6 +111,7 @@ async def test_a_400_is_not_retried_and_leaves_the_other_receivers_alone(
     receivers: StartReceiver,
     transmitters: list[Transmitter],
     signals_queue: Broker,
+    report_counts: Callable[..., None],
 ) -> None:
     async def bad_request(request: web.Request, attempt: int) -> web.StreamResponse:
         return web.Response(status=400, text="unknown event type")
@@ -124,6 +132,9 @@ async def test_a_400_is_not_retried_and_leaves_the_other_receivers_alone(
 
     await wait_until(all_failed, "the refused deliveries marked failed")
     await asyncio.sleep(3)  # longer than the first backoff: a retry would have come by now
+    report_counts(
+        events=len(events), attempts_at_400=len(refusing.ids()), healthy=len(healthy.received)
+    )
     assert sorted(refusing.ids()) == sorted(e.event_id for e in events)  # one attempt each
     rows = await deliveries(settings, refusing_id)
     assert {(row["attempts"], row["last_status"], row["last_error"]) for row in rows} == {
@@ -159,6 +170,7 @@ async def test_a_hanging_receiver_does_not_delay_a_healthy_one(
     receivers: StartReceiver,
     transmitters: list[Transmitter],
     signals_queue: Broker,
+    report_counts: Callable[..., None],
 ) -> None:
     async def hang(request: web.Request, attempt: int) -> web.StreamResponse:
         await asyncio.sleep(60)  # past the transmitter's attempt timeout
@@ -178,7 +190,13 @@ async def test_a_hanging_receiver_does_not_delay_a_healthy_one(
 
     await wait_until(lambda: len(healthy.received) == 10, "every event at the healthy receiver")
     latencies = sorted(r.at - published[r.webhook_id] for r in healthy.received)
-    # A poll every 0.5 s: each arrives within about that; 2 s is the contract's bound.
+    report_counts(
+        healthy=len(healthy.received),
+        healthy_max_ms=round(latencies[-1] * 1000, 1),
+        hanging_attempts=len(hanging.received),
+    )
+    # The recording replica wakes its delivery loop: each arrives within milliseconds;
+    # 2 s is the contract's bound.
     assert latencies[-1] < 2.0, latencies
     assert hanging.received, "the hanging receiver was tried meanwhile"
 
@@ -188,6 +206,7 @@ async def test_a_transmitter_killed_mid_delivery_leaves_it_to_the_next_with_the_
     receivers: StartReceiver,
     transmitters: list[Transmitter],
     signals_queue: Broker,
+    report_counts: Callable[..., None],
 ) -> None:
     first_attempt = asyncio.Event()
 
@@ -210,6 +229,10 @@ async def test_a_transmitter_killed_mid_delivery_leaves_it_to_the_next_with_the_
 
     await wait_until(lambda: len(receiver.received) == 2, "the delivery made again", within=20)
     assert receiver.ids() == [event.event_id, event.event_id]
+    report_counts(
+        attempts=len(receiver.ids()),
+        seconds_to_redelivery=round(receiver.received[1].at - killed_at, 1),
+    )
     # Due again once the dead replica's lease ends (8 s): resumed within 10 s.
     assert receiver.received[1].at - killed_at < 10 + 1
 
@@ -220,6 +243,7 @@ async def test_postgres_cut_then_the_transmitter_killed_loses_no_event(
     transmitters: list[Transmitter],
     signals_queue: Broker,
     postgres_proxy: TcpProxy,
+    report_counts: Callable[..., None],
 ) -> None:
     """Events taken from the queue while PostgreSQL is cut are held, not acked: the
     transmitter killed then, they go back to the queue and reach the next one."""
@@ -246,6 +270,13 @@ async def test_postgres_cut_then_the_transmitter_killed_loses_no_event(
         "every event delivered after the cut",
         within=60,
     )
+    ids = receiver.accepted()
+    report_counts(
+        events=len(events),
+        delivered=len(set(ids)),
+        lost=len({e.event_id for e in events} - set(ids)),
+        redelivered=len(ids) - len(set(ids)),
+    )
 
 
 async def test_two_replicas_make_each_delivery_once(
@@ -253,6 +284,7 @@ async def test_two_replicas_make_each_delivery_once(
     receivers: StartReceiver,
     transmitters: list[Transmitter],
     signals_queue: Broker,
+    report_counts: Callable[..., None],
 ) -> None:
     async def take_a_while(request: web.Request, attempt: int) -> web.StreamResponse:
         # A replica's batch then takes long enough for the other's poll to find work.
@@ -268,6 +300,14 @@ async def test_two_replicas_make_each_delivery_once(
 
     await wait_until(lambda: len(receiver.accepted()) >= 300, "every event delivered", within=30)
     await asyncio.sleep(2)  # a second copy of any would arrive by now
-    assert sorted(receiver.ids()) == sorted(e.event_id for e in events)
+    ids = receiver.ids()
+    report_counts(
+        events=len(events),
+        attempts=len(ids),
+        duplicates=len(ids) - len(set(ids)),
+        by_first_replica=len(transmitters[0].logged("signal delivered")),
+        by_second_replica=len(transmitters[1].logged("signal delivered")),
+    )
+    assert sorted(ids) == sorted(e.event_id for e in events)
     # Both replicas took part.
     assert all(t.logged("signal delivered") for t in transmitters)

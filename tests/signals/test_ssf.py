@@ -75,9 +75,12 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def verified(token: str, transmitter: Transmitter, audience: str) -> dict[str, Any]:
-    """A SET checked as a receiver checks it: signature by the JWKS key its kid names,
-    issuer, audience; the header's typ."""
+def verified(
+    token: str, transmitter: Transmitter, audience: str, issuer: str | None = None
+) -> dict[str, Any]:
+    """A SET checked as a receiver checks it: signature by the key its kid names in the
+    transmitter's JWKS, issuer (the transmitter's own URL unless given), audience; the
+    header's typ."""
     jwks = jwt.PyJWKClient(f"{transmitter.url}/jwks.json", cache_keys=False)
     assert jwt.get_unverified_header(token)["typ"] == "secevent+jwt"
     try:
@@ -87,7 +90,7 @@ def verified(token: str, transmitter: Transmitter, audience: str) -> dict[str, A
             key.key,
             algorithms=["RS256"],
             audience=audience,
-            issuer=transmitter.url,
+            issuer=issuer or transmitter.url,
             options={"require": ["iss", "aud", "iat", "jti"]},
         )
     except jwt.PyJWTError as exc:
@@ -486,3 +489,41 @@ async def test_receiver_names_are_unique_and_revoking_an_unknown_one_says_so(
     )
     assert code == 1
     assert "no receiver" in err
+
+
+async def test_after_a_key_rotation_old_and_new_sets_verify_by_their_kid(
+    settings: Settings,
+    transmitters: list[Transmitter],
+    signals_queue: Broker,
+    http: aiohttp.ClientSession,
+) -> None:
+    first = await Transmitter.start(settings)
+    transmitters.append(first)
+    _, token = await ssf_receiver(settings, "gateway")
+    client = Client(http, first.url, token)
+    stream = await client.create(events_requested=[SESSION_REVOKED])
+    await signals_queue.publish(make_event(1))
+    await wait_until(lambda: _eq(_count(client, stream), 1), "the first SET to poll")
+    [(jti, before)] = (await client.poll(stream))["sets"].items()
+    await client.poll(stream, ack=[jti], maxEvents=0)  # the receiver has it
+
+    # The rotation: the new key listed first, the previous one kept after it.
+    new, old = settings.signals_signing_key_files.split(",")
+    first.kill()
+    rotated = await Transmitter.start(
+        dataclasses.replace(settings, signals_signing_key_files=f"{old},{new}")
+    )
+    transmitters.append(rotated)
+    client = Client(http, rotated.url, token)
+    stream = (await client.call("GET", f"/ssf/streams?stream_id={stream['stream_id']}"))[1]
+    await signals_queue.publish(make_event(2))
+    await wait_until(lambda: _eq(_count(client, stream), 1), "the second SET to poll")
+    [after] = (await client.poll(stream))["sets"].values()
+    assert jwt.get_unverified_header(before)["kid"] != jwt.get_unverified_header(after)["kid"]
+    # Both verify against the JWKS served now: the old SET by the previous key.
+    await asyncio.to_thread(verified, before, rotated, "gateway", first.url)
+    await asyncio.to_thread(verified, after, rotated, "gateway")
+
+
+async def _count(client: Client, stream: dict[str, Any]) -> int:
+    return len((await client.poll(stream, maxEvents=10))["sets"])

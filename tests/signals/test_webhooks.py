@@ -311,3 +311,28 @@ async def test_two_replicas_make_each_delivery_once(
     assert sorted(ids) == sorted(e.event_id for e in events)
     # Both replicas took part.
     assert all(t.logged("signal delivered") for t in transmitters)
+
+
+async def test_a_redirect_is_not_followed_and_fails_the_delivery(
+    settings: Settings,
+    receivers: StartReceiver,
+    transmitters: list[Transmitter],
+    signals_queue: Broker,
+) -> None:
+    async def elsewhere(request: web.Request, attempt: int) -> web.StreamResponse:
+        return web.Response(status=307, headers={"Location": target.url})
+
+    target = await receivers()
+    redirecting = await receivers(elsewhere)
+    redirecting_id = await register(settings, redirecting)
+    target.secret = redirecting.secret  # it would verify, were it ever reached
+    transmitters.append(await Transmitter.start(settings))
+    await signals_queue.publish(make_event(1))
+
+    async def failed() -> bool:
+        rows = await deliveries(settings, redirecting_id)
+        return [(row["state"], row["last_status"]) for row in rows] == [("failed", 307)]
+
+    await wait_until(failed, "the redirected delivery marked failed")
+    assert len(redirecting.received) == 1
+    assert target.received == []

@@ -893,7 +893,8 @@ MUTANTS: tuple[Mutant, ...] = (
         RULES,
         edits=(
             Edit(
-                'max by (namespace, job) (up{job=~"session-close-(api|relay|audit|push-cleanup)"})',
+                "max by (namespace, job) "
+                '(up{job=~"session-close-(api|relay|audit|push-cleanup|signals)"})',
                 "max by (namespace, job) (up)",
             ),
         ),

@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from session_close.postgres import DB_TIMEOUT_SECONDS, TRANSIENT
 from session_close.retry import pause, retry
 from session_close.runtime import tune_gc
 from session_close.settings import Settings
@@ -30,7 +31,7 @@ from signals.metrics import SignalsMetrics
 from signals.schema import migrate_database
 from signals.sets import Signer
 from signals.ssf import MAX_BODY_BYTES, SsfApi, ssf_errors
-from signals.store import DB_TIMEOUT_SECONDS, TRANSIENT, Store, open_pool
+from signals.store import Store, open_pool
 from signals.urls import PublicResolver
 from workers.metrics import WorkerMetrics
 from workers.runner import Worker

@@ -29,11 +29,12 @@ import aiohttp
 import orjson
 
 from session_close import tracing
+from session_close.postgres import TRANSIENT
 from session_close.retry import Backoff, Policy, pause
 from signals import sets, webhooks
 from signals.metrics import SignalsMetrics
 from signals.sets import Signer
-from signals.store import TRANSIENT, Due, Outcome, Store, Target
+from signals.store import Due, Outcome, Store, Target
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,9 @@ from contextlib import asynccontextmanager
 from session_close.batching import split_on_content_failure
 from session_close.events import SessionEvent
 from session_close.logs import log_each
+from session_close.postgres import TRANSIENT
 from session_close.settings import Settings
-from signals.store import TRANSIENT, Store
+from signals.store import Store
 from workers.effect import Effect, EffectFactory, event_ids
 
 log = logging.getLogger(__name__)

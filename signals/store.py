@@ -16,22 +16,11 @@ from typing import Literal
 
 import asyncpg
 
+from session_close.postgres import DB_TIMEOUT_SECONDS
 from session_close.settings import Settings
 from signals.sets import SESSION_REVOKED, VERIFICATION_TYPE
 
-# Bounds every connect and statement, so a PostgreSQL that hangs is a retried failure.
-DB_TIMEOUT_SECONDS = 5.0
 POOL_MAX_SIZE = 8
-
-# PostgreSQL unreachable or out of resources: retried for as long as it takes.
-TRANSIENT: tuple[type[BaseException], ...] = (
-    OSError,  # refused, reset
-    TimeoutError,
-    asyncpg.PostgresConnectionError,  # class 08, the connection lost mid-statement
-    asyncpg.InsufficientResourcesError,  # class 53: too many connections, disk full
-    asyncpg.OperatorInterventionError,  # class 57: shutting down, starting up, cancelled
-    asyncpg.InterfaceError,  # the pool closing under a statement
-)
 
 
 @asynccontextmanager

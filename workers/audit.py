@@ -21,25 +21,14 @@ import orjson
 from session_close.batching import split_on_content_failure
 from session_close.events import SessionEvent
 from session_close.logs import log_each, short_id
+from session_close.postgres import DB_TIMEOUT_SECONDS, TRANSIENT
 from session_close.retry import retry
 from session_close.settings import Settings
 from workers.effect import Effect, event_ids
 
 log = logging.getLogger(__name__)
 
-# Bounds every connect and statement, so a PostgreSQL that hangs is a retried failure.
-DB_TIMEOUT_SECONDS = 5.0
 POOL_MAX_SIZE = 4
-
-# PostgreSQL unreachable or out of resources: retried for as long as it takes. Anything
-# else (a DataError, a constraint) is the event's own failure.
-TRANSIENT: tuple[type[BaseException], ...] = (
-    OSError,  # refused, reset
-    TimeoutError,
-    asyncpg.PostgresConnectionError,  # class 08, the connection lost mid-statement
-    asyncpg.InsufficientResourcesError,  # class 53: too many connections, disk full
-    asyncpg.OperatorInterventionError,  # class 57: shutting down, starting up, cancelled
-)
 
 
 def create_table_sql(table: str) -> str:

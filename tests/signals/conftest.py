@@ -6,7 +6,6 @@ itself and may SIGKILL."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import sys
@@ -26,8 +25,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from session_close.settings import Settings
 from tests.support.paths import ROOT
 from tests.support.processes import free_port, settings_env
-from tests.support.waiting import wait_until
-from tests.support.workers import Broker
+from tests.support.workers import Broker, WorkerProcess
 
 
 @pytest.fixture(scope="session")
@@ -198,18 +196,14 @@ async def register(settings: Settings, receiver: Receiver, *events: str) -> str:
     return str(printed["webhookId"])
 
 
-class Transmitter:
+class Transmitter(WorkerProcess):
     """`python -m signals` as a subprocess on a port of its own, whose URL is also its
-    issuer unless one is given; its JSON log lines collected."""
+    issuer unless one is given; its JSON log lines collected (as a worker's)."""
 
-    def __init__(self, process: asyncio.subprocess.Process, url: str) -> None:
-        self.process = process
-        self.url = url
-        self.lines: list[dict[str, Any]] = []
-        self._reader = asyncio.create_task(self._read())
+    url = ""
 
     @classmethod
-    async def start(
+    async def start(  # type: ignore[override]
         cls, settings: Settings, *, issuer: str | None = None, **env: str
     ) -> Transmitter:
         port = free_port()
@@ -229,40 +223,14 @@ class Transmitter:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
-        transmitter = cls(process, url)
+        transmitter = cls(process)
+        transmitter.url = url
         await transmitter.wait_logged("worker consuming", timeout=30)
         await transmitter.wait_logged("signals listening", timeout=30)
         return transmitter
 
-    async def _read(self) -> None:
-        assert self.process.stdout is not None
-        async for raw in self.process.stdout:
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                line = {"event": raw.decode(errors="replace").rstrip()}
-            self.lines.append(line)
-
-    def logged(self, fragment: str) -> list[dict[str, Any]]:
-        return [line for line in self.lines if fragment in str(line.get("event", ""))]
-
-    async def wait_logged(self, fragment: str, timeout: float = 15.0) -> None:  # noqa: ASYNC109
-        async def seen() -> bool:
-            if self.process.returncode is not None:
-                pytest.fail(f"transmitter exited {self.process.returncode}: {self.lines[-5:]}")
-            return bool(self.logged(fragment))
-
-        await wait_until(seen, f"the transmitter to log {fragment!r}", within=timeout)
-
     def kill(self) -> None:
         self.process.kill()
-
-    async def close(self) -> None:
-        if self.process.returncode is None:
-            self.process.kill()
-        await self.process.wait()
-        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(self._reader, 5)
 
 
 @pytest.fixture

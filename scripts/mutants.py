@@ -918,7 +918,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "session_close/replication.py",
         edits=(
             Edit(
-                "        _check(acked, settings)\n        return reply\n", "        return reply\n"
+                "        try:\n            _check(acked, settings)\n",
+                "        try:\n            pass\n",
             ),
         ),
         tests=(

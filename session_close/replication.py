@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from session_close.scripts import LuaScript
@@ -27,7 +27,16 @@ def _wait_args(settings: Settings) -> tuple[str, int, int]:
     )
 
 
+# WAIT's refusal on a replica. A connection can be left on a node a failover demoted (two
+# failovers in a row: the first promoted replica seen down at once); a script that writes
+# nothing still runs there, the WAIT after it does not. What that node answered is no
+# more known to be held than a step too few replicas confirmed.
+_WAIT_ON_A_REPLICA = "WAIT cannot be used with replica instances"
+
+
 def _check(acked: Any, settings: Settings) -> None:
+    if isinstance(acked, ResponseError) and str(acked).startswith(_WAIT_ON_A_REPLICA):
+        raise NotReplicatedError(f"the node is a replica now: {acked}") from acked
     if isinstance(acked, BaseException):
         raise acked
     if int(acked) < settings.redis_min_replicas:
@@ -52,7 +61,13 @@ async def run_replicated(
             continue
         if isinstance(reply, BaseException):
             raise reply
-        _check(acked, settings)
+        try:
+            _check(acked, settings)
+        except NotReplicatedError:
+            # The node may be a primary no more (a failover moved on, or demoted it): the
+            # next step asks Sentinel again, on a new connection (this one is idle again).
+            await redis.connection_pool.disconnect(inuse_connections=False)
+            raise
         return reply
     raise AssertionError("unreachable: the second attempt returns or raises")
 

@@ -1,6 +1,7 @@
 """session_close/replication.py on a redis-server of the test's own (no replica): the
 script and its WAIT in one round trip, the script reloaded after Redis lost it, and a
-step no replica confirmed raised as NotReplicatedError."""
+step no replica confirmed, or run on a node that is a replica itself, raised as
+NotReplicatedError."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from session_close.keys import Keys, bucket_of
 from session_close.replication import NotReplicatedError, hold_replicated, run_replicated
 from session_close.scripts import CLOSE_SESSIONS
 from session_close.settings import Settings
-from tests.support.processes import redis_server
+from tests.support.processes import free_port, redis_server
 
 
 def script_call(keys: Keys) -> tuple[list[str], list[object]]:
@@ -60,5 +61,23 @@ async def test_a_step_no_replica_confirmed_is_not_replicated(
                 await run_replicated(CLOSE_SESSIONS, redis, *script_call(keys), one)
             with pytest.raises(NotReplicatedError):
                 await hold_replicated(redis, one, keys.relay_heartbeat("relay-1"))
+        finally:
+            await redis.aclose()
+
+
+async def test_a_step_run_on_a_demoted_primary_is_not_replicated(
+    settings: Settings, keys: Keys, tmp_path: Path
+) -> None:
+    """Two failovers in a row (the first promoted replica seen down at once) can leave a
+    connection on a node that is a replica again. A script that writes nothing still runs
+    there, and its WAIT is refused ("WAIT cannot be used with replica instances"): an
+    unknown outcome like too few replicas (503), never a 500."""
+    one = dataclasses.replace(settings, redis_min_replicas=1)
+    # A replica of a primary that is not there: a replica all the same.
+    with redis_server(tmp_path, "--replicaof", "127.0.0.1", str(free_port())) as url:
+        redis = Redis.from_url(url, decode_responses=True)
+        try:
+            with pytest.raises(NotReplicatedError):
+                await run_replicated(CLOSE_SESSIONS, redis, *script_call(keys), one)
         finally:
             await redis.aclose()

@@ -918,8 +918,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "session_close/replication.py",
         edits=(
             Edit(
-                "        try:\n            _check(acked, settings)\n",
-                "        try:\n            pass\n",
+                "        await _confirmed(redis, acked, settings)\n        return reply\n",
+                "        return reply\n",
             ),
         ),
         tests=(
@@ -930,7 +930,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "relay publishes before WAIT",
         "session_close/replication.py",
-        edits=(Edit("\n    _check(acked, settings)\n", "\n"),),
+        edits=(Edit("\n    await _confirmed(redis, acked, settings)\n", "\n"),),
         tests=(
             "tests/fault/test_redis_failover.py::"
             "test_stalled_replicas_never_acknowledge_and_the_promoted_replica_holds_every_success",

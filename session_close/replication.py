@@ -45,6 +45,18 @@ def _check(acked: Any, settings: Settings) -> None:
         )
 
 
+async def _confirmed(redis: Redis, acked: Any, settings: Settings) -> None:
+    """Return when WAIT's reply `acked` says enough replicas hold the step, else raise
+    NotReplicatedError. The node may then be a primary no more (a failover moved on, or
+    demoted it), so the pool's idle connections, this one's included, are dropped: the
+    next step asks Sentinel again rather than returning to that node."""
+    try:
+        _check(acked, settings)
+    except NotReplicatedError:
+        await redis.connection_pool.disconnect(inuse_connections=False)
+        raise
+
+
 async def run_replicated(
     script: LuaScript, redis: Redis, keys: list[str], args: list[Any], settings: Settings
 ) -> Any:
@@ -61,13 +73,7 @@ async def run_replicated(
             continue
         if isinstance(reply, BaseException):
             raise reply
-        try:
-            _check(acked, settings)
-        except NotReplicatedError:
-            # The node may be a primary no more (a failover moved on, or demoted it): the
-            # next step asks Sentinel again, on a new connection (this one is idle again).
-            await redis.connection_pool.disconnect(inuse_connections=False)
-            raise
+        await _confirmed(redis, acked, settings)
         return reply
     raise AssertionError("unreachable: the second attempt returns or raises")
 
@@ -90,4 +96,4 @@ async def hold_replicated(redis: Redis, settings: Settings, heartbeat: str) -> N
             pipe.set(heartbeat, "1", px=ttl_ms)
             pipe.execute_command(*_wait_args(settings))
             _, acked = await pipe.execute()
-    _check(acked, settings)
+    await _confirmed(redis, acked, settings)

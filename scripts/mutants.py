@@ -936,6 +936,20 @@ MUTANTS: tuple[Mutant, ...] = (
             "test_stalled_replicas_never_acknowledge_and_the_promoted_replica_holds_every_success",
         ),
     ),
+    Mutant(
+        "a WAIT refused by a replica answers 500 (a node a failover demoted)",
+        "session_close/replication.py",
+        edits=(
+            Edit(
+                "    if isinstance(acked, ResponseError) and str(acked).startswith(",
+                "    if False and isinstance(acked, ResponseError) and str(acked).startswith(",
+            ),
+        ),
+        tests=(
+            "tests/shared/test_replication.py::"
+            "test_a_step_run_on_a_demoted_primary_is_not_replicated",
+        ),
+    ),
     # Issue 24: traces
     Mutant(
         "the relay's publish span not parented on the event's traceparent",

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from session_close.events import rfc3339_now
 from session_close.keys import Keys, bucket_of
+from session_close.redis_client import unavailable
 from session_close.replication import NotReplicatedError, hold_replicated, run_replicated
 from session_close.scripts import CLOSE_SESSIONS
 from session_close.settings import Settings
@@ -77,7 +79,10 @@ async def test_a_step_run_on_a_demoted_primary_is_not_replicated(
     with redis_server(tmp_path, "--replicaof", "127.0.0.1", str(free_port())) as url:
         redis = Redis.from_url(url, decode_responses=True)
         try:
-            with pytest.raises(NotReplicatedError):
+            with pytest.raises(RedisError) as raised:
                 await run_replicated(CLOSE_SESSIONS, redis, *script_call(keys), one)
+            # Redis unavailable (503), the outcome unknown; not an error reply (500).
+            assert isinstance(raised.value, NotReplicatedError), repr(raised.value)
+            assert unavailable(raised.value)
         finally:
             await redis.aclose()

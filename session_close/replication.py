@@ -34,27 +34,21 @@ def _wait_args(settings: Settings) -> tuple[str, int, int]:
 _WAIT_ON_A_REPLICA = "WAIT cannot be used with replica instances"
 
 
-def _check(acked: Any, settings: Settings) -> None:
-    if isinstance(acked, ResponseError) and str(acked).startswith(_WAIT_ON_A_REPLICA):
-        raise NotReplicatedError(f"the node is a replica now: {acked}") from acked
-    if isinstance(acked, BaseException):
-        raise acked
-    if int(acked) < settings.redis_min_replicas:
-        raise NotReplicatedError(
-            f"{acked} of {settings.redis_min_replicas} replicas confirmed the write"
-        )
-
-
 async def _confirmed(redis: Redis, acked: Any, settings: Settings) -> None:
     """Return when WAIT's reply `acked` says enough replicas hold the step, else raise
     NotReplicatedError. The node may then be a primary no more (a failover moved on, or
     demoted it), so the pool's idle connections, this one's included, are dropped: the
     next step asks Sentinel again rather than returning to that node."""
-    try:
-        _check(acked, settings)
-    except NotReplicatedError:
-        await redis.connection_pool.disconnect(inuse_connections=False)
-        raise
+    if isinstance(acked, ResponseError) and str(acked).startswith(_WAIT_ON_A_REPLICA):
+        why = f"the node is a replica now: {acked}"
+    elif isinstance(acked, BaseException):
+        raise acked
+    elif int(acked) < settings.redis_min_replicas:
+        why = f"{acked} of {settings.redis_min_replicas} replicas confirmed the write"
+    else:
+        return
+    await redis.connection_pool.disconnect(inuse_connections=False)
+    raise NotReplicatedError(why)
 
 
 async def run_replicated(
